@@ -1,0 +1,118 @@
+"""The compiled tile step (batch sharded over a device mesh) and the background reader that feeds it."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# fn(params, images_bhw3_uint8) -> (B, h, w, k) float32 token weights, as built by segment.make_token_fn
+TokenFn = Callable[[object, object], object]
+
+
+class TileStep:
+    """One compiled function for every batch of tiles: token weights, margins cropped, argmax labels.
+
+    The batch axis is sharded over a 1-D mesh of `devices` (all local devices by default) and the
+    parameters are replicated; batches are padded to `batch` (rounded up to a multiple of the device
+    count) so that every call has the same static shape. Calling it with a (n, tile, tile, 3) uint8 array
+    returns (labels (n, c, c) int32, weights (n, c, c, k) float32 or None), with c the core tokens a side.
+    """
+
+    def __init__(
+        self,
+        fn: TokenFn,
+        params,
+        *,
+        batch: int,
+        margin_tokens: int,
+        core_tokens: int,
+        with_weights: bool = False,
+        devices: Sequence | None = None,
+    ):
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = list(jax.local_devices() if devices is None else devices)
+        n_dev = len(devices)
+        self.devices = devices
+        self.batch = -(-batch // n_dev) * n_dev
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self._in_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._params = jax.device_put(params, replicated)
+        m, c = margin_tokens, core_tokens
+
+        def step(params, images):
+            w = fn(params, images)[:, m : m + c, m : m + c, :]
+            labels = w.argmax(axis=-1).astype("int32")
+            return (labels, w) if with_weights else (labels,)
+
+        self._step = jax.jit(step, in_shardings=(replicated, self._in_sharding), out_shardings=self._in_sharding)
+        self.with_weights = with_weights
+
+    def dispatch(self, images: np.ndarray):
+        """Start the step on one batch without waiting; `collect` turns the handle into numpy arrays."""
+        import jax
+
+        n = images.shape[0]
+        if n > self.batch:
+            raise ValueError(f"batch of {n} tiles exceeds the step's batch size {self.batch}")
+        if n < self.batch:
+            pad = np.full((self.batch - n, *images.shape[1:]), 255, images.dtype)
+            images = np.concatenate([images, pad])
+        return n, self._step(self._params, jax.device_put(images, self._in_sharding))
+
+    @staticmethod
+    def collect(handle) -> tuple[np.ndarray, np.ndarray | None]:
+        n, out = handle
+        labels = np.asarray(out[0])[:n]
+        weights = np.asarray(out[1])[:n] if len(out) > 1 else None
+        return labels, weights
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.collect(self.dispatch(images))
+
+
+def prefetch_batches(
+    batches: Iterable[Sequence[int]],
+    read: Callable[[int], np.ndarray],
+    *,
+    workers: int = 4,
+    depth: int = 2,
+) -> Iterator[tuple[Sequence[int], np.ndarray, float]]:
+    """Read tiles in a thread pool, `depth` batches ahead of the consumer.
+
+    Yields (tile indices, stacked tiles, seconds the consumer waited for this batch) in order. Reading
+    (decoding, resampling) releases the GIL in the slide libraries, so threads overlap it with compute.
+    """
+    import time
+
+    pending: collections.deque = collections.deque()
+    it = iter(batches)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fseg-read") as pool:
+
+        def submit() -> bool:
+            ids = next(it, None)
+            if ids is None:
+                return False
+            pending.append((ids, [pool.submit(read, i) for i in ids]))
+            return True
+
+        try:
+            for _ in range(depth + 1):
+                if not submit():
+                    break
+            while pending:
+                ids, futures = pending.popleft()
+                t0 = time.perf_counter()
+                tiles = np.stack([f.result() for f in futures])
+                waited = time.perf_counter() - t0
+                submit()
+                yield ids, tiles, waited
+        finally:
+            for _, futures in pending:
+                for f in futures:
+                    f.cancel()

@@ -1,0 +1,187 @@
+"""Files a slide run writes, each atomically (a temporary name in the same folder, then os.replace).
+
+- `write_label_tiff`: pyramidal tiled OME-TIFF of a token-resolution label map, upsampled while writing;
+- `label_polygons` / `write_geojson`: QuPath annotations, one (multi)polygon per label, in level-0 pixels;
+- `write_json`, `write_weights` (safetensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block completes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove temporaries left in `folder` by a killed process (`atomic_path` names)."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def label_dtype(n_labels: int) -> np.dtype:
+    return np.dtype(np.uint8) if n_labels <= 256 else np.dtype(np.uint16)
+
+
+def write_label_tiff(
+    path: str | Path,
+    labels_hw: np.ndarray,
+    *,
+    patch: int,
+    size: tuple[int, int],
+    mpp: float,
+    tile: int = 256,
+    min_level_side: int = 512,
+) -> None:
+    """A pyramidal OME-TIFF of `size` = (width, height) pixels at `mpp` microns, each label a patch square.
+
+    `labels_hw` holds one label per token (patch x patch pixels); the pixels are generated tile by tile
+    while writing, so the full-resolution image never exists in memory. Reduced levels (halving, nearest
+    label) live in SubIFDs, as QuPath, napari (tifffile) and Bio-Formats expect of OME-TIFF.
+    """
+    import tifffile
+
+    width, height = size
+    n_levels = 1
+    while max(-(-width // 2**n_levels), -(-height // 2**n_levels)) >= min_level_side and n_levels < 12:
+        n_levels += 1
+    h_tok, w_tok = labels_hw.shape
+
+    def tiles(level: int) -> Iterator[np.ndarray]:
+        f = 2**level
+        lh, lw = -(-height // f), -(-width // f)
+        for ty in range(0, lh, tile):
+            ys = np.minimum(np.arange(ty, ty + tile) * f // patch, h_tok - 1)
+            for tx in range(0, lw, tile):
+                xs = np.minimum(np.arange(tx, tx + tile) * f // patch, w_tok - 1)
+                yield labels_hw[ys[:, None], xs[None, :]]
+
+    res = 1e4 / mpp  # pixels per centimetre
+    metadata = {
+        "axes": "YX",
+        "Name": "labels",
+        "PhysicalSizeX": mpp,
+        "PhysicalSizeY": mpp,
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeYUnit": "µm",
+    }
+    common = dict(dtype=labels_hw.dtype, tile=(tile, tile), compression="zlib", resolutionunit="CENTIMETER")
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+            tif.write(
+                tiles(0), shape=(height, width), subifds=n_levels - 1, metadata=metadata,
+                resolution=(res, res), **common,
+            )
+            for level in range(1, n_levels):
+                f = 2**level
+                tif.write(
+                    tiles(level), shape=(-(-height // f), -(-width // f)), subfiletype=1,
+                    resolution=(res / f, res / f), **common,
+                )
+
+
+def label_polygons(labels_hw: np.ndarray, value: int):
+    """The region where `labels_hw == value` as a shapely (Multi)Polygon in token coordinates, or None.
+
+    Token (r, c) is the unit square [c, c+1] x [r, r+1] (x right, y down). Boundaries are traced with
+    marching squares (skimage.measure.find_contours) half way between token centres, so corners are cut
+    diagonally; diagonal neighbours are connected. Holes are assigned to the smallest ring around them.
+    """
+    import shapely
+    from skimage.measure import find_contours
+
+    mask = np.pad(labels_hw == value, 1).astype(np.uint8)
+    if not mask.any():
+        return None
+    contours = find_contours(mask, 0.5, fully_connected="high", positive_orientation="high")
+    lengths = np.array([len(c) for c in contours])
+    xy = np.concatenate(contours)[:, ::-1] - 0.5
+    rings = shapely.linearrings(xy, indices=np.repeat(np.arange(len(contours)), lengths))
+    first_xy = xy[np.r_[0, np.cumsum(lengths)[:-1]]]
+    # (row, col) -> (x, y) mirrors orientation: rings around labelled tokens come out clockwise in (x, y)
+    is_hole = shapely.is_ccw(rings)
+    shells = rings[~is_hole]
+    holes = rings[is_hole]
+    shell_polys = shapely.polygons(shells)
+    interiors: list[list] = [[] for _ in shells]
+    if len(holes):
+        tree = shapely.STRtree(shell_polys)
+        points = shapely.points(first_xy[is_hole])  # any point of a hole lies inside its parent shell only
+        hole_idx, shell_idx = tree.query(points, predicate="within")
+        areas = shapely.area(shell_polys)
+        parent: dict[int, int] = {}
+        for h, s in zip(hole_idx.tolist(), shell_idx.tolist()):
+            if h not in parent or areas[s] < areas[parent[h]]:
+                parent[h] = s
+        for h, s in parent.items():
+            interiors[s].append(holes[h])
+    polys = [shapely.Polygon(shell, interior) for shell, interior in zip(shells, interiors)]
+    # tolerance 0 only drops the collinear vertices that marching squares leaves along straight runs
+    return shapely.orient_polygons(shapely.simplify(shapely.MultiPolygon(polys), 0.0))
+
+
+def write_geojson(
+    path: str | Path,
+    labels_hw: np.ndarray,
+    *,
+    names: Sequence[str],
+    colors: np.ndarray,
+    scale: tuple[float, float],
+) -> int:
+    """A QuPath FeatureCollection with one annotation per label value >= 1 present in `labels_hw`.
+
+    names[v] and colors[v] (uint8 RGB) describe label v; `scale` = (x, y) level-0 pixels per token.
+    Returns the number of features written.
+    """
+    import shapely
+
+    sx, sy = scale
+    features = []
+    for value in range(1, len(names)):
+        geom = label_polygons(labels_hw, value)
+        if geom is None:
+            continue
+        geom = shapely.transform(geom, lambda xy: np.round(xy * np.array([sx, sy]), 3))
+        features.append(
+            {
+                "type": "Feature",
+                "id": f"label-{value}",
+                "geometry": json.loads(shapely.to_geojson(geom)),
+                "properties": {
+                    "objectType": "annotation",
+                    "name": names[value],
+                    "classification": {"name": names[value], "color": [int(c) for c in colors[value]]},
+                    "label": value,
+                },
+            }
+        )
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return len(features)
+
+
+def write_weights(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)

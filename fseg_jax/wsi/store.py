@@ -1,0 +1,82 @@
+"""The work folder of a slide run: its plan and finished batches, so that a killed run resumes.
+
+Layout of `<slide out dir>/.fseg-work/`:
+    plan.json         what is being computed (settings, fingerprint, tile grid, the batches of tiles)
+    tissue.npz        thumbnail (h, w, 3) uint8 and token tissue mask (h_tok, w_tok) bool
+    batch-000042.npz  tiles (n,) int64, labels (n, c, c) int32, optional weights (n, c, c, k) float32,
+                      seconds (compute time of the batch)
+Every file is written atomically, so a batch file that exists is complete. Several processes (one per
+host) may fill the same folder, each writing its own batches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from fseg_jax.wsi.outputs import atomic_path, remove_stale_temporaries, write_json
+
+WORK_DIR_NAME = ".fseg-work"
+_BATCH_RE = re.compile(r"^batch-(\d{6})\.npz$")
+
+
+class WorkDir:
+    def __init__(self, slide_out_dir: str | Path):
+        self.path = Path(slide_out_dir) / WORK_DIR_NAME
+
+    @property
+    def plan_path(self) -> Path:
+        return self.path / "plan.json"
+
+    def exists(self) -> bool:
+        return self.plan_path.is_file()
+
+    def read_plan(self) -> dict | None:
+        try:
+            return json.loads(self.plan_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def start(self, plan: dict, thumbnail: np.ndarray, tissue_tokens: np.ndarray) -> None:
+        """Begin (or keep, when the fingerprint matches) a run with this plan; a different plan starts afresh."""
+        old = self.read_plan()
+        if old is not None and old.get("fingerprint") == plan["fingerprint"]:
+            remove_stale_temporaries(self.path)
+            return
+        self.clear()
+        self.path.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path / "tissue.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, thumbnail=thumbnail, tissue_tokens=tissue_tokens)
+        write_json(self.plan_path, plan)  # last: a plan on disk means the folder is usable
+
+    def tissue(self) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self.path / "tissue.npz") as z:
+            return z["thumbnail"], z["tissue_tokens"]
+
+    def done(self) -> set[int]:
+        if not self.path.is_dir():
+            return set()
+        return {int(m.group(1)) for p in self.path.iterdir() if (m := _BATCH_RE.match(p.name))}
+
+    def batch_path(self, index: int) -> Path:
+        return self.path / f"batch-{index:06d}.npz"
+
+    def put(self, index: int, tiles, labels: np.ndarray, weights: np.ndarray | None, seconds: float) -> None:
+        arrays = {"tiles": np.asarray(tiles, np.int64), "labels": labels, "seconds": np.float64(seconds)}
+        if weights is not None:
+            arrays["weights"] = weights
+        with atomic_path(self.batch_path(index)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+    def get(self, index: int) -> dict[str, np.ndarray]:
+        with np.load(self.batch_path(index)) as z:
+            return {k: z[k] for k in z.files}
+
+    def clear(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Tissue detection on a low-resolution thumbnail: Otsu's threshold on saturation, then cleanup.
+
+Stained tissue is coloured, glass is grey or white: saturation separates them better than brightness
+(which pen marks, folds and dust also change). Specks smaller than `min_area_um2` are dropped and holes
+smaller than it are filled, so fat and lumina inside tissue stay tissue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Saturation below this is never tissue, whatever Otsu says (a blank slide has only noise to split).
+MIN_SATURATION = 0.05
+
+
+def saturation(rgb_hw3: np.ndarray) -> np.ndarray:
+    """HSV saturation in [0, 1] of a (h, w, 3) uint8 image, as float32."""
+    rgb = rgb_hw3.astype(np.float32)
+    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
+    return np.where(hi > 0, (hi - lo) / np.maximum(hi, 1.0), 0.0).astype(np.float32)
+
+
+def tissue_mask(thumb_hw3: np.ndarray, *, mpp: float, min_area_um2: float = 10_000.0) -> np.ndarray:
+    """(h, w) bool tissue mask of a thumbnail whose pixels are `mpp` microns wide."""
+    from skimage.filters import threshold_otsu
+
+    sat = saturation(thumb_hw3)
+    threshold = MIN_SATURATION
+    if sat.max() > sat.min():
+        threshold = max(threshold, float(threshold_otsu(sat)))
+    mask = sat > threshold
+    min_px = max(1, int(round(min_area_um2 / (mpp * mpp))))
+    mask = _drop_small(mask, min_px)
+    return ~_drop_small(~mask, min_px)
+
+
+def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """`mask` without its 4-connected components of fewer than `min_px` pixels."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def resize_mask(mask_hw: np.ndarray, shape_hw: tuple[int, int], *, min_fraction: float = 0.5) -> np.ndarray:
+    """A bool mask resampled to `shape_hw` (area average, then cells at least `min_fraction` covered)."""
+    img = Image.fromarray(mask_hw.astype(np.uint8) * 255)
+    frac = np.asarray(img.resize((shape_hw[1], shape_hw[0]), resample=Image.Resampling.BOX), np.float32) / 255.0
+    return frac >= min_fraction
