@@ -1,0 +1,154 @@
+"""Pictures of a segmentation: a fixed palette per concept index and the label map blended over the image.
+
+Only numpy and Pillow (a core dependency); no plotting library.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Any, Sequence
+
+import numpy as np
+
+# Index 0 is a neutral grey (slides use label 0 for background); 1..19 are distinct, saturated colours
+# (Sasha Trubetskoy's "20 simple, distinct colours" without white and black).
+_BASE = (
+    (160, 160, 160),
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
+    (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
+)
+_GOLDEN = 0.6180339887498949
+
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 RGB colours for concept indices 0..n-1, the same for every n (``palette(m)`` is a prefix
+    of ``palette(n)`` for m <= n). The first 20 are a hand-chosen qualitative table (index 0 neutral grey);
+    later ones step the hue by the golden ratio, cycling through three saturation/brightness levels."""
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"palette size must be >= 0, got {n}")
+    colours = list(_BASE[:n])
+    for i in range(len(_BASE), n):
+        j = i - len(_BASE)
+        hue = (0.11 + j * _GOLDEN) % 1.0
+        sat, val = ((0.85, 0.95), (0.55, 0.85), (0.95, 0.6))[(j // 7) % 3]
+        colours.append(tuple(round(c * 255) for c in colorsys.hsv_to_rgb(hue, sat, val)))
+    return np.asarray(colours, dtype=np.uint8).reshape(n, 3)
+
+
+_default_palette = palette  # `overlay` takes a `palette` argument that shadows the function
+
+
+def overlay(
+    image: Any,
+    labels: Any,
+    *,
+    alpha: float = 0.5,
+    legend: bool = False,
+    palette: Any = None,
+    names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Blend a label map over an image.
+
+    Args:
+        image: (H, W, 3) uint8 RGB array or a PIL image (converted to RGB).
+        labels: (H, W) integer label map; values index the palette (0 <= label < len(palette)).
+        alpha: opacity of the colours, 0 (image only) to 1 (colours only).
+        legend: append a white strip under the picture with one entry per label present: its colour, its
+            index (and name) and its share of the pixels.
+        palette: (n, 3) uint8 colours, default :func:`palette` sized to the labels and `names`.
+        names: optional display names per label index (legend only).
+
+    Returns:
+        A new (H, W, 3) uint8 array, or (H + strip, W, 3) with `legend`. The inputs are never modified.
+    """
+    rgb = _as_rgb_uint8(image)
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"labels must be a 2-D (H, W) label map, got shape {lab.shape}")
+    if lab.shape != rgb.shape[:2]:
+        raise ValueError(f"labels shape {lab.shape} does not match the image's {rgb.shape[:2]} (H, W)")
+    if lab.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if lab.size and int(lab.min()) < 0:
+        raise ValueError(f"labels must be >= 0, got a minimum of {int(lab.min())}")
+    n_labels = int(lab.max()) + 1 if lab.size else 0
+    if names is not None:
+        names = [str(s) for s in names]
+        if len(names) < n_labels:
+            raise ValueError(f"names has {len(names)} entries but labels go up to {n_labels - 1}")
+    if palette is None:
+        colours = _default_palette(max(n_labels, len(names or ())))
+    else:
+        colours = np.asarray(palette)
+        if colours.ndim != 2 or colours.shape[1] != 3:
+            raise ValueError(f"palette must be an (n, 3) array of RGB colours, got shape {colours.shape}")
+        if colours.dtype.kind not in "iu" or (colours.size and (colours.min() < 0 or colours.max() > 255)):
+            raise ValueError("palette colours must be integers in 0..255")
+        if len(colours) < n_labels:
+            raise ValueError(f"palette has {len(colours)} colours but labels go up to {n_labels - 1}")
+        colours = colours.astype(np.uint8)
+
+    # integer blend: (image * (256 - a) + colour * a + 128) >> 8, a = round(256 * alpha); fits uint16
+    a = int(round(float(alpha) * 256))
+    out = ((rgb.astype(np.uint16) * (256 - a) + colours[lab].astype(np.uint16) * a + 128) >> 8).astype(np.uint8)
+    if not legend:
+        return out
+    counts = np.bincount(lab.ravel(), minlength=n_labels)
+    return np.concatenate([out, _legend_strip(out.shape[1], counts, colours, names)], axis=0)
+
+
+def _as_rgb_uint8(image: Any) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a core dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"image must be an (H, W, 3) RGB array, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (0..255), got dtype {arr.dtype}")
+    return arr
+
+
+def _legend_strip(width: int, counts: np.ndarray, colours: np.ndarray, names: list[str] | None) -> np.ndarray:
+    """A white (h, width, 3) strip: one swatch + "index name: share%" per present label, wrapped into rows."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = int(np.clip(width // 60, 10, 28))
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow built without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    total = max(int(counts.sum()), 1)
+    entries = []
+    for idx in np.flatnonzero(counts):
+        share = 100.0 * counts[idx] / total
+        share_text = f"{share:.1f}%" if share >= 0.05 else "<0.1%"
+        label = f"{idx} {names[idx]}" if names is not None else f"{idx}"
+        entries.append((int(idx), f"{label}: {share_text}"))
+
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = max(probe.textbbox((0, 0), "0:%Ag", font=font)[3], size) + 4
+    swatch, pad = line_h - 4, max(size // 2, 4)
+    positions, x, y = [], pad, pad
+    for idx, text in entries:
+        w = swatch + 4 + int(probe.textlength(text, font=font)) + 2 * pad
+        if x > pad and x + w > width:
+            x, y = pad, y + line_h
+        positions.append((x, y, idx, text))
+        x += w
+    height = y + line_h + pad if entries else 2 * pad
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for x, y, idx, text in positions:
+        draw.rectangle([x, y + 2, x + swatch, y + 2 + swatch], fill=tuple(int(c) for c in colours[idx]),
+                       outline=(0, 0, 0))
+        draw.text((x + swatch + 4, y), text, fill=(0, 0, 0), font=font)
+    return np.asarray(strip)
