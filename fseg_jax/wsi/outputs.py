@@ -181,7 +181,8 @@ def write_geojson(
 
 
 def write_weights(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
+    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
     with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)

@@ -4,7 +4,7 @@ Layout of `<slide out dir>/.fseg-work/`:
     plan.json         what is being computed (settings, fingerprint, tile grid, the batches of tiles)
     tissue.npz        thumbnail (h, w, 3) uint8 and token tissue mask (h_tok, w_tok) bool
     batch-000042.npz  tiles (n,) int64, labels (n, c, c) int32, optional weights (n, c, c, k) float32,
-                      seconds (compute time of the batch)
+                      seconds (dispatch to results of the batch), read_wait (seconds spent waiting on reads)
 Every file is written atomically, so a batch file that exists is complete. Several processes (one per
 host) may fill the same folder, each writing its own batches.
 """
@@ -66,8 +66,15 @@ class WorkDir:
     def batch_path(self, index: int) -> Path:
         return self.path / f"batch-{index:06d}.npz"
 
-    def put(self, index: int, tiles, labels: np.ndarray, weights: np.ndarray | None, seconds: float) -> None:
-        arrays = {"tiles": np.asarray(tiles, np.int64), "labels": labels, "seconds": np.float64(seconds)}
+    def put(
+        self, index: int, tiles, labels: np.ndarray, weights: np.ndarray | None, *, seconds: float, read_wait: float
+    ) -> None:
+        arrays = {
+            "tiles": np.asarray(tiles, np.int64),
+            "labels": labels,
+            "seconds": np.float64(seconds),
+            "read_wait": np.float64(read_wait),
+        }
         if weights is not None:
             arrays["weights"] = weights
         with atomic_path(self.batch_path(index)) as tmp:
