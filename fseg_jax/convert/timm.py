@@ -1,0 +1,188 @@
+"""timm / torchvision state dicts -> Flax NNX models: one table of key rules, one place for layout transforms.
+
+The conversion is strict both ways: every source key is consumed by a rule or ignored by name (the
+classifier head, ResNet stages past ``layer3``), every model parameter is filled, every shape is checked,
+and all problems are reported together in one ``ConversionError``.
+
+The state dict may be any mapping {name: array}: numpy arrays, torch tensors, or a lazy mapping that
+reads each tensor on access (``fseg_jax.convert.checkpoint.open_checkpoint``); each tensor is fetched
+once, converted to float32 and placed in the model before the next is read, so peak memory stays near
+the model's own size plus one tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fseg_jax.models.config import ResNetConfig, ViTConfig
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the architecture; ``problems`` lists every mismatch found."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        self.summary = message
+        self.problems = list(problems or [])
+        if self.problems:
+            message = message + "\n  - " + "\n  - ".join(self.problems)
+        super().__init__(message)
+
+
+# layout transforms (torch -> flax)
+def _identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _linear(a: np.ndarray) -> np.ndarray:
+    """torch Linear weight (out, in) -> flax kernel (in, out)."""
+    return a.T
+
+
+def _conv(a: np.ndarray) -> np.ndarray:
+    """torch conv weight OIHW -> flax HWIO."""
+    return a.transpose(2, 3, 1, 0)
+
+
+Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray]]
+
+# (source regex, destination template with regex groups, transform); destinations are dotted NNX paths
+VIT_RULES: tuple[Rule, ...] = (
+    (r"patch_embed\.proj\.weight", "patch_embed.kernel", _conv),
+    (r"patch_embed\.proj\.bias", "patch_embed.bias", _identity),
+    (r"(cls_token|reg_token|pos_embed)", r"\1", _identity),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.weight", r"blocks.\1.\2.scale", _identity),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.bias", r"blocks.\1.\2.bias", _identity),
+    (r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", r"blocks.\1.\2.kernel", _linear),
+    (r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.bias", r"blocks.\1.\2.bias", _identity),
+    (r"blocks\.(\d+)\.(ls1|ls2)\.gamma", r"blocks.\1.\2.gamma", _identity),
+    (r"norm\.weight", "norm.scale", _identity),
+    (r"norm\.bias", "norm.bias", _identity),
+)
+VIT_IGNORED: tuple[str, ...] = (r"head\..*",)
+
+RESNET_RULES: tuple[Rule, ...] = (
+    (r"conv1\.weight", "conv1.kernel", _conv),
+    (r"bn1\.weight", "bn1.scale", _identity),
+    (r"bn1\.bias", "bn1.bias", _identity),
+    (r"bn1\.running_mean", "bn1.mean", _identity),
+    (r"bn1\.running_var", "bn1.var", _identity),
+    (r"layer(\d)\.(\d+)\.(conv1|conv2|conv3)\.weight", r"layer\1.\2.\3.kernel", _conv),
+    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.weight", r"layer\1.\2.\3.scale", _identity),
+    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.bias", r"layer\1.\2.\3.bias", _identity),
+    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.running_mean", r"layer\1.\2.\3.mean", _identity),
+    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.running_var", r"layer\1.\2.\3.var", _identity),
+    (r"layer(\d)\.(\d+)\.downsample\.0\.weight", r"layer\1.\2.downsample_conv.kernel", _conv),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.weight", r"layer\1.\2.downsample_bn.scale", _identity),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.bias", r"layer\1.\2.downsample_bn.bias", _identity),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.running_mean", r"layer\1.\2.downsample_bn.mean", _identity),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.running_var", r"layer\1.\2.downsample_bn.var", _identity),
+)
+# torchvision ResNet-50 checkpoints carry the stages past layer3 and the classifier: not part of this model
+RESNET_IGNORED: tuple[str, ...] = (r"fc\..*", r"layer4\..*", r".*\.num_batches_tracked")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A numpy/jax array or torch tensor -> float32 numpy (torch bfloat16 has no numpy twin: go via float)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _abstract_model(config, **model_kwargs):
+    if isinstance(config, ViTConfig):
+        from fseg_jax.models.vit import VisionTransformer
+
+        return nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0), **model_kwargs))
+    if isinstance(config, ResNetConfig):
+        from fseg_jax.models.resnet import ResNet50
+
+        return nnx.eval_shape(lambda: ResNet50(config, rngs=nnx.Rngs(0), **model_kwargs))
+    raise TypeError(f"config must be a ViTConfig or ResNetConfig, got {type(config).__name__}")
+
+
+def convert_timm_state_dict(state_dict: Mapping[str, Any], config: ViTConfig | ResNetConfig, **model_kwargs):
+    """Build the NNX model for ``config`` with the weights of a timm (or torchvision ResNet) state dict.
+
+    Args:
+        state_dict: flat {timm key: array}; numpy arrays, torch tensors, or a lazy mapping. Not modified.
+        config: the architecture the checkpoint is expected to have.
+        **model_kwargs: passed to the model constructor (``dtype``, ``attention_impl`` for ViTs).
+
+    Returns:
+        ``VisionTransformer`` (ViTConfig) or ``ResNet50`` (ResNetConfig) with float32 parameters.
+
+    Raises:
+        ConversionError: listing every unexpected key, missing parameter and shape mismatch.
+    """
+    if isinstance(config, ViTConfig):
+        return fill_model(state_dict, config, VIT_RULES, VIT_IGNORED, **model_kwargs)
+    return fill_model(state_dict, config, RESNET_RULES, RESNET_IGNORED, **model_kwargs)
+
+
+NATIVE_RULES: tuple[Rule, ...] = ((r"(.+)", r"\1", _identity),)
+"""fseg_jax's own format (``fseg_jax.save_model``): keys are the dotted NNX parameter paths."""
+
+
+def fill_model(state_dict: Mapping[str, Any], config, rules: tuple[Rule, ...], ignored: tuple[str, ...] = (),
+               **model_kwargs):
+    """The model of ``config`` with parameters taken from ``state_dict`` through ``rules``, strictly.
+
+    ``rules`` map source keys (full regex match) to dotted NNX paths with a layout transform; keys matching
+    ``ignored`` are skipped by name. Every other key, every unfilled parameter and every shape mismatch is
+    collected into one ``ConversionError``.
+    """
+    model = _abstract_model(config, **model_kwargs)
+    graphdef, state = nnx.split(model)
+    flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
+    targets = {_dotted(path): path for path in flat}
+    compiled = [(re.compile(src), dst, fn) for src, dst, fn in rules]
+    ignored_re = [re.compile(p) for p in ignored]
+
+    unexpected, mismatched, filled = [], [], {}
+    for key in list(state_dict.keys()):
+        for src, dst, fn in compiled:
+            match = src.fullmatch(key)
+            if match:
+                break
+        else:
+            if not any(p.fullmatch(key) for p in ignored_re):
+                unexpected.append(f"unexpected key {key!r}")
+            continue
+        dest = match.expand(dst)
+        if dest not in targets:
+            unexpected.append(f"unexpected key {key!r} (the model has no parameter {dest!r})")
+            continue
+        if dest in filled:
+            unexpected.append(f"key {key!r} fills {dest!r} a second time")
+            continue
+        path = targets[dest]
+        try:
+            value = fn(_to_numpy(state_dict[key]))
+        except Exception as err:  # a damaged file can fail on any tensor; report it as a conversion problem
+            raise ConversionError(f"cannot read tensor {key!r}: {type(err).__name__}: {err}") from err
+        expected = tuple(flat[path].shape)
+        if value.shape != expected:
+            mismatched.append(
+                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)} -> {dest!r} {expected} expected"
+            )
+            continue
+        filled[dest] = True
+        flat[path] = jnp.asarray(value)
+        del value
+    missing = [f"missing key for parameter {dest!r}" for dest in targets if dest not in filled]
+    problems = unexpected + mismatched + missing
+    if problems:
+        raise ConversionError(
+            f"checkpoint does not match the {config.name!r} architecture ({len(problems)} problem(s))", problems
+        )
+    nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(flat))
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,214 @@
+"""Loading and saving models: converted directories, and presets fetched from the Hugging Face hub.
+
+A converted model is a directory with ``model.safetensors`` (float32 parameters under their dotted NNX
+paths) and ``config.json`` (``{"format": "fseg_jax", "format_version": 1, "model_type": "vit" | "resnet",
+"config": {...}}``). ``load_model("uni")`` downloads the checkpoint named in ``weights/uni.json`` at the
+revision pinned there, converts it once and keeps the converted files in the hub cache
+(``$HF_HUB_CACHE/fseg_jax/<preset>/<commit>/``), so later loads skip both download and conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from fseg_jax.convert.checkpoint import SafetensorsCheckpoint, convert_checkpoint
+from fseg_jax.convert.timm import NATIVE_RULES, ConversionError, fill_model
+from fseg_jax.models.config import ResNetConfig, ViTConfig, config_from_preset, preset_names, read_manifest
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class ModelAccessError(RuntimeError):
+    """The checkpoint of a preset cannot be fetched (gated repository, offline without a cached copy)."""
+
+
+def save_model(model, directory: str | Path) -> Path:
+    """Write ``model`` (a ``VisionTransformer`` or ``ResNet50``) as ``model.safetensors`` + ``config.json``.
+
+    Returns the directory. Parameters are stored as float32 under their dotted NNX paths.
+    """
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    _, state = nnx.split(model)
+    flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
+    tensors = {".".join(str(p) for p in path): np.asarray(value, np.float32) for path, value in flat.items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "fseg_jax"})
+    meta = {
+        "format": "fseg_jax",
+        "format_version": FORMAT_VERSION,
+        "model_type": "resnet" if isinstance(config, ResNetConfig) else "vit",
+        "config": config.to_dict(),
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def _read_config(directory: Path) -> ViTConfig | ResNetConfig:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{directory} is not a converted model: {CONFIG_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"cannot read {path}: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != "fseg_jax":
+        raise ConversionError(
+            f"{path} is not an fseg_jax config; convert a timm checkpoint first (fseg-jax convert)"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ConversionError(f"{path}: unsupported format_version {meta.get('format_version')!r}")
+    kinds = {"vit": ViTConfig, "resnet": ResNetConfig}
+    if meta.get("model_type") not in kinds:
+        raise ConversionError(f"{path}: unknown model_type {meta.get('model_type')!r}")
+    try:
+        return kinds[meta["model_type"]].from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ConversionError(f"{path}: {err}") from err
+
+
+def load_converted(directory: str | Path, **model_kwargs):
+    """Load a directory written by ``save_model`` (strict: every key, shape and parameter checked)."""
+    directory = Path(directory)
+    config = _read_config(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConversionError(f"{directory} is not a converted model: {WEIGHTS_FILE} is missing")
+    try:
+        state = SafetensorsCheckpoint(weights)
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise ConversionError(f"cannot read {weights}: {type(err).__name__}: {err}") from err
+    try:
+        return fill_model(state, config, NATIVE_RULES, **model_kwargs)
+    except ConversionError as err:
+        raise ConversionError(f"{weights}: {err.summary}", err.problems) from err
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, then HF_HOME)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expanduser(os.environ["HF_HOME"])) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _login_help(repo: str, license_name: str) -> str:
+    return (
+        f"{repo} is a gated repository (license {license_name}). To download it: accept its terms at "
+        f"https://huggingface.co/{repo} while logged in, then authenticate this machine with "
+        "`hf auth login` (or `huggingface-cli login`), or set the HF_TOKEN environment variable."
+    )
+
+
+def download_checkpoint(preset: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | bool | None = None) -> Path:
+    """The local path of a preset's hub checkpoint (downloaded if needed; offline mode uses the cache only)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    manifest = read_manifest(preset)
+    repo, filename = manifest["hf_repo"], manifest["filename"]
+    revision = revision or manifest["revision"]
+    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=str(cache_dir or hub_cache_dir()),
+                                    token=token, local_files_only=offline))
+    except GatedRepoError as err:
+        raise ModelAccessError(_login_help(repo, manifest["license"])) from err
+    except RepositoryNotFoundError as err:
+        # without a token the hub answers 401 "not found" for gated repositories as well
+        raise ModelAccessError(
+            f"cannot access {repo}: not found or not authorised. " + _login_help(repo, manifest["license"])
+        ) from err
+    except LocalEntryNotFoundError as err:
+        where = "offline mode (HF_HUB_OFFLINE) is on" if offline else "the hub could not be reached"
+        raise ModelAccessError(
+            f"{filename} of {repo} (revision {revision}) is not in the cache {cache_dir or hub_cache_dir()} "
+            f"and {where}. Download it once online, or pass a converted model directory."
+        ) from err
+    except HfHubHTTPError as err:
+        raise ModelAccessError(f"cannot download {filename} from {repo}: {err}") from err
+
+
+def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
+               token: str | bool | None = None, **model_kwargs):
+    """A model ready to use: ``VisionTransformer`` or ``ResNet50`` with converted weights.
+
+    Args:
+        name_or_dir: a directory written by ``save_model`` / ``fseg-jax convert``, or a preset name
+            (``uni``, ``uni2_h``, ``gigapath``, ``virchow``, ``virchow2``, ``h_optimus_0``, ``h_optimus_1``,
+            ``h0_mini``, ``resnet50``).
+        revision: hub revision overriding the manifest's pinned one (presets only).
+        cache_dir: hub cache (default: HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub, read at call time).
+        token: hub token (default: the logged-in one / HF_TOKEN).
+        **model_kwargs: ``dtype``, ``attention_impl`` for ViTs.
+
+    Raises:
+        ConversionError: the files do not match the architecture (all problems listed) or are damaged.
+        ModelAccessError: the preset's checkpoint cannot be fetched (gated, offline and not cached).
+    """
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return load_converted(path, **model_kwargs)
+    name = str(name_or_dir)
+    if name not in preset_names():
+        raise ValueError(
+            f"{name!r} is neither a converted model directory nor a preset ({', '.join(preset_names())})"
+        )
+    checkpoint = download_checkpoint(name, revision=revision, cache_dir=cache_dir, token=token)
+    commit = checkpoint.parent.name  # hub cache layout: .../snapshots/<commit>/<filename>
+    converted = Path(cache_dir or hub_cache_dir()) / "fseg_jax" / name / commit
+    if (converted / WEIGHTS_FILE).is_file() and (converted / CONFIG_FILE).is_file():
+        return load_converted(converted, **model_kwargs)
+    model = convert_checkpoint(checkpoint, config_from_preset(name), **model_kwargs)
+    _save_atomically(model, converted)
+    return model
+
+
+def _save_atomically(model, directory: Path) -> None:
+    """``save_model`` into a temporary sibling, then rename: a concurrent or interrupted run never leaves a
+    half-written cache entry."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        save_model(model, tmp)
+        try:
+            tmp.rename(directory)
+        except OSError:
+            if not (directory / WEIGHTS_FILE).is_file():  # not a concurrent writer that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_summary(model) -> dict[str, Any]:
+    """Architecture facts of a model (name, patch size, width, depth, parameter count) for display."""
+    config = model.config
+    _, state = nnx.split(model)
+    n_params = sum(int(np.prod(v.shape)) for v in nnx.traversals.flatten_mapping(nnx.to_pure_dict(state)).values())
+    return {"name": config.name, "patch_size": config.patch_size, "embed_dim": config.embed_dim,
+            "depth": config.depth, "parameters": n_params}

@@ -1,0 +1,251 @@
+"""timm's pre-norm VisionTransformer in Flax NNX, numerically matching ``timm.models.VisionTransformer``.
+
+Layout is channels-last throughout: images (B, H, W, 3), token grids (B, H/p, W/p, D). Parameters mirror
+timm's module names (``blocks[i].attn.qkv``, ``ls1.gamma``, ...) so that conversion is a table of renames.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fseg_jax.models.attention import attention
+from fseg_jax.models.config import ViTConfig
+
+Array = jax.Array
+
+
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's ``feature_take_indices``: None = all, int n = last n, sequence = explicit (negative from the end)."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n indices ({indices}) is out of range (1 to {num_blocks})")
+        return list(range(num_blocks - indices, num_blocks))
+    taken = []
+    for i in indices:
+        idx = num_blocks + i if i < 0 else i
+        if not 0 <= idx < num_blocks:
+            raise ValueError(f"block index {i} is out of range for {num_blocks} blocks")
+        taken.append(idx)
+    if not taken:
+        raise ValueError("indices selects no block")
+    return taken
+
+
+def _layer_norm(dim: int, config: ViTConfig, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # two-pass variance, as torch computes it (the fast E[x^2] - E[x]^2 form loses precision on large tokens)
+    return nnx.LayerNorm(dim, epsilon=config.norm_eps, dtype=dtype, param_dtype=jnp.float32,
+                         use_fast_variance=False, rngs=rngs)
+
+
+def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping p x p patches to tokens: a stride-p convolution written as one matmul.
+
+    ``kernel`` is (p, p, 3, D) (HWIO, as a flax conv would store it), ``bias`` (D,).
+    """
+
+    def __init__(self, patch_size: int, embed_dim: int, *, dtype, rngs: nnx.Rngs):
+        p = patch_size
+        init = nnx.initializers.lecun_normal()
+        self.patch_size = p
+        self.dtype = dtype
+        self.kernel = nnx.Param(init(rngs.params(), (p, p, 3, embed_dim), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((embed_dim,), jnp.float32))
+
+    def __call__(self, x_bhwc: Array) -> Array:
+        b, h, w, c = x_bhwc.shape
+        p = self.patch_size
+        x = x_bhwc.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, h // p, w // p, p * p * c)
+        kernel = self.kernel[...].reshape(p * p * c, -1)
+        dtype = self.dtype or jnp.float32
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        return (y + self.bias[...]).astype(dtype)
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, dim: int, init_value: float = 1e-5):
+        self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
+
+    def __call__(self, x: Array) -> Array:
+        return x * self.gamma[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ViTConfig, *, dtype, attention_impl: str, rngs: nnx.Rngs):
+        d = config.embed_dim
+        self.num_heads = config.num_heads
+        self.attention_impl = attention_impl
+        self.qkv = _linear(d, 3 * d, dtype, rngs)
+        self.proj = _linear(d, d, dtype, rngs)
+
+    def __call__(self, x_bnd: Array) -> Array:
+        b, n, d = x_bnd.shape
+        h = self.num_heads
+        qkv = self.qkv(x_bnd).reshape(b, n, 3, h, d // h)
+        out_bnhk = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.attention_impl)
+        return self.proj(out_bnhk.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+    """fc1 -> act -> fc2, or SwiGLUPacked: fc1 -> (a, b) halves -> act(a) * b -> fc2."""
+
+    def __init__(self, config: ViTConfig, *, dtype, rngs: nnx.Rngs):
+        d, hidden = config.embed_dim, config.mlp_hidden
+        self.packed = config.mlp_layer == "swiglu_packed"
+        self.act = config.act_layer
+        self.fc1 = _linear(d, hidden, dtype, rngs)
+        self.fc2 = _linear(hidden // 2 if self.packed else hidden, d, dtype, rngs)
+
+    def _activation(self, x: Array) -> Array:
+        if self.act == "gelu":
+            return jax.nn.gelu(x, approximate=False)
+        return jax.nn.silu(x)
+
+    def __call__(self, x: Array) -> Array:
+        x = self.fc1(x)
+        if self.packed:
+            a, b = jnp.split(x, 2, axis=-1)
+            x = self._activation(a) * b
+        else:
+            x = self._activation(x)
+        return self.fc2(x)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ViTConfig, *, dtype, attention_impl: str, rngs: nnx.Rngs):
+        d = config.embed_dim
+        self.norm1 = _layer_norm(d, config, dtype, rngs)
+        self.attn = Attention(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+        self.ls1 = LayerScale(d) if config.layer_scale else None
+        self.norm2 = _layer_norm(d, config, dtype, rngs)
+        self.mlp = Mlp(config, dtype=dtype, rngs=rngs)
+        self.ls2 = LayerScale(d) if config.layer_scale else None
+
+    def __call__(self, x: Array) -> Array:
+        y = self.attn(self.norm1(x))
+        x = x + (self.ls1(y) if self.ls1 is not None else y)
+        y = self.mlp(self.norm2(x))
+        return x + (self.ls2(y) if self.ls2 is not None else y)
+
+
+class VisionTransformer(nnx.Module):
+    """A timm ``VisionTransformer`` (pre-norm, fused qkv, optional LayerScale / registers / SwiGLUPacked).
+
+    Args:
+        config: the architecture (``ViTConfig.from_preset("uni")``).
+        rngs: initialisers for random weights (real weights come from ``fseg_jax.load_model``).
+        dtype: compute dtype (None = float32). Parameters are always stored in float32; ``jnp.bfloat16``
+            computes matmuls and attention in bfloat16 (LayerNorm statistics and softmax stay float32).
+        attention_impl: ``"auto"`` (cuDNN flash attention on GPU for bfloat16/float16, query-chunked
+            heads-first attention otherwise), or one of ``"chunked"``, ``"xla"``, ``"cudnn"``.
+    """
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None, attention_impl: str = "auto"):
+        if attention_impl not in ("auto", "chunked", "xla", "cudnn"):
+            raise ValueError(f"attention_impl must be auto, chunked, xla or cudnn, not {attention_impl!r}")
+        d = config.embed_dim
+        self.config = config
+        self.dtype = dtype
+        self.patch_embed = PatchEmbed(config.patch_size, d, dtype=dtype, rngs=rngs)
+        init = nnx.initializers.normal(0.02)
+        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d))) if config.class_token else None
+        self.reg_token = nnx.Param(init(rngs.params(), (1, config.reg_tokens, d))) if config.reg_tokens else None
+        self.pos_embed = nnx.Param(init(rngs.params(), (1, config.num_pos_tokens, d)))
+        self.blocks = nnx.List(
+            [Block(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs) for _ in range(config.depth)]
+        )
+        self.norm = _layer_norm(d, config, dtype, rngs)
+
+    def _pos_embed_for(self, grid_h: int, grid_w: int) -> Array:
+        """Position embeddings for a (grid_h, grid_w) patch grid, resampled like timm's
+        ``resample_abs_pos_embed`` (bicubic with antialias, float32, prefix rows split off first)."""
+        cfg = self.config
+        pos = self.pos_embed[...]
+        n_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
+        prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]
+        gh, gw = cfg.pos_embed_grid
+        if (grid_h, grid_w) != (gh, gw):
+            grid = grid.reshape(1, gh, gw, -1).astype(jnp.float32)
+            grid = jax.image.resize(grid, (1, grid_h, grid_w, grid.shape[-1]), method="cubic", antialias=True)
+            grid = grid.reshape(1, grid_h * grid_w, -1)
+        return jnp.concatenate([prefix, grid], axis=1) if n_prefix else grid
+
+    def embed(self, x_bhwc: Array) -> Array:
+        """Patch embedding + prefix tokens + position embeddings: (B, H, W, 3) -> (B, prefix + h*w, D)."""
+        cfg = self.config
+        b, height, width, channels = x_bhwc.shape
+        p = cfg.patch_size
+        if channels != 3 or height % p or width % p:
+            raise ValueError(
+                f"expected (B, H, W, 3) images with H and W multiples of the patch size {p}, got {x_bhwc.shape}"
+            )
+        x = self.patch_embed(x_bhwc)
+        h, w = height // p, width // p
+        x = x.reshape(b, h * w, -1)
+        dtype = x.dtype
+        pos = self._pos_embed_for(h, w).astype(dtype)
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(jnp.broadcast_to(self.cls_token[...].astype(dtype), (b, 1, cfg.embed_dim)))
+        if self.reg_token is not None:
+            prefix.append(jnp.broadcast_to(self.reg_token[...].astype(dtype), (b, cfg.reg_tokens, cfg.embed_dim)))
+        if cfg.no_embed_class:
+            x = x + pos
+            return jnp.concatenate([*prefix, x], axis=1) if prefix else x
+        if prefix:
+            x = jnp.concatenate([*prefix, x], axis=1)
+        return x + pos
+
+    def forward_intermediates(
+        self,
+        x_bhwc: Array,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        return_prefix_tokens: bool = False,
+    ) -> list[Array] | list[tuple[Array, Array]]:
+        """Block outputs as patch grids, with timm's meaning of ``indices``.
+
+        Args:
+            x_bhwc: (B, H, W, 3) float images, already normalised; H and W multiples of ``patch_size``.
+            indices: None = every block, int n = the last n blocks, sequence = those blocks (negative
+                counts from the end). Only the blocks up to the deepest one requested are run.
+            norm: apply the final LayerNorm to each output.
+            return_prefix_tokens: return (grid, prefix) pairs, prefix (B, num_prefix_tokens, D).
+
+        Returns:
+            One (B, H/p, W/p, D) grid per requested block, in the order requested, prefix tokens removed.
+        """
+        cfg = self.config
+        take = take_indices(cfg.depth, indices)
+        b, height, width, _ = x_bhwc.shape
+        h, w = height // cfg.patch_size, width // cfg.patch_size
+        x = self.embed(x_bhwc)
+        outputs: dict[int, Array] = {}
+        for i in range(max(take) + 1):
+            x = self.blocks[i](x)
+            if i in take:
+                outputs[i] = self.norm(x) if norm else x
+        n_prefix = cfg.num_prefix_tokens
+        results = []
+        for i in take:
+            y = outputs[i]
+            grid = y[:, n_prefix:].reshape(b, h, w, cfg.embed_dim)
+            results.append((grid, y[:, :n_prefix]) if return_prefix_tokens else grid)
+        return results
+
+    def forward_features(self, x_bhwc: Array) -> Array:
+        """All tokens after the last block and the final norm: (B, num_prefix_tokens + h*w, D)."""
+        x = self.embed(x_bhwc)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
