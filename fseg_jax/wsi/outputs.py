@@ -101,11 +101,13 @@ def write_label_tiff(
 
 
 def label_polygons(labels_hw: np.ndarray, value: int):
-    """The region where `labels_hw == value` as a shapely (Multi)Polygon in token coordinates, or None.
+    """The region where `labels_hw == value` as a valid shapely MultiPolygon in token coordinates, or None.
 
-    Token (r, c) is the unit square [c, c+1] x [r, r+1] (x right, y down). Boundaries are traced with
-    marching squares (skimage.measure.find_contours) half way between token centres, so corners are cut
-    diagonally; diagonal neighbours are connected. Holes are assigned to the smallest ring around them.
+    Token (r, c) is the unit square [c, c+1] x [r, r+1] (x right, y down); the polygons follow the token
+    edges exactly, so their area is the token count. Rings are traced with marching squares
+    (skimage.measure.find_contours, whose vertices are midpoints of token edges) and moved onto the token
+    corners between consecutive vertices; holes go to the smallest ring around them. Regions that touch
+    only at a corner are separate polygons.
     """
     import shapely
     from skimage.measure import find_contours
@@ -114,10 +116,12 @@ def label_polygons(labels_hw: np.ndarray, value: int):
     if not mask.any():
         return None
     contours = find_contours(mask, 0.5, fully_connected="high", positive_orientation="high")
-    lengths = np.array([len(c) for c in contours])
-    xy = np.concatenate(contours)[:, ::-1] - 0.5
-    rings = shapely.linearrings(xy, indices=np.repeat(np.arange(len(contours)), lengths))
-    first_xy = xy[np.r_[0, np.cumsum(lengths)[:-1]]]
+    # consecutive marching-squares vertices share a cell whose centre is a token corner, through which
+    # the exact boundary runs; in token-corner coordinates (padded index - 1/2) it is floor(midpoint)
+    corners = [np.floor((c[:-1] + c[1:]) / 2)[:, ::-1] for c in contours]  # (x, y)
+    lengths = np.array([len(c) for c in corners])
+    xy = np.concatenate(corners)
+    rings = shapely.linearrings(xy, indices=np.repeat(np.arange(len(corners)), lengths))
     # (row, col) -> (x, y) mirrors orientation: rings around labelled tokens come out clockwise in (x, y)
     is_hole = shapely.is_ccw(rings)
     shells = rings[~is_hole]
@@ -125,9 +129,10 @@ def label_polygons(labels_hw: np.ndarray, value: int):
     shell_polys = shapely.polygons(shells)
     interiors: list[list] = [[] for _ in shells]
     if len(holes):
+        # the midpoint of a hole's first edge lies inside its ancestors' shells and on no shell's boundary
+        first = np.array([c[0, ::-1] - 0.5 for c, h in zip(contours, is_hole) if h])
         tree = shapely.STRtree(shell_polys)
-        points = shapely.points(first_xy[is_hole])  # any point of a hole lies inside its parent shell only
-        hole_idx, shell_idx = tree.query(points, predicate="within")
+        hole_idx, shell_idx = tree.query(shapely.points(first), predicate="within")
         areas = shapely.area(shell_polys)
         parent: dict[int, int] = {}
         for h, s in zip(hole_idx.tolist(), shell_idx.tolist()):
@@ -135,9 +140,15 @@ def label_polygons(labels_hw: np.ndarray, value: int):
                 parent[h] = s
         for h, s in parent.items():
             interiors[s].append(holes[h])
-    polys = [shapely.Polygon(shell, interior) for shell, interior in zip(shells, interiors)]
-    # tolerance 0 only drops the collinear vertices that marching squares leaves along straight runs
-    return shapely.orient_polygons(shapely.simplify(shapely.MultiPolygon(polys), 0.0))
+    polys = np.array([shapely.Polygon(shell, inner) for shell, inner in zip(shells, interiors)], dtype=object)
+    polys = shapely.simplify(polys, 0.0)  # tolerance 0 only drops collinear vertices along token edges
+    bad = ~shapely.is_valid(polys)
+    if bad.any():
+        # diagonal neighbours make rings that touch themselves at a corner: split them there
+        fixed = shapely.get_parts(shapely.get_parts(shapely.make_valid(polys[bad])))
+        polys = np.concatenate([polys[~bad], fixed[shapely.get_type_id(fixed) == 3]])
+    geom = shapely.MultiPolygon(list(polys))
+    return shapely.orient_polygons(geom)
 
 
 def write_geojson(

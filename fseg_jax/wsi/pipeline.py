@@ -472,7 +472,8 @@ def _write_overlay(path: Path, thumb: np.ndarray, labels_hw: np.ndarray, *, name
         Image.fromarray(image).save(tmp, format="PNG")
 
 
-def _slide_paths(slides: str | Path | Iterable[str | Path]) -> list[Path]:
+def find_slides(slides: str | Path | Iterable[str | Path]) -> list[Path]:
+    """A slide path as a list, the slides and images of a folder (sorted), or a list of paths."""
     if isinstance(slides, (str, Path)):
         p = Path(slides)
         if p.is_dir():
@@ -498,13 +499,13 @@ def segment_slides(
     """
     from tqdm.auto import tqdm
 
-    paths = _slide_paths(slides)
+    paths = find_slides(slides)
     out_root = Path(out_root)
     results: list[SlideResult | SlideFailure] = []
     for path in tqdm(paths, desc="slides", unit="slide", disable=not progress or len(paths) < 2, position=0):
         try:
             result = segmenter.run(
-                path, out_root / _stem(path), slide_mpp=slide_mpp, part=part, progress=progress,
+                path, out_root / slide_folder_name(path), slide_mpp=slide_mpp, part=part, progress=progress,
                 progress_position=1 if len(paths) > 1 else 0,
             )
         except Exception as err:  # noqa: BLE001 - one bad slide must not end the batch; reported to the caller
@@ -515,7 +516,8 @@ def segment_slides(
     return results
 
 
-def _stem(path: Path) -> str:
+def slide_folder_name(path: Path) -> str:
+    """The output sub-folder of a slide: its file name without the extension (.ome.tif counted whole)."""
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):

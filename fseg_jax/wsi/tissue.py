@@ -22,7 +22,10 @@ def saturation(rgb_hw3: np.ndarray) -> np.ndarray:
 
 
 def tissue_mask(thumb_hw3: np.ndarray, *, mpp: float, min_area_um2: float = 10_000.0) -> np.ndarray:
-    """(h, w) bool tissue mask of a thumbnail whose pixels are `mpp` microns wide."""
+    """(h, w) bool tissue mask of a thumbnail whose pixels are `mpp` microns wide.
+
+    Components and holes smaller than `min_area_um2` (or 1/200 of the image, if less) are removed / filled.
+    """
     from skimage.filters import threshold_otsu
 
     sat = saturation(thumb_hw3)
@@ -30,7 +33,8 @@ def tissue_mask(thumb_hw3: np.ndarray, *, mpp: float, min_area_um2: float = 10_0
     if sat.max() > sat.min():
         threshold = max(threshold, float(threshold_otsu(sat)))
     mask = sat > threshold
-    min_px = max(1, int(round(min_area_um2 / (mpp * mpp))))
+    # on a small image (a crop, a biopsy fragment) a speck is relative: at most 1/200 of the image
+    min_px = max(1, int(round(min(min_area_um2 / (mpp * mpp), mask.size / 200))))
     mask = _drop_small(mask, min_px)
     return ~_drop_small(~mask, min_px)
 
