@@ -127,10 +127,12 @@ def _validated_concepts(concepts: Any, *, source: str) -> dict[int, np.ndarray]:
             problems.append(f"key {key!r} is not a positive integer k")
             continue
         k = int(key)
-        arr = np.asarray(value) if isinstance(value, np.ndarray) or hasattr(value, "__array__") else None
-        if arr is None:
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError):  # ragged nested sequences
             problems.append(f"k={k}: expected an array, got {type(value).__name__}")
-        elif arr.ndim != 2 or arr.shape[0] != k or arr.shape[1] < 1:
+            continue
+        if arr.ndim != 2 or arr.shape[0] != k or arr.shape[1] < 1:
             problems.append(f"k={k}: expected shape ({k}, d), got {arr.shape}")
         elif arr.dtype.kind not in "fiu":
             problems.append(f"k={k}: expected real numbers, got dtype {arr.dtype}")
@@ -191,7 +193,8 @@ def check_compatible(
 
 def save_concepts(path: str | os.PathLike, bank: ConceptBank) -> Path:
     """Write `bank` as safetensors (see the module docs), atomically: a temporary file in the same folder is
-    renamed over `path`, so readers never see a half-written bank. Returns the path."""
+    renamed over `path`, so readers never see a half-written bank. Missing parent folders are created.
+    Returns the path."""
     from safetensors.numpy import save
 
     if not isinstance(bank, ConceptBank):
@@ -213,7 +216,8 @@ def save_concepts(path: str | os.PathLike, bank: ConceptBank) -> Path:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -361,8 +365,8 @@ def resolve_concepts(spec: Any, *, model_config: Any = None) -> ConceptBank:
     elif isinstance(spec, (str, os.PathLike)):
         text = os.fspath(spec)
         preset = _ALIASES.get(text, text)
-        if Path(text).is_file():
-            bank = load_concepts(text)
+        if Path(text).expanduser().is_file():
+            bank = load_concepts(Path(text).expanduser())
         elif preset in UPSTREAM_BANKS:
             bank = _fetch_preset(preset)
         else:

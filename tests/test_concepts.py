@@ -91,6 +91,7 @@ def test_save_load_round_trip(tmp_path, model, layer):
     save_concepts(path, _bank(seed=1))
     assert load_concepts(path) == _bank(seed=1)
     assert [p.name for p in tmp_path.iterdir()] == ["bank.safetensors"]
+    assert load_concepts(save_concepts(tmp_path / "new" / "dir" / "b.safetensors", bank)) == bank
 
 
 def test_file_holds_one_tensor_per_k_and_metadata(tmp_path):
