@@ -1,0 +1,541 @@
+"""Non-negative least squares against a fixed concept bank, and full NMF, as jitted JAX programs.
+
+Two problems, each with a public host-side entry point and a pure, traceable twin:
+
+* ``project(x, concepts)`` / ``nnls(x_nd, c_kd)``: ``W = argmin_{W >= 0} ||X - W C||_F^2`` with the dictionary
+  ``C`` (k, d) fixed. This is what F-Seg computes per token with scikit-learn's
+  ``non_negative_factorization(X, H=C, update_H=False)``.
+* ``factorize(x, k, seed=...)`` / ``nmf(x_nd, k, key)``: ``X ~= W H`` with both factors free and
+  non-negative, from scikit-learn's ``init="random"`` starting point.
+
+Every iteration works on ``G = C C^T`` (k, k) and ``B = X C^T`` (n, k), computed once per problem, so an
+iteration costs O(n k^2) and never touches the (n, d) features again. Each problem runs in its own
+``lax.while_loop`` with its own stopping rule; leading batch dimensions are handled with ``jax.vmap``, so a
+problem that converges early keeps its iterate while the rest of the batch continues.
+
+Solvers (``solver=``):
+
+``"admm"`` (default for ``project``)
+    ADMM on ``W = Z, Z >= 0`` with over-relaxation 1.6 and the penalty ``rho = sqrt(l_min l_max)`` set from
+    the spectrum of ``G``. The linear step ``(G + rho I)^{-1}`` is applied through one shared
+    eigendecomposition of ``G``, i.e. two dense (n, k) x (k, k) products per iteration and no per-row work;
+    the eigenbasis form keeps float32 round-off at the level of ``G`` itself even when ``cond(G)`` is 1e7,
+    where an explicit inverse loses ~3 digits. The projected gradient is checked every 10 iterations.
+    Measured on the F-Seg banks (``bench/nmf.py``) it reaches a lower objective than scikit-learn's
+    coordinate descent in a small fraction of the time, and unlike coordinate descent its cost per iteration
+    is a couple of matrix products, which is what accelerators are built for. Adaptive per-row penalties
+    (residual balancing) and accelerated projected gradient (FISTA) were measured too and were slower to
+    the same accuracy on these banks.
+``"hals"`` (default for ``factorize``)
+    Exactly scikit-learn's ``solver="cd"``: W starts at zero, each iteration is one Gauss-Seidel sweep over
+    the k columns, stopping when the summed projected-gradient violation of a sweep falls to ``tol`` times
+    that of the first sweep. Same iterates, so the same iteration counts and labels as scikit-learn.
+``"mu"``
+    Lee & Seung multiplicative updates with scikit-learn's ``solver="mu"`` start (W = sqrt(mean(X) / k)) and
+    stopping rule (relative decrease of the error, checked every 10 iterations). Slow on badly conditioned
+    banks; provided for comparison.
+
+Stopping. ``tol`` is relative to the start: for ``"admm"`` and ``"hals"`` the summed absolute projected
+gradient must fall to ``tol`` times its value at ``W = 0`` (``"admm"``) or after the first sweep
+(``"hals"``); for ``"mu"`` the error must decrease by less than ``tol`` of the initial error over 10
+iterations. The default ``tol`` depends on the solver (``"admm"`` 1e-6, the others 1e-4 as scikit-learn):
+the reference of ``"admm"`` is roughly k times larger, and at 1e-6 its objective is below that of
+scikit-learn's coordinate descent at 1e-4. ``NNLSResult.converged`` is False when ``max_iter`` ran out first.
+
+Precision. The solvers run in the dtype of the inputs after JAX's canonicalisation (float32 unless the
+caller has enabled 64-bit mode and passes float64); matrix products request ``Precision.HIGHEST`` so that
+GPUs do not fall back to TF32. The library never turns 64-bit mode on.
+
+Input policy of ``project`` (``nnls`` assumes it has been applied): NaN in ``x`` becomes 0 (as in F-Seg);
+negative or infinite ``x`` is an error unless ``clip_negative=True`` (negatives clipped to 0); negative
+concepts are clipped to 0 in a copy (with a ``UserWarning`` when below rounding level); all-zero concept
+rows, ``k > d``, mismatched ``d``, non-floating dtypes and empty arrays raise ``ValueError``/``TypeError``.
+Rows of ``x`` that are all zero get ``W = 0``. The caller's arrays are never modified.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "DEFAULT_SOLVER",
+    "NMF_SOLVERS",
+    "NNLSResult",
+    "NMFResult",
+    "SOLVERS",
+    "factorize",
+    "nmf",
+    "nnls",
+    "project",
+]
+
+DEFAULT_SOLVER = "admm"
+SOLVERS = ("admm", "hals", "mu")
+NMF_SOLVERS = ("hals", "mu")
+_DEFAULT_MAX_ITER = {"admm": 5000, "hals": 10000, "mu": 10000}
+# "admm" measures its violation at the iterate against W = 0, a reference ~k times larger than the first
+# coordinate-descent sweep that "hals" divides by; 1e-6 puts its objective below scikit-learn's at 1e-4.
+_DEFAULT_TOL = {"admm": 1e-6, "hals": 1e-4, "mu": 1e-4}
+_NMF_DEFAULT_MAX_ITER = 200
+
+_HI = lax.Precision.HIGHEST
+_ADMM_RELAX = 1.6  # over-relaxation
+_ADMM_CHECK_EVERY = 10  # iterations between projected-gradient checks
+_MU_CHECK_EVERY = 10  # as scikit-learn
+_CONCEPT_WARN_RTOL = 1e-6  # negative concepts below -rtol * max(C) are reported, smaller ones are rounding
+
+
+class NNLSResult(NamedTuple):
+    """Result of ``project``/``nnls``. Leading batch dimensions of ``x`` carry over to every field.
+
+    w: (..., n, k) non-negative weights. n_iter: (...,) int32 iterations run. objective: (...,)
+    ``||X - W C||_F^2``. converged: (...,) bool, False when ``max_iter`` stopped the solver.
+    """
+
+    w: jax.Array
+    n_iter: jax.Array
+    objective: jax.Array
+    converged: jax.Array
+
+
+class NMFResult(NamedTuple):
+    """Result of ``factorize``/``nmf``: w (..., n, k), h (..., k, d), n_iter, objective ``||X - W H||_F^2``, converged."""
+
+    w: jax.Array
+    h: jax.Array
+    n_iter: jax.Array
+    objective: jax.Array
+    converged: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure building blocks (traceable, one problem, unbatched).
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, precision=_HI)
+
+
+def _violation(w, grad):
+    """Summed absolute projected gradient of ``min_{w >= 0}`` at ``w``."""
+    return jnp.sum(jnp.abs(jnp.where(w > 0, grad, jnp.minimum(grad, 0))))
+
+
+def _hals_sweep(wt_kn, g_kk, bt_kn):
+    """One Gauss-Seidel sweep over the k rows of ``wt`` (scikit-learn's ``_update_cdnmf_fast``).
+
+    ``wt`` is W transposed (k, n), so that the coordinate block updated at step t is a contiguous row.
+    Returns the new ``wt`` and the violation accumulated during the sweep.
+    """
+    k = wt_kn.shape[0]
+
+    def column(t, carry):
+        wt, viol = carry
+        w_t = wt[t]
+        grad = _dot(g_kk[t], wt) - bt_kn[t]
+        pg = jnp.where(w_t == 0, jnp.minimum(grad, 0), grad)
+        hess = g_kk[t, t]
+        safe = jnp.where(hess != 0, hess, 1)
+        new = jnp.where(hess != 0, jnp.maximum(w_t - grad / safe, 0), w_t)
+        return wt.at[t].set(new), viol + jnp.sum(jnp.abs(pg))
+
+    return lax.fori_loop(0, k, column, (wt_kn, jnp.zeros((), wt_kn.dtype)))
+
+
+def _hals_stop(it, v, v0, tol, max_iter):
+    """scikit-learn's rule: stop after the first sweep when it saw no violation, or when v / v0 <= tol."""
+    converged = (v0 == 0) | (v <= tol * v0)
+    return converged | (it >= max_iter), converged
+
+
+def _nnls_hals(g_kk, b_nk, tol, max_iter):
+    bt = b_nk.T
+
+    def body(state):
+        wt, it, v0, _, _ = state
+        wt, v = _hals_sweep(wt, g_kk, bt)
+        it = it + 1
+        v0 = jnp.where(it == 1, v, v0)
+        done, converged = _hals_stop(it, v, v0, tol, max_iter)
+        return wt, it, v0, done, converged
+
+    zero = jnp.zeros((), b_nk.dtype)
+    init = (jnp.zeros_like(bt), jnp.int32(0), zero, jnp.bool_(False), jnp.bool_(False))
+    wt, it, _, _, converged = lax.while_loop(lambda s: ~s[3], body, init)
+    return wt.T, it, converged
+
+
+def _nnls_admm(g_kk, b_nk, tol, max_iter):
+    dtype = b_nk.dtype
+    lam, v_kk = jnp.linalg.eigh(g_kk)
+    lam = jnp.maximum(lam, 0)
+    lmax = lam[-1]
+    # The smallest eigenvalue of a float32 Gram matrix is only known to ~eps * lmax.
+    lmin = jnp.maximum(lam[0], lmax * jnp.finfo(dtype).eps)
+    rho = jnp.where(lmax > 0, jnp.sqrt(lmin * lmax), 1).astype(dtype)
+    inv_k = 1 / (lam + rho)
+    bh_nk = _dot(b_nk, v_kk)
+    v0 = jnp.sum(jnp.maximum(b_nk, 0))  # violation at W = 0
+    threshold = tol * v0
+    alpha = jnp.asarray(_ADMM_RELAX, dtype)
+
+    def step(_, carry):
+        z, u = carry
+        w = _dot((bh_nk + rho * _dot(z - u, v_kk)) * inv_k, v_kk.T)
+        w = alpha * w + (1 - alpha) * z
+        z_new = jnp.maximum(w + u, 0)
+        return z_new, u + w - z_new
+
+    def body(state):
+        z, u, it, _, _ = state
+        n_steps = jnp.minimum(_ADMM_CHECK_EVERY, max_iter - it)
+        z, u = lax.fori_loop(0, n_steps, step, (z, u))
+        it = it + n_steps
+        converged = _violation(z, _dot(z, g_kk) - b_nk) <= threshold
+        return z, u, it, converged | (it >= max_iter), converged
+
+    zeros = jnp.zeros_like(b_nk)
+    done0 = v0 == 0
+    init = (zeros, zeros, jnp.int32(0), done0, done0)
+    z, _, it, _, converged = lax.while_loop(lambda s: ~s[3], body, init)
+    return z, it, converged
+
+
+def _mu_update(w, numerator, denominator):
+    eps = jnp.finfo(np.float32).eps  # scikit-learn's EPSILON, whatever the dtype
+    denominator = jnp.where(denominator == 0, eps, denominator)
+    return w * (numerator / denominator)
+
+
+def _error_from_gram(xx, w_nk, g_kk, b_nk):
+    """``||X - W C||_F`` from ``||X||^2``, G and B (the O(n k^2) form scikit-learn's 'mu' check needs)."""
+    sq = xx + jnp.sum(w_nk * (_dot(w_nk, g_kk) - 2 * b_nk))
+    return jnp.sqrt(jnp.maximum(sq, 0))
+
+
+def _mu_loop(update, error, w0, tol, max_iter):
+    """scikit-learn's 'mu' driver: ``update`` once per iteration, ``error`` checked every 10 iterations."""
+    err0 = error(w0)
+
+    def body(state):
+        w, it, prev, _, _ = state
+        n_steps = jnp.minimum(_MU_CHECK_EVERY, max_iter - it)
+        w = lax.fori_loop(0, n_steps, lambda _, w: update(w), w)
+        it = it + n_steps
+        err = error(w)
+        checked = (it % _MU_CHECK_EVERY) == 0
+        converged = (tol > 0) & checked & ((prev - err) / err0 < tol)
+        return w, it, err, converged | (it >= max_iter), converged
+
+    init = (w0, jnp.int32(0), err0, jnp.bool_(False), jnp.bool_(False))
+    w, it, _, _, converged = lax.while_loop(lambda s: ~s[3], body, init)
+    return w, it, converged
+
+
+def _nnls_mu(x_nd, g_kk, b_nk, tol, max_iter):
+    k = g_kk.shape[0]
+    xx = jnp.sum(x_nd * x_nd)
+    w0 = jnp.full_like(b_nk, jnp.sqrt(jnp.mean(x_nd) / k))
+    return _mu_loop(
+        lambda w: _mu_update(w, b_nk, _dot(w, g_kk)),
+        lambda w: _error_from_gram(xx, w, g_kk, b_nk),
+        w0,
+        tol,
+        max_iter,
+    )
+
+
+def _objective(x_nd, w_nk, c_kd):
+    r = x_nd - _dot(w_nk, c_kd)
+    return jnp.sum(r * r)
+
+
+def _check_solver(solver, choices):
+    if solver not in choices:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def _resolve_max_iter(max_iter, default):
+    if max_iter is None:
+        return default
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    return int(max_iter)
+
+
+def _check_tol(tol):
+    if not (isinstance(tol, (int, float, np.floating)) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    return float(tol)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure, traceable entry points.
+
+
+def nnls(x_nd, c_kd, *, solver=DEFAULT_SOLVER, tol=None, max_iter=None) -> NNLSResult:
+    """``W = argmin_{W >= 0} ||X - W C||_F^2`` for one problem; pure and traceable (no input checks).
+
+    Args:
+      x_nd: (n, d) float features, finite and >= 0.
+      c_kd: (k, d) float concepts, >= 0, no all-zero row.
+      solver: "admm", "hals" or "mu" (static). See the module docstring.
+      tol: relative stopping tolerance (may be traced); None picks the solver's default (admm 1e-6,
+        hals and mu 1e-4, as scikit-learn).
+      max_iter: iteration cap (static); None picks the solver's default (admm 5000, hals and mu 10000).
+
+    Returns ``NNLSResult`` with w (n, k) in the working dtype, scalar n_iter, objective, converged. Safe
+    to call under ``jax.jit`` and ``jax.vmap``; ``project`` is the checked, batched, jitted front end.
+    """
+    _check_solver(solver, SOLVERS)
+    max_iter = _resolve_max_iter(max_iter, _DEFAULT_MAX_ITER[solver])
+    tol = _DEFAULT_TOL[solver] if tol is None else tol
+    dtype = jnp.result_type(x_nd, c_kd, jnp.float32)
+    x_nd = jnp.asarray(x_nd, dtype)
+    c_kd = jnp.asarray(c_kd, dtype)
+    tol = jnp.asarray(tol, dtype)
+    g_kk = _dot(c_kd, c_kd.T)
+    b_nk = _dot(x_nd, c_kd.T)
+    if solver == "admm":
+        w, it, converged = _nnls_admm(g_kk, b_nk, tol, max_iter)
+    elif solver == "hals":
+        w, it, converged = _nnls_hals(g_kk, b_nk, tol, max_iter)
+    else:
+        w, it, converged = _nnls_mu(x_nd, g_kk, b_nk, tol, max_iter)
+    return NNLSResult(w, it, _objective(x_nd, w, c_kd), converged)
+
+
+def _random_init(x_nd, k, key):
+    """scikit-learn's ``init="random"``: |N(0, 1)| scaled by sqrt(mean(X) / k), for W (n, k) and H (k, d)."""
+    n, d = x_nd.shape
+    avg = jnp.sqrt(jnp.mean(x_nd) / k)
+    key_h, key_w = jax.random.split(key)
+    h = avg * jnp.abs(jax.random.normal(key_h, (k, d), x_nd.dtype))
+    w = avg * jnp.abs(jax.random.normal(key_w, (n, k), x_nd.dtype))
+    return w, h
+
+
+def _nmf_hals(x_nd, w0, h0, tol, max_iter):
+    def body(state):
+        wt, h, it, v0, _, _ = state
+        wt, vw = _hals_sweep(wt, _dot(h, h.T), _dot(h, x_nd.T))
+        h, vh = _hals_sweep(h, _dot(wt, wt.T), _dot(wt, x_nd))
+        v = vw + vh
+        it = it + 1
+        v0 = jnp.where(it == 1, v, v0)
+        done, converged = _hals_stop(it, v, v0, tol, max_iter)
+        return wt, h, it, v0, done, converged
+
+    zero = jnp.zeros((), x_nd.dtype)
+    init = (w0.T, h0, jnp.int32(0), zero, jnp.bool_(False), jnp.bool_(False))
+    wt, h, it, _, _, converged = lax.while_loop(lambda s: ~s[4], body, init)
+    return wt.T, h, it, converged
+
+
+def _nmf_mu(x_nd, w0, h0, tol, max_iter):
+    xx = jnp.sum(x_nd * x_nd)
+
+    def update(wh):
+        w, h = wh
+        w = _mu_update(w, _dot(x_nd, h.T), _dot(w, _dot(h, h.T)))
+        h = _mu_update(h, _dot(w.T, x_nd), _dot(_dot(w.T, w), h))
+        return w, h
+
+    def error(wh):
+        w, h = wh
+        return _error_from_gram(xx, w, _dot(h, h.T), _dot(x_nd, h.T))
+
+    (w, h), it, converged = _mu_loop(update, error, (w0, h0), tol, max_iter)
+    return w, h, it, converged
+
+
+def _nmf_from(x_nd, w0_nk, h0_kd, *, solver, tol, max_iter):
+    """Full NMF from a given start (one problem, pure)."""
+    dtype = jnp.result_type(x_nd, jnp.float32)
+    x_nd = jnp.asarray(x_nd, dtype)
+    tol = jnp.asarray(tol, dtype)
+    run = _nmf_hals if solver == "hals" else _nmf_mu
+    w, h, it, converged = run(x_nd, jnp.asarray(w0_nk, dtype), jnp.asarray(h0_kd, dtype), tol, max_iter)
+    return NMFResult(w, h, it, _objective(x_nd, w, h), converged)
+
+
+def nmf(x_nd, k, key, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER) -> NMFResult:
+    """Full NMF ``X ~= W H`` (W (n, k), H (k, d), both >= 0) for one problem; pure and traceable.
+
+    Starts from scikit-learn's ``init="random"`` drawn with ``key``; ``solver`` is "hals" (scikit-learn's
+    "cd": alternating sweeps over W then H) or "mu". ``k``, ``solver`` and ``max_iter`` are static.
+    """
+    _check_solver(solver, NMF_SOLVERS)
+    max_iter = _resolve_max_iter(max_iter, _NMF_DEFAULT_MAX_ITER)
+    x_nd = jnp.asarray(x_nd, jnp.result_type(x_nd, jnp.float32))
+    w0, h0 = _random_init(x_nd, k, key)
+    return _nmf_from(x_nd, w0, h0, solver=solver, tol=tol, max_iter=max_iter)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jitted, batched programs (one compilation per shape, dtype, solver and max_iter).
+
+
+@partial(jax.jit, static_argnames=("solver", "max_iter"))
+def _project_batched(x_bnd, c_kd, tol, *, solver, max_iter):
+    return jax.vmap(lambda x: nnls(x, c_kd, solver=solver, tol=tol, max_iter=max_iter))(x_bnd)
+
+
+@partial(jax.jit, static_argnames=("k", "solver", "max_iter"))
+def _factorize_batched(x_bnd, keys, tol, *, k, solver, max_iter):
+    return jax.vmap(lambda x, key: nmf(x, k, key, solver=solver, tol=tol, max_iter=max_iter))(x_bnd, keys)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public, checked entry points.
+
+
+def _as_array(a, name):
+    if not (hasattr(a, "dtype") and hasattr(a, "shape")):
+        a = np.asarray(a)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}; convert it, e.g. .astype(np.float32)")
+    return a
+
+
+def _prepare_x(x, clip_negative):
+    """Check ``x`` (..., n, d) and apply the NaN / negative policy, on the device, without touching ``x``."""
+    x = _as_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (n, d) or (..., n, d), got shape {tuple(x.shape)}")
+    if 0 in x.shape:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}): nothing to factorise")
+    xj = jnp.asarray(x)
+    if xj.dtype not in (jnp.float32, jnp.float64):
+        xj = xj.astype(jnp.float32)
+    xj = jnp.where(jnp.isnan(xj), 0, xj)  # a new array: NaN -> 0, as in F-Seg
+    if not bool(jnp.all(jnp.isfinite(xj))):
+        raise ValueError("x holds infinite values; only NaN is replaced (by 0)")
+    if bool(jnp.any(xj < 0)):
+        if not clip_negative:
+            raise ValueError(
+                f"x holds negative values (min {float(jnp.min(xj)):.4g}); NMF needs x >= 0 "
+                "(ReLU'd features); pass clip_negative=True to clip them to 0"
+            )
+        xj = jnp.maximum(xj, 0)
+    return xj
+
+
+def _prepare_concepts(concepts, d):
+    c = _as_array(concepts, "concepts")
+    if c.ndim != 2:
+        raise ValueError(f"concepts must have shape (k, d), got shape {tuple(c.shape)}")
+    k, dc = c.shape
+    if k == 0 or dc == 0:
+        raise ValueError(f"concepts are empty (shape {tuple(c.shape)})")
+    if dc != d:
+        raise ValueError(f"feature dimension mismatch: x has d={d}, concepts have d={dc}")
+    if k > d:
+        raise ValueError(f"k={k} concepts exceed the feature dimension d={d}; use at most d concepts")
+    cj = jnp.asarray(c)
+    if cj.dtype not in (jnp.float32, jnp.float64):
+        cj = cj.astype(jnp.float32)
+    if not bool(jnp.all(jnp.isfinite(cj))):
+        raise ValueError("concepts hold NaN or infinite values")
+    cmin = float(jnp.min(cj))
+    if cmin < 0:
+        scale = float(jnp.max(jnp.abs(cj)))
+        if cmin < -_CONCEPT_WARN_RTOL * scale:
+            warnings.warn(
+                f"concepts hold negative values (min {cmin:.4g}); they are clipped to 0 in a copy",
+                UserWarning,
+                stacklevel=3,
+            )
+        cj = jnp.maximum(cj, 0)
+    zero_rows = np.flatnonzero(np.asarray(jnp.all(cj == 0, axis=1)))
+    if zero_rows.size:
+        raise ValueError(f"concept rows {zero_rows.tolist()} are all zero (after clipping negatives)")
+    return cj
+
+
+def project(
+    x,
+    concepts,
+    *,
+    solver: str = DEFAULT_SOLVER,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    clip_negative: bool = False,
+) -> NNLSResult:
+    """Non-negative weights of each row of ``x`` on a fixed concept bank: ``argmin_{W >= 0} ||X - W C||_F^2``.
+
+    Args:
+      x: features, (n, d) or (..., n, d), float (numpy or JAX). Each (n, d) slice is one problem with its
+        own stopping rule. NaN becomes 0; negative values are an error unless ``clip_negative``.
+      concepts: (k, d) float concept bank, k <= d, no all-zero row; negatives are clipped (copy + warning).
+      solver: "admm" (default), "hals" (scikit-learn "cd", same iterates) or "mu".
+      tol: relative stopping tolerance (see the module docstring); None picks the solver's default
+        (admm 1e-6, hals and mu 1e-4).
+      max_iter: iteration cap; None picks the solver's default.
+      clip_negative: clip negative ``x`` to 0 instead of raising.
+
+    Returns:
+      ``NNLSResult(w, n_iter, objective, converged)``: w (..., n, k) float32 (float64 when 64-bit mode is on
+      and the inputs are float64), n_iter / objective / converged with shape (...) (scalars for 2-D x).
+    """
+    _check_solver(solver, SOLVERS)
+    max_iter = _resolve_max_iter(max_iter, _DEFAULT_MAX_ITER[solver])
+    tol = _check_tol(_DEFAULT_TOL[solver] if tol is None else tol)
+    xj = _prepare_x(x, clip_negative)
+    cj = _prepare_concepts(concepts, xj.shape[-1])
+    lead, (n, d) = xj.shape[:-2], xj.shape[-2:]
+    res = _project_batched(xj.reshape(-1, n, d), cj, tol, solver=solver, max_iter=max_iter)
+    return NNLSResult(
+        res.w.reshape(*lead, n, cj.shape[0]),
+        res.n_iter.reshape(lead),
+        res.objective.reshape(lead),
+        res.converged.reshape(lead),
+    )
+
+
+def factorize(
+    x,
+    k: int,
+    *,
+    seed: int = 0,
+    solver: str = "hals",
+    tol: float = 1e-4,
+    max_iter: int = _NMF_DEFAULT_MAX_ITER,
+    clip_negative: bool = False,
+) -> NMFResult:
+    """Full NMF ``X ~= W H`` with k free components (F-Seg's per-image "deep feature factorisation").
+
+    Args:
+      x: (n, d) or (..., n, d) float features, same policy as ``project``.
+      k: number of components, 1 <= k <= min(n, d).
+      seed: seeds scikit-learn-style ``init="random"`` (each batch element gets its own key).
+      solver: "hals" (scikit-learn "cd", alternating sweeps on W and H) or "mu".
+      tol, max_iter: as scikit-learn's NMF (defaults 1e-4 and 200).
+
+    Returns ``NMFResult(w (..., n, k), h (..., k, d), n_iter, objective, converged)``.
+    """
+    _check_solver(solver, NMF_SOLVERS)
+    max_iter = _resolve_max_iter(max_iter, _NMF_DEFAULT_MAX_ITER)
+    tol = _check_tol(tol)
+    xj = _prepare_x(x, clip_negative)
+    lead, (n, d) = xj.shape[:-2], xj.shape[-2:]
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= min(n, d):
+        raise ValueError(f"k must be an integer in [1, min(n, d)] = [1, {min(n, d)}], got {k!r}")
+    xb = xj.reshape(-1, n, d)
+    keys = jax.random.split(jax.random.key(seed), xb.shape[0])
+    res = _factorize_batched(xb, keys, tol, k=int(k), solver=solver, max_iter=max_iter)
+    return NMFResult(
+        res.w.reshape(*lead, n, k),
+        res.h.reshape(*lead, k, d),
+        res.n_iter.reshape(lead),
+        res.objective.reshape(lead),
+        res.converged.reshape(lead),
+    )
