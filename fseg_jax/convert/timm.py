@@ -149,13 +149,14 @@ def fill_model(state_dict: Mapping[str, Any], config, rules: tuple[Rule, ...], i
 
     unexpected, mismatched, filled = [], [], {}
     for key in list(state_dict.keys()):
+        if any(p.fullmatch(key) for p in ignored_re):
+            continue
         for src, dst, fn in compiled:
             match = src.fullmatch(key)
             if match:
                 break
         else:
-            if not any(p.fullmatch(key) for p in ignored_re):
-                unexpected.append(f"unexpected key {key!r}")
+            unexpected.append(f"unexpected key {key!r}")
             continue
         dest = match.expand(dst)
         if dest not in targets:
@@ -174,6 +175,7 @@ def fill_model(state_dict: Mapping[str, Any], config, rules: tuple[Rule, ...], i
             mismatched.append(
                 f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)} -> {dest!r} {expected} expected"
             )
+            filled[dest] = False  # reported as a mismatch, not again as missing
             continue
         filled[dest] = True
         flat[path] = jnp.asarray(value)

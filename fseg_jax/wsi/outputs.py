@@ -158,11 +158,13 @@ def write_geojson(
     names: Sequence[str],
     colors: np.ndarray,
     scale: tuple[float, float],
+    bounds: tuple[float, float] | None = None,
 ) -> int:
     """A QuPath FeatureCollection with one annotation per label value >= 1 present in `labels_hw`.
 
-    names[v] and colors[v] (uint8 RGB) describe label v; `scale` = (x, y) level-0 pixels per token.
-    Returns the number of features written.
+    names[v] and colors[v] (uint8 RGB) describe label v; `scale` = (x, y) level-0 pixels per token;
+    `bounds` = (width, height) of level 0, to which polygons are clipped (the last token row and column
+    may overhang the slide). Returns the number of features written.
     """
     import shapely
 
@@ -173,6 +175,10 @@ def write_geojson(
         if geom is None:
             continue
         geom = shapely.transform(geom, lambda xy: np.round(xy * np.array([sx, sy]), 3))
+        if bounds is not None:
+            geom = shapely.clip_by_rect(geom, 0.0, 0.0, float(bounds[0]), float(bounds[1]))
+            if geom.is_empty:
+                continue
         features.append(
             {
                 "type": "Feature",

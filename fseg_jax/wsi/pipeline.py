@@ -395,7 +395,9 @@ def merge_slide(out_dir: str | Path) -> dict:
     level0 = (plan["slide_dimensions"][0] / width * grid.patch, plan["slide_dimensions"][1] / height * grid.patch)
     outputs = {
         "labels.ome.tif": lambda p: write_label_tiff(p, labels, patch=grid.patch, size=(width, height), mpp=mpp),
-        "labels.geojson": lambda p: write_geojson(p, labels, names=names, colors=colors, scale=level0),
+        "labels.geojson": lambda p: write_geojson(
+            p, labels, names=names, colors=colors, scale=level0, bounds=plan["slide_dimensions"]
+        ),
         "overlay.png": lambda p: _write_overlay(p, thumb, labels, names=names, colors=colors),
     }
     if weights is not None:
@@ -406,9 +408,14 @@ def merge_slide(out_dir: str | Path) -> dict:
     for name, write in outputs.items():
         write(out_dir / name)
 
+    # areas count the part of each token inside the slide (the last row and column may overhang it)
+    h_tok, w_tok = grid.tokens_hw
+    inside_y = np.clip(height - np.arange(h_tok) * grid.patch, 0, grid.patch) / grid.patch
+    inside_x = np.clip(width - np.arange(w_tok) * grid.patch, 0, grid.patch) / grid.patch
+    inside = np.outer(inside_y, inside_x)
     token_mm2 = (grid.patch * mpp) ** 2 / 1e6
-    counts = np.bincount(labels.ravel(), minlength=k + 1)
-    tissue = int(tissue_tokens.sum())
+    counts = np.bincount(labels.ravel(), weights=inside.ravel(), minlength=k + 1)
+    tissue = float(inside[tissue_tokens].sum())
     summary = {
         "slide": plan["slide_path"],
         "backend": plan["backend"],
