@@ -1,0 +1,213 @@
+"""Whole-slide throughput: fseg_jax's slide pipeline against a PyTorch loop doing the same work.
+
+CPU (default): the UNI architecture (ViT-L/16, random weights) on the tissue tiles of a real SVS, through
+`SlideSegmenter` (threaded prefetch, one compiled step) and through a plain loop with the same reader, tile
+grid and tissue tiles: timm forward -> ReLU'd last-block tokens -> NNLS onto the concepts with
+scikit-learn's solver (as the original F-Seg does) -> argmax. Prints tiles/s of each, their ratio, and the
+share of time spent reading vs computing.
+
+GPU (--gpu): steady-state tiles/s of the compiled step (synthetic batches), tiles/s of reading real tiles
+with the thread pool, an end-to-end run on the SVS, and the estimated minutes for a 100k x 80k px slide
+at the working resolution.
+
+    python bench/slide.py                        # CPU comparison, 512 px tiles at 1 um/px
+    python bench/slide.py --gpu --dtype bfloat16 --tile 1024 --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SVS = ROOT.parent / "shared" / "data" / "he" / "cmu_small_region.svs"
+UNI_BANK = ROOT.parent / "shared" / "data" / "concepts" / "uni.joblib"
+
+
+def concepts_for(k: int, dim: int) -> np.ndarray:
+    """The upstream UNI bank's k concepts when the shared data is there, else random non-negative ones."""
+    if UNI_BANK.is_file() and dim == 1024:
+        from fseg_jax.concepts import import_joblib_concepts
+
+        return np.asarray(import_joblib_concepts(UNI_BANK, trust_pickle=True, model="uni")[k])
+    return np.abs(np.random.default_rng(0).normal(size=(k, dim))).astype(np.float32)
+
+
+def tissue_tiles(slide, grid, mpp):
+    """The pipeline's choice of tiles: thumbnail -> tissue mask -> token grid -> tiles with tissue."""
+    from fseg_jax.wsi.pipeline import THUMBNAIL_SIDE
+    from fseg_jax.wsi.tissue import resize_mask, tissue_mask
+
+    thumb = slide.thumbnail(THUMBNAIL_SIDE)
+    mask = tissue_mask(thumb, mpp=slide.mpp * slide.dimensions[0] / thumb.shape[1])
+    return grid.tiles_with(resize_mask(mask, grid.tokens_hw))
+
+
+def build_jax(args, k):
+    import flax.nnx as nnx
+
+    from fseg_jax import ViTConfig, VisionTransformer
+    from fseg_jax.wsi.pipeline import SlideSegmenter
+
+    cfg = ViTConfig.from_preset("uni")
+    if args.depth:
+        cfg = dataclasses.replace(cfg, depth=args.depth)
+    model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    seg = SlideSegmenter.from_model(
+        model, concepts_for(k, cfg.embed_dim), dtype=None if args.dtype == "float32" else args.dtype,
+        tile=args.tile, margin=args.margin, batch=args.batch, mpp=args.mpp, workers=args.workers,
+    )
+    return cfg, seg
+
+
+def run_pipeline(seg, slide_path):
+    """End-to-end on the slide (compilation excluded); returns (tiles, seconds, summary)."""
+    seg.step(np.full((1, seg.tile, seg.tile, 3), 255, np.uint8))  # compile
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        result = seg.run(slide_path, Path(out) / "slide")
+        seconds = time.perf_counter() - t0
+    return result.tiles, seconds, result.summary
+
+
+def torch_loop(args, cfg, k, slide_path, n_tiles):
+    """The same tiles through timm + scikit-learn, one tile at a time."""
+    import timm
+    import torch
+    from sklearn.decomposition import non_negative_factorization
+
+    from fseg_jax.wsi.reader import open_slide
+    from fseg_jax.wsi.tiling import TileGrid
+
+    model = timm.create_model(
+        "vit_large_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, init_values=1e-5,
+        depth=cfg.depth,
+    ).eval()
+    concepts = concepts_for(k, cfg.embed_dim)
+    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+    m = args.margin // cfg.patch_size
+    read_s = forward_s = nnls_s = 0.0
+    with open_slide(slide_path) as slide:
+        plan = slide.plan(args.mpp)
+        grid = TileGrid.for_slide(plan.size, patch=cfg.patch_size, tile=args.tile, margin=args.margin)
+        tiles = tissue_tiles(slide, grid, args.mpp)[:n_tiles]
+        for t in tiles:
+            t0 = time.perf_counter()
+            x, y, w, h = grid.read_box(int(t))
+            image = slide.read(plan, x, y, w, h)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                xt = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - mean) / std
+                tokens = model.forward_intermediates(xt, indices=[-1], norm=False, intermediates_only=True)[0]
+            feats = torch.relu(tokens[0]).permute(1, 2, 0)[m : m + grid.core_tokens, m : m + grid.core_tokens]
+            t2 = time.perf_counter()
+            x_nd = feats.reshape(-1, feats.shape[-1]).numpy().astype(np.float64)
+            w_nk, _, _ = non_negative_factorization(
+                x_nd, H=concepts.astype(np.float64), W=None, n_components=k, update_H=False, random_state=0,
+                max_iter=10000,
+            )
+            w_nk.argmax(-1)
+            t3 = time.perf_counter()
+            read_s, forward_s, nnls_s = read_s + t1 - t0, forward_s + t2 - t1, nnls_s + t3 - t2
+    return len(tiles), read_s, forward_s, nnls_s
+
+
+def read_throughput(seg, slide_path, n: int):
+    """Tiles/s of the threaded reader alone, cycling over the slide's tissue tiles."""
+    from fseg_jax.wsi.compute import prefetch_batches
+    from fseg_jax.wsi.reader import open_slide
+    from fseg_jax.wsi.tiling import TileGrid
+
+    with open_slide(slide_path) as slide:
+        plan = slide.plan(seg.mpp)
+        grid = TileGrid.for_slide(plan.size, patch=seg.patch_size, tile=seg.tile, margin=seg.margin)
+        tiles = tissue_tiles(slide, grid, seg.mpp)
+        order = [int(tiles[i % len(tiles)]) for i in range(n)]
+        batches = [order[i : i + seg.step.batch] for i in range(0, n, seg.step.batch)]
+
+        def read(t):
+            x, y, w, h = grid.read_box(t)
+            return slide.read(plan, x, y, w, h)
+
+        t0 = time.perf_counter()
+        for _ in prefetch_batches(batches, read, workers=seg.workers):
+            pass
+        return n / (time.perf_counter() - t0)
+
+
+def compute_throughput(seg, n_batches: int):
+    images = np.random.default_rng(0).integers(0, 256, (seg.step.batch, seg.tile, seg.tile, 3), dtype=np.uint8)
+    seg.step(images)  # compile
+    t0 = time.perf_counter()
+    handles = [seg.step.dispatch(images) for _ in range(n_batches)]
+    for h in handles:
+        seg.step.collect(h)
+    return n_batches * seg.step.batch / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slide", type=Path, default=SVS)
+    ap.add_argument("--gpu", action="store_true", help="GPU report (compute vs read tiles/s, 100k x 80k estimate)")
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--margin", type=int, default=32)
+    ap.add_argument("--mpp", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=0, help="fewer blocks than UNI's 24 (0 = all)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--max-tiles", type=int, default=6, help="CPU: tiles through the PyTorch loop")
+    ap.add_argument("--batches", type=int, default=20, help="GPU: batches timed for compute throughput")
+    args = ap.parse_args()
+
+    import jax
+
+    if not args.slide.is_file():
+        raise SystemExit(f"slide not found: {args.slide}")
+    cfg, seg = build_jax(args, args.k)
+    devices = jax.devices()
+    print(f"devices: {len(devices)} x {devices[0].device_kind}; UNI architecture depth {cfg.depth}, "
+          f"tile {args.tile} px (margin {args.margin}) at {args.mpp} um/px, batch {seg.step.batch}, "
+          f"k={args.k}, {args.dtype}")
+
+    if args.gpu:
+        compute = compute_throughput(seg, args.batches)
+        read = read_throughput(seg, args.slide, 8 * seg.step.batch)
+        tiles, seconds, summary = run_pipeline(seg, args.slide)
+        grid_tiles = math.ceil(100_000 / (args.tile - 2 * args.margin)) * math.ceil(80_000 / (args.tile - 2 * args.margin))
+        print(f"compute (steady state): {compute:.2f} tiles/s;  reading ({seg.workers} threads): {read:.2f} tiles/s "
+              f"-> {'compute' if compute < read else 'read'}-bound")
+        print(f"end to end on {args.slide.name}: {tiles} tissue tiles in {seconds:.1f} s "
+              f"({tiles / seconds:.2f} tiles/s; timing {summary['timing_s']})")
+        rate = min(compute, read)
+        print(f"100k x 80k px slide at {args.mpp} um/px: {grid_tiles} tiles; estimated "
+              f"{grid_tiles / rate / 60:.1f} min all tiles, {0.4 * grid_tiles / rate / 60:.1f} min at 40% tissue")
+        return
+
+    tiles, seconds, summary = run_pipeline(seg, args.slide)
+    timing = summary["timing_s"]
+    jax_rate = tiles / seconds
+    print(f"fseg_jax pipeline: {tiles} tissue tiles in {seconds:.1f} s = {jax_rate:.3f} tiles/s "
+          f"(waiting on reads {timing['read_wait']:.2f} s = {100 * timing['read_wait'] / seconds:.1f}%, "
+          f"tissue detection {timing['tissue']:.2f} s, writing outputs {timing['write']:.2f} s)")
+    read = read_throughput(seg, args.slide, 2 * tiles)
+    print(f"reading alone ({seg.workers} threads): {read:.1f} tiles/s = {100 * jax_rate / read:.1f}% of the "
+          f"pipeline's time per tile")
+    n, read_s, forward_s, nnls_s = torch_loop(args, cfg, args.k, args.slide, args.max_tiles)
+    total = read_s + forward_s + nnls_s
+    torch_rate = n / total
+    print(f"PyTorch loop (timm + scikit-learn NNLS): {n} tiles in {total:.1f} s = {torch_rate:.3f} tiles/s "
+          f"(read {100 * read_s / total:.1f}%, forward {100 * forward_s / total:.1f}%, NNLS {100 * nnls_s / total:.1f}%)")
+    print(f"fseg_jax / PyTorch: {jax_rate / torch_rate:.2f}x tiles/s")
+
+
+if __name__ == "__main__":
+    main()
