@@ -26,10 +26,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "concepts"
 BANK_FOR_D = {1024: "uni", 1536: "prov_gigapath"}
 
 
-def load_bank(d, k):
+def load_bank(folder, d, k):
     import joblib  # the upstream banks are pickles; only the known shared files are read
 
-    return np.clip(np.asarray(joblib.load(DATA / f"{BANK_FOR_D[d]}.joblib")[k], np.float32), 0, None)
+    return np.clip(np.asarray(joblib.load(Path(folder) / f"{BANK_FOR_D[d]}.joblib")[k], np.float32), 0, None)
 
 
 def synthetic_x(c_kd, n, seed=0, max_active=3, noise=0.3):
@@ -70,7 +70,7 @@ def timed(fn, repeats):
 
 
 def run_case(n, k, d, solvers, args):
-    c = load_bank(d, k)
+    c = load_bank(args.concepts_dir, d, k)
     x = synthetic_x(c, n, seed=n + k + d)
     rows = np.random.default_rng(0).choice(n, size=min(n, args.opt_rows), replace=False)
     w_opt = exact_nnls(x[rows], c)
@@ -121,6 +121,7 @@ def main():
     )
     p.add_argument("--opt-rows", type=int, default=2048, help="rows on which the exact optimum is computed")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--concepts-dir", default=str(DATA), help="folder holding uni.joblib and prov_gigapath.joblib")
     args = p.parse_args()
     if args.quick:
         args.n, args.k, args.d = [4880], [16, 64], [1024]
