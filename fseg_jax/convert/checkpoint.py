@@ -7,35 +7,61 @@ torch (the ``convert`` extra) and is loaded with ``weights_only=True`` (no arbit
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from fseg_jax.convert.timm import ConversionError
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
 class SafetensorsCheckpoint(Mapping):
-    """A read-only {name: numpy array} view of a ``.safetensors`` file; tensors are read on access."""
+    """A read-only {name: numpy array} view of a ``.safetensors`` file; each tensor is read on access.
+
+    ``safetensors.safe_open`` validates the file when it is opened; the tensors themselves are read with
+    plain positioned reads rather than through a memory map, so that pages already converted do not stay
+    resident (converting then needs the model's size plus one tensor, not twice the file).
+    """
 
     def __init__(self, path: str | Path):
         from safetensors import safe_open
 
         self.path = Path(path)
-        self._file = safe_open(str(self.path), framework="np")
-        self._keys = tuple(self._file.keys())
+        with safe_open(str(self.path), framework="np") as f:  # raises on a malformed header or size
+            keys = tuple(f.keys())
+        with open(self.path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        self._data_start = 8 + header_len
+        self._entries = {k: header[k] for k in keys}
+        unknown = sorted({e["dtype"] for e in self._entries.values()} - set(_SAFETENSORS_DTYPES))
+        if unknown:
+            raise ConversionError(f"{self.path}: unsupported tensor dtype(s) {unknown}")
 
     def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._file.get_tensor(key)
+        entry = self._entries[key]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        array = np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin)
+        if array.size != count:
+            raise ConversionError(f"{self.path}: tensor {key!r} is truncated")
+        return array.reshape(entry["shape"])
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._entries)
 
 
 def _load_torch_bin(path: Path) -> Mapping[str, Any]:

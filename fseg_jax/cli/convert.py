@@ -1,0 +1,47 @@
+"""``fseg-jax convert``: a timm checkpoint (hub or local file) -> a converted model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command(name="convert")
+@click.option("--preset", help="Architecture preset (uni, uni2_h, gigapath, virchow, virchow2, h_optimus_0, "
+              "h_optimus_1, h0_mini, resnet50). Without --checkpoint, its weights are fetched from the hub.")
+@click.option("--timm-config", "timm_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A timm hub config.json (architecture + model_args) instead of --preset.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Local checkpoint: model.safetensors (no torch needed) or pytorch_model.bin.")
+@click.option("--revision", help="Hub revision, overriding the one pinned in the preset's manifest.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (model.safetensors + config.json).")
+def convert(preset, timm_config, checkpoint, revision, out):
+    """Convert a timm / torchvision checkpoint to an fseg_jax model directory (loadable with load_model)."""
+    from fseg_jax.convert.checkpoint import convert_checkpoint
+    from fseg_jax.convert.timm import ConversionError
+    from fseg_jax.hub import ModelAccessError, download_checkpoint, model_summary, save_model
+    from fseg_jax.models.config import ViTConfig, config_from_preset
+
+    if (preset is None) == (timm_config is None):
+        raise click.UsageError("give exactly one of --preset and --timm-config")
+    if timm_config is not None and checkpoint is None:
+        raise click.UsageError("--timm-config needs --checkpoint")
+    try:
+        if preset is not None:
+            config = config_from_preset(preset)
+        else:
+            config = ViTConfig.from_timm(json.loads(timm_config.read_text()), name=timm_config.parent.name)
+        if checkpoint is None:
+            checkpoint = download_checkpoint(preset, revision=revision)
+        model = convert_checkpoint(checkpoint, config)
+    except (ConversionError, ModelAccessError, ValueError, ImportError) as err:
+        raise click.ClickException(str(err)) from err
+    save_model(model, out)
+    info = model_summary(model)
+    click.echo(
+        f"converted {info['name']} (depth {info['depth']}, width {info['embed_dim']}, patch {info['patch_size']}, "
+        f"{info['parameters'] / 1e6:.1f}M parameters) from {checkpoint} -> {out}"
+    )

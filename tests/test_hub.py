@@ -1,0 +1,190 @@
+"""load_model / save_model: converted directories, a fake Hugging Face cache in offline mode, access errors,
+and the `fseg-jax convert` command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import types
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from flax import nnx
+from timm_models import fseg_config, make_timm_model, random_input, relative_error, save_hub_files, timm_intermediates
+
+import fseg_jax.hub as hub
+from fseg_jax import ViTConfig, VisionTransformer, load_model, save_model
+from fseg_jax.cli import main
+from fseg_jax.convert.timm import ConversionError
+from fseg_jax.hub import ModelAccessError
+from fseg_jax.models.config import read_manifest
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def h0_one_block(tmp_path_factory):
+    """h0_mini reduced to one block: the timm model and its hub files."""
+    timm_model = make_timm_model("h0_mini", depth=1)
+    return timm_model, save_hub_files(timm_model, tmp_path_factory.mktemp("h0"))
+
+
+def fake_hub_cache(root, preset, source, revision_dir=COMMIT):
+    """A cache laid out like huggingface_hub's: models--org--name/{refs/main, snapshots/<commit>/<file>}."""
+    manifest = read_manifest(preset)
+    repo_dir = root / ("models--" + manifest["hf_repo"].replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / revision_dir
+    snapshot.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision_dir)
+    shutil.copy(source, snapshot / manifest["filename"])
+    return root
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    # presets are reduced to one block so the test checkpoint stays small
+    monkeypatch.setattr(hub, "config_from_preset", lambda name: fseg_config(name, depth=1))
+    return cache
+
+
+def test_save_and_load_directory_round_trip(tmp_path):
+    config = ViTConfig("tiny", 8, 32, 2, 4, 64, reg_tokens=1, pos_embed_grid=(3, 3))
+    model = VisionTransformer(config, rngs=nnx.Rngs(3))
+    save_model(model, tmp_path / "tiny")
+    assert json.loads((tmp_path / "tiny" / "config.json").read_text())["config"]["name"] == "tiny"
+    loaded = load_model(tmp_path / "tiny")
+    assert loaded.config == config
+    x = random_input(16, 32)
+    np.testing.assert_array_equal(np.asarray(loaded.forward_intermediates(x)[-1]),
+                                  np.asarray(model.forward_intermediates(x)[-1]))
+
+
+def test_load_preset_from_offline_hub_cache_converts_once(offline, h0_one_block, monkeypatch):
+    timm_model, paths = h0_one_block
+    fake_hub_cache(offline, "h0_mini", paths["bin"])
+    model = load_model("h0_mini")
+    x = random_input(28, 42)
+    ref, _ = timm_intermediates(timm_model, x)
+    assert relative_error(model.forward_intermediates(x)[-1], ref[-1]) <= 1e-4
+    converted = offline / "fseg_jax" / "h0_mini" / COMMIT
+    assert (converted / "model.safetensors").is_file() and (converted / "config.json").is_file()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the converted cache should have been used")
+
+    monkeypatch.setattr(hub, "convert_checkpoint", no_conversion)
+    again = load_model("h0_mini")
+    np.testing.assert_array_equal(np.asarray(again.forward_intermediates(x)[-1]),
+                                  np.asarray(model.forward_intermediates(x)[-1]))
+
+
+def test_offline_without_cached_checkpoint_says_so(offline):
+    with pytest.raises(ModelAccessError, match="offline mode"):
+        load_model("uni")
+
+
+def test_gated_repository_explains_login(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*args, **kwargs):
+        response = types.SimpleNamespace(headers={}, request=None)
+        raise GatedRepoError("401 Client Error: access to model MahmoodLab/uni is restricted", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelAccessError) as err:
+        load_model("uni", cache_dir=tmp_path)
+    message = str(err.value)
+    assert "MahmoodLab/uni" in message and "hf auth login" in message and "huggingface-cli login" in message
+    assert "accept" in message
+
+
+def test_unknown_name_is_refused():
+    with pytest.raises(ValueError, match="neither a converted model directory nor a preset"):
+        load_model("not_a_model")
+
+
+def test_damaged_directories_are_reported(tmp_path):
+    config = ViTConfig("tiny", 8, 32, 1, 4, 64, pos_embed_grid=(2, 2))
+    good = save_model(VisionTransformer(config, rngs=nnx.Rngs(0)), tmp_path / "good")
+
+    no_config = shutil.copytree(good, tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    with pytest.raises(ConversionError, match="config.json is missing"):
+        load_model(no_config)
+
+    corrupt = shutil.copytree(good, tmp_path / "corrupt")
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ConversionError, match="cannot read"):
+        load_model(corrupt)
+
+    wrong = shutil.copytree(good, tmp_path / "wrong")
+    meta = json.loads((wrong / "config.json").read_text())
+    meta["config"]["depth"] = 2  # the weights hold one block: every parameter of block 1 is missing
+    meta["config"]["embed_dim"] = 48  # and every width disagrees
+    (wrong / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConversionError) as err:
+        load_model(wrong)
+    assert "missing key for parameter 'blocks.1.attn.qkv.kernel'" in str(err.value)
+    assert "shape mismatch for 'norm.scale'" in str(err.value)
+
+    unknown = shutil.copytree(good, tmp_path / "unknown")
+    meta = json.loads((unknown / "config.json").read_text())
+    meta["config"]["qk_norm"] = True
+    (unknown / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConversionError, match="unknown ViTConfig field"):
+        load_model(unknown)
+
+
+def test_cli_convert_timm_config_and_preset(h0_one_block, tmp_path):
+    timm_model, paths = h0_one_block
+    spec = read_manifest("h0_mini")["timm"]
+    timm_config = {"architecture": spec["architecture"],
+                   "model_args": {**spec["model_args"], "depth": 1, "num_classes": 0, "dynamic_img_size": True}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(timm_config))
+    runner = CliRunner()
+    result = runner.invoke(main, ["convert", "--timm-config", str(tmp_path / "cfg" / "config.json"),
+                                  "--checkpoint", str(paths["safetensors"]), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "depth 1, width 768, patch 14" in result.output
+    model = load_model(tmp_path / "out")
+    x = random_input(28, 42)
+    ref, _ = timm_intermediates(timm_model, x)
+    assert relative_error(model.forward_intermediates(x)[-1], ref[-1]) <= 1e-4
+
+    # a preset whose depth does not match the checkpoint: one clear error, non-zero exit
+    result = runner.invoke(main, ["convert", "--preset", "h0_mini", "--checkpoint", str(paths["bin"]),
+                                  "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 1 and "missing key for parameter 'blocks.11" in result.output
+
+    timm_config["model_args"]["qk_norm"] = True
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(timm_config))
+    result = runner.invoke(main, ["convert", "--timm-config", str(tmp_path / "cfg" / "config.json"),
+                                  "--checkpoint", str(paths["safetensors"]), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "qk_norm" in result.output
+
+    result = runner.invoke(main, ["convert", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "exactly one of --preset and --timm-config" in result.output
+
+
+def test_cli_convert_resnet50(tmp_path):
+    from safetensors.torch import save_file
+    from timm_models import make_torchvision_resnet50
+
+    tv = make_torchvision_resnet50()
+    save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    result = CliRunner().invoke(main, ["convert", "--preset", "resnet50", "--checkpoint",
+                                       str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "rn")])
+    assert result.exit_code == 0, result.output
+    model = load_model(tmp_path / "rn")
+    assert dataclasses.asdict(model.config)["embed_dim"] == 1024
