@@ -1,0 +1,236 @@
+"""fseg_jax.segment with a small random model: methods, batching, bucketing, upsampling, bad inputs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import fseg_jax.segment as seg
+from fseg_jax.concepts import ConceptBank
+from fseg_jax.models.config import ViTConfig
+from fseg_jax.models.vit import VisionTransformer
+from fseg_jax.segment import make_token_fn, segment, upsample, upsample_argmax
+
+D = 32
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ViTConfig(name="tiny", patch_size=16, embed_dim=D, depth=2, num_heads=2, mlp_hidden=64,
+                    pos_embed_grid=(4, 4))
+    return VisionTransformer(cfg, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def concepts():
+    return np.abs(np.random.default_rng(1).standard_normal((6, D))).astype(np.float32)
+
+
+def _image(h, w, seed=0):
+    """A smooth random picture (blobs of colour), so tokens differ from each other."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(1, h // 12 + 1), max(1, w // 12 + 1), 3), dtype=np.uint8)
+    return np.asarray(torch.nn.functional.interpolate(
+        torch.from_numpy(small).permute(2, 0, 1)[None].float(), size=(h, w), mode="bilinear")[0]
+        .permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+# --- upsampling ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("h,w,k,s", [(3, 5, 4, 16), (7, 4, 5, 14), (1, 1, 3, 16), (2, 9, 3, 2)])
+def test_upsample_matches_jax_resize_and_torch(h, w, k, s):
+    x = np.random.default_rng(0).random((h, w, k), dtype=np.float32)
+    up = np.asarray(upsample(jnp.asarray(x), (h * s, w * s)))
+    ref = np.asarray(jax.image.resize(x, (h * s, w * s, k), method="linear"))
+    tt = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(2, 0, 1))[None], (h * s, w * s),
+                                         mode="bilinear", align_corners=False)[0].numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(up, ref, atol=1e-6)
+    np.testing.assert_allclose(up, tt, atol=1e-6)
+    labels = np.asarray(upsample_argmax(jnp.asarray(x), (h * s, w * s)))
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, ref.argmax(-1))
+
+
+def test_upsample_argmax_ties_go_to_lowest_index():
+    x = jnp.ones((2, 3, 4), jnp.float32)
+    assert int(np.asarray(upsample_argmax(x, (32, 48))).max()) == 0
+
+
+def test_upsample_needs_integer_factors():
+    with pytest.raises(ValueError, match="integer"):
+        upsample(jnp.ones((3, 5, 2)), (40, 80))
+
+
+# --- methods -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["project", "nearest", "factorize", "dff"])
+def test_methods_shapes_and_weights(model, concepts, method):
+    img = _image(40, 56)
+    before = img.copy()
+    res = segment(img, concepts, model=model, method=method, k=6 if method == "dff" else None,
+                  n_components=5, return_weights=True)
+    np.testing.assert_array_equal(img, before)
+    assert res.labels.shape == (40, 56) and res.labels.dtype == np.int32
+    assert res.labels.min() >= 0 and res.labels.max() < 6
+    m = 5 if method == "factorize" else 6
+    assert res.weights.shape == (3, 4, m)
+    if method == "project":
+        assert (res.weights >= 0).all()
+    if method == "nearest":
+        assert (np.abs(res.weights) <= 1 + 1e-5).all()
+    if method in ("factorize", "dff"):
+        assert res.components.shape == (m, D) and (res.components >= 0).all()
+    if method == "factorize":
+        assert res.component_concepts.shape == (5,)
+        assert set(np.unique(res.labels)) <= set(res.component_concepts.tolist())
+    else:
+        assert res.component_concepts is None
+
+
+@pytest.mark.parametrize("method", ["project", "nearest"])
+def test_labels_are_argmax_of_upsampled_weights(model, concepts, method):
+    img = _image(48, 64, seed=3)
+    res = segment(img, concepts, model=model, method=method, return_weights=True)
+    ref = np.asarray(jax.image.resize(res.weights, (48, 64, 6), method="linear")).argmax(-1)
+    np.testing.assert_array_equal(res.labels, ref)
+
+
+def test_batch_equals_single_images(model, concepts):
+    imgs = np.stack([_image(40, 56, seed=s) for s in range(3)])
+    batch = segment(imgs, concepts, model=model, batch_size=4)
+    assert batch.shape == (3, 40, 56)
+    for i in range(3):
+        np.testing.assert_array_equal(batch[i], segment(imgs[i], concepts, model=model))
+
+
+def test_list_of_varied_sizes(model, concepts):
+    imgs = [_image(40, 56, 0), _image(17, 33, 1), _image(40, 50, 2)]
+    out = segment(imgs, concepts, model=model, method="nearest")
+    assert isinstance(out, list) and [o.shape for o in out] == [(40, 56), (17, 33), (40, 50)]
+    for im, o in zip(imgs, out):
+        np.testing.assert_array_equal(o, segment(im, concepts, model=model, method="nearest"))
+
+
+def test_factorize_batch_equals_single(model, concepts):
+    imgs = [_image(32, 48, 5), _image(32, 48, 6)]
+    out = segment(imgs, concepts, model=model, method="factorize", n_components=4)
+    for im, o in zip(imgs, out):
+        np.testing.assert_array_equal(o, segment(im, concepts, model=model, method="factorize", n_components=4))
+
+
+def test_bucketing_compiles_a_handful_of_times(model, concepts, monkeypatch):
+    traces = []
+    original = seg.token_features
+
+    def counting(*args, **kwargs):
+        traces.append(args[1].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seg, "token_features", counting)
+    seg._run.clear_cache()
+    sizes = [(33, 40), (47, 60), (20, 64), (64, 30), (50, 50), (61, 17), (18, 18), (40, 64)]
+    imgs = [_image(h, w, i) for i, (h, w) in enumerate(sizes)]
+    out = segment(imgs, concepts, model=model, bucket=64, batch_size=8)
+    assert [o.shape for o in out] == sizes
+    assert len(traces) == 1  # every image pads to 64 x 64
+    traces.clear()
+    segment(imgs, concepts, model=model, bucket=64, batch_size=8)
+    assert traces == []  # compiled once, reused
+    segment(imgs[:3], concepts, model=model, batch_size=8)
+    assert len(traces) == 3  # without a bucket: one per distinct padded size (48x48, 48x64, 32x64)
+
+
+def test_layer_list_concatenates_blocks(model):
+    c = np.abs(np.random.default_rng(2).standard_normal((4, 2 * D))).astype(np.float32)
+    res = segment(_image(32, 32), c, model=model, layer=[0, -1], return_weights=True)
+    assert res.weights.shape == (2, 2, 4)
+    with pytest.raises(ValueError, match="feature dimension"):
+        segment(_image(32, 32), c, model=model, layer=-1)
+    with pytest.raises(ValueError, match="out of range"):
+        segment(_image(32, 32), c, model=model, layer=5)
+
+
+def test_concept_bank_selection(model, concepts):
+    bank = ConceptBank({6: concepts, 3: concepts[:3]}, model="tiny", layer=-1)
+    img = _image(32, 32)
+    np.testing.assert_array_equal(segment(img, bank, model=model, k=6), segment(img, concepts, model=model))
+    with pytest.raises(ValueError, match="available: 3, 6"):
+        segment(img, bank, model=model, k=16)
+    with pytest.raises(ValueError, match="pass k="):
+        segment(img, bank, model=model)
+
+
+def test_make_token_fn_matches_segment(model, concepts):
+    imgs = np.stack([_image(32, 48, s) for s in range(2)])
+    fn, params = make_token_fn(model, concepts, method="project")
+    w = np.asarray(jax.jit(fn)(params, jnp.asarray(imgs)))
+    assert w.shape == (2, 2, 3, 6) and w.dtype == np.float32
+    res = segment(imgs, concepts, model=model, return_weights=True)
+    np.testing.assert_allclose(w, res.weights, rtol=1e-4, atol=1e-5)
+
+    fn, params = make_token_fn(model, concepts, method="factorize", n_components=4)
+    scores = np.asarray(jax.jit(fn)(params, jnp.asarray(imgs)))
+    res = segment(imgs, concepts, model=model, method="factorize", n_components=4, return_weights=True)
+    assert scores.shape == (2, 2, 3, 6)
+    for i in range(2):
+        token_labels = res.component_concepts[i][res.weights[i].argmax(-1)]
+        np.testing.assert_array_equal(scores[i].argmax(-1), token_labels)
+
+
+# --- bad inputs --------------------------------------------------------------------------------------------------
+
+
+def test_tiny_images_are_padded_to_one_patch(model, concepts):
+    one = segment(np.full((1, 1, 3), 200, np.uint8), concepts, model=model)
+    assert one.shape == (1, 1)
+    small = segment(_image(10, 7), concepts, model=model, method="nearest")
+    assert small.shape == (10, 7) and len(np.unique(small)) == 1  # one token
+
+
+def test_bad_inputs_have_clear_errors(model, concepts):
+    img = _image(32, 32)
+    with pytest.raises(ValueError, match="unknown method 'kmeans'"):
+        segment(img, concepts, model=model, method="kmeans")
+    with pytest.raises(ValueError, match=r"concept dimension 31 .* feature dimension 32"):
+        segment(img, concepts[:, :31], model=model)
+    with pytest.raises(ValueError, match="k=5 but the concepts array holds 6"):
+        segment(img, concepts, model=model, k=5)
+    nan_img = img.astype(np.float32) / 255
+    nan_img[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        segment(nan_img, concepts, model=model)
+    bad = concepts.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        segment(img, bad, model=model)
+    with pytest.raises(ValueError, match="needs concepts"):
+        segment(img, None, model=model)
+    with pytest.raises(ValueError, match="dff' needs k"):
+        segment(img, None, model=model, method="dff")
+
+
+def test_inputs_are_never_mutated(model, concepts):
+    c = concepts.copy()
+    c[0, :5] = -0.5  # negative concepts are clipped in a copy
+    c_before = c.copy()
+    imgs = [_image(32, 32, 0), _image(20, 30, 1)]
+    before = [im.copy() for im in imgs]
+    segment(imgs, c, model=model)
+    np.testing.assert_array_equal(c, c_before)
+    for im, b in zip(imgs, before):
+        np.testing.assert_array_equal(im, b)
+
+
+def test_float_rgba_and_gray_inputs_match_uint8(model, concepts):
+    img = _image(32, 48)
+    ref = segment(img, concepts, model=model)
+    rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
+    np.testing.assert_array_equal(segment(rgba, concepts, model=model), ref)
+    as_float = segment(img.astype(np.float32) / 255.0, concepts, model=model)
+    assert (as_float == ref).mean() > 0.99
