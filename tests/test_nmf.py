@@ -21,10 +21,11 @@ scipy_linalg = pytest.importorskip("scipy.linalg")
 def banks(shared_data):
     joblib = pytest.importorskip("joblib")
     # The upstream banks are pickles; these are the known files of the shared test data.
-    return {
-        name: {k: np.clip(np.asarray(c, np.float64), 0, None) for k, c in joblib.load(shared_data / "concepts" / f"{name}.joblib").items()}
-        for name in ("uni", "prov_gigapath")
-    }
+    banks = {}
+    for name in ("uni", "prov_gigapath"):
+        raw = joblib.load(shared_data / "concepts" / f"{name}.joblib")
+        banks[name] = {k: np.clip(np.asarray(c, np.float64), 0, None) for k, c in raw.items()}
+    return banks
 
 
 def synthetic_x(c_kd, n, *, seed=0, max_active=3, noise=0.3):
@@ -160,6 +161,7 @@ def test_pure_twin_under_jit_and_vmap(banks):
 # ------------------------------------------------------------------------------------------------ factorize
 
 
+@pytest.mark.filterwarnings("ignore:Maximum number of iterations")
 @pytest.mark.parametrize("solver", ["hals", "mu"])
 def test_nmf_matches_sklearn_from_same_start(banks, solver):
     """From scikit-learn's own random start, our iterates follow scikit-learn's NMF."""
@@ -177,6 +179,7 @@ def test_nmf_matches_sklearn_from_same_start(banks, solver):
     np.testing.assert_allclose(float(res.objective), f, rtol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:Maximum number of iterations")
 @pytest.mark.parametrize("solver", ["hals", "mu"])
 def test_factorize_reaches_sklearn_objective(banks, solver):
     c = banks["uni"][8]
