@@ -1,0 +1,162 @@
+"""`fseg-jax segment`: label maps and overlays for image files, a thin shell over `fseg_jax.segment`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+METHODS = ("project", "nearest", "factorize", "dff")
+
+
+def default_compilation_cache() -> Path:
+    """``$FSEG_JAX_CACHE/jax``, default ``~/.cache/fseg_jax/jax``."""
+    root = os.environ.get("FSEG_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fseg_jax")
+    return Path(root) / "jax"
+
+
+def enable_compilation_cache(directory: str | os.PathLike) -> None:
+    """Turn on JAX's persistent compilation cache in ``directory``: a later process running the same
+    programs (same shapes, same model architecture) loads them instead of compiling again."""
+    import jax
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
+    files: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise click.ClickException(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise click.ClickException(f"{path}: no such file or folder")
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise click.ClickException(f"two inputs would write the same outputs: {stems[f.stem]} and {f}")
+        stems[f.stem] = f
+    return files
+
+
+def _atomic_save(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, legend: bool) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from fseg_jax.io import to_uint8
+    from fseg_jax.overlay import overlay
+
+    labels = np.asarray(labels)
+    if labels.max(initial=0) < 256:
+        png = Image.fromarray(labels.astype(np.uint8))  # 8-bit grayscale
+    else:
+        png = Image.fromarray(labels.astype(np.uint16))  # 16-bit grayscale
+    _atomic_save(out_dir / f"{stem}_labels.png", lambda p: png.save(p, format="PNG"))
+    _atomic_save(out_dir / f"{stem}_labels.npy", lambda p: np.save(p, labels.astype(np.int32)))
+    picture = overlay(to_uint8(image), labels, alpha=alpha, legend=legend)
+    _atomic_save(out_dir / f"{stem}_overlay.png", lambda p: Image.fromarray(picture).save(p, format="PNG"))
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
+@click.option("--model", "model_spec", required=True, help="Model preset (e.g. uni) or a converted model folder.")
+@click.option("--concepts", "concepts_spec", default=None,
+              help="Concept bank: a .safetensors file or a preset (uni, gigapath, resnet50). Not used by dff.")
+@click.option("--k", type=int, default=None, help="Bank size to use (for dff: the number of components).")
+@click.option("--method", type=click.Choice(METHODS), default="project", show_default=True)
+@click.option("--layer", "layers", type=int, multiple=True, default=(-1,), show_default=True,
+              help="Block whose features are used; repeat to concatenate several blocks.")
+@click.option("--n-components", type=int, default=20, show_default=True, help="Free NMF components (factorize).")
+@click.option("--seed", type=int, default=0, show_default=True, help="NMF initialisation seed.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Images per compiled call.")
+@click.option("--bucket", type=int, default=None,
+              help="Pad images to a multiple of this many pixels so nearby sizes share a compilation.")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Overlay opacity.")
+@click.option("--legend/--no-legend", default=True, show_default=True, help="Legend strip under the overlay.")
+@click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
+              help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
+@click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for <name>_labels.png, <name>_labels.npy and <name>_overlay.png.")
+def segment(images, model_spec, concepts_spec, k, method, layers, n_components, seed, batch_size, bucket, alpha,
+            legend, compilation_cache, no_compilation_cache, out_dir):
+    """Segment IMAGE... (files or folders of images) into concepts.
+
+    Writes, per image, the label map as PNG (8-bit, or 16-bit when a label exceeds 255) and .npy (int32),
+    and the overlay of the labels on the image as PNG.
+    """
+    if batch_size < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--batch-size")
+    if method != "dff" and concepts_spec is None:
+        raise click.UsageError(f"--concepts is required for method {method}")
+    if method == "dff" and k is None:
+        raise click.UsageError("--k (the number of components) is required for method dff")
+    files = _expand_inputs(images)
+    if not no_compilation_cache:
+        enable_compilation_cache(compilation_cache or default_compilation_cache())
+
+    from tqdm import tqdm
+
+    from fseg_jax.hub import load_model
+    from fseg_jax.io import read_image
+    from fseg_jax.segment import segment as segment_images
+
+    try:
+        model = load_model(model_spec)
+    except (ValueError, OSError, RuntimeError) as e:  # ConversionError, ModelAccessError, missing files
+        raise click.ClickException(f"cannot load model {model_spec!r}: {_one_line(e)}") from None
+    concepts = None
+    if method != "dff":
+        from fseg_jax.concepts import resolve_concepts
+
+        try:
+            concepts = resolve_concepts(concepts_spec)
+        except (ValueError, TypeError, OSError) as e:
+            raise click.ClickException(f"cannot load concepts {concepts_spec!r}: {_one_line(e)}") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layer = layers[0] if len(layers) == 1 else list(layers)
+    options = dict(model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
+                   batch_size=batch_size, bucket=bucket)
+
+    with tqdm(total=len(files), unit="image", desc="segment", disable=None) as bar:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            pictures = []
+            for f in chunk:
+                try:
+                    pictures.append(read_image(f))
+                except (ValueError, OSError) as e:
+                    raise click.ClickException(f"{f}: {_one_line(e)}") from None
+            try:
+                result = segment_images(pictures, concepts, **options)
+            except (ValueError, TypeError) as e:
+                raise click.ClickException(_one_line(e)) from None
+            labels = result.labels if method == "dff" else result
+            for f, picture, lab in zip(chunk, pictures, labels):
+                _write_outputs(out, f.stem, picture, lab, alpha=alpha, legend=legend)
+                bar.update(1)
+    click.echo(f"wrote {3 * len(files)} files for {len(files)} image(s) to {out}")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
