@@ -1,0 +1,192 @@
+"""End-to-end segmentation benchmark: fseg_jax against the original F-Seg pipeline, same model, same run.
+
+    python bench/segment.py                      # example_3.jpg (1270x975), UNI architecture, k = 64, CPU
+    python bench/segment.py --depth 4 --k 16     # a quick smoke run
+
+Both pipelines run the same random-weight UNI-architecture model (timm, converted to fseg_jax) on the same
+image with the same concept bank (the upstream UNI bank from ../shared/data/concepts/uni.joblib when present,
+else a random non-negative one) in "project" mode. Reported:
+
+- the original (timm + scikit-learn + torch, ``tests/segment_original.py``): ViT forward, NNLS, bilinear
+  upsampling + argmax, total;
+- fseg_jax: the first call in this process (compile + run, with the persistent compilation cache enabled in
+  a fresh folder), the warm end-to-end call, the warm ViT forward alone (the same jitted forward as the
+  pipeline uses) and the warm post-ViT program alone (NNLS, upsampling, argmax on the same features);
+- a second process running the first call again with that compilation cache filled;
+- the ratios the targets are stated in, and the share of pixels on which both pipelines agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the reference pipeline and timm model helpers live with the tests
+
+IMAGE = ROOT.parent / "shared" / "data" / "he" / "example_3.jpg"
+UNI_BANK = ROOT.parent / "shared" / "data" / "concepts" / "uni.joblib"
+
+
+def _image():
+    import numpy as np
+
+    from fseg_jax.io import read_image
+
+    if IMAGE.is_file():
+        return read_image(IMAGE)
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (975, 1270, 3), dtype=np.uint8)
+
+
+def _concepts(k: int, dim: int):
+    import numpy as np
+
+    if UNI_BANK.is_file() and dim == 1024:
+        from fseg_jax.concepts import import_joblib_concepts
+
+        bank = import_joblib_concepts(UNI_BANK, trust_pickle=True)  # the pinned upstream file
+        if k in bank.ks:
+            return np.asarray(bank[k]), "upstream UNI bank"
+    return np.abs(np.random.default_rng(0).standard_normal((k, dim))).astype(np.float32), "random bank"
+
+
+def _model(depth: int | None):
+    from timm_models import fseg_config, make_timm_model
+
+    from fseg_jax.convert.timm import convert_timm_state_dict
+
+    timm_model = make_timm_model("uni", depth=depth)
+    return timm_model, convert_timm_state_dict(timm_model.state_dict(), fseg_config("uni", depth))
+
+
+def _time(fn, repeats: int = 1):
+    best = float("inf")
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def first_call(args) -> dict:
+    """The first segment() call of a process, with the compilation cache in ``args.cache``."""
+    from fseg_jax.cli.segment import enable_compilation_cache
+
+    enable_compilation_cache(args.cache)
+    from fseg_jax.segment import segment
+
+    _, model = _model(args.depth)
+    image = _image()
+    concepts, _ = _concepts(args.k, model.config.embed_dim)
+    seconds, _ = _time(lambda: segment(image, concepts, model=model))
+    return {"first_call_s": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--depth", type=int, default=None, help="blocks (default: UNI's 24)")
+    parser.add_argument("--repeats", type=int, default=2, help="warm repeats (best is reported)")
+    parser.add_argument("--skip-original", action="store_true")
+    parser.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.first_call_only:
+        print(json.dumps(first_call(args)))
+        return
+
+    cache = args.cache or tempfile.mkdtemp(prefix="fseg_jax_bench_cache_")
+    from fseg_jax.cli.segment import enable_compilation_cache
+
+    enable_compilation_cache(cache)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from fseg_jax.features import preprocess, token_features
+    from fseg_jax.segment import _Options, _token_weights, segment, upsample_argmax
+    from segment_original import OriginalFSeg, input_tensor
+
+    timm_model, model = _model(args.depth)
+    image = _image()
+    concepts, bank_name = _concepts(args.k, model.config.embed_dim)
+    h, w = image.shape[:2]
+    results: dict = {
+        "image": f"{w}x{h}", "k": args.k, "depth": model.config.depth, "bank": bank_name,
+        "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
+    }
+
+    # fseg_jax: first call (compile + run), then warm
+    results["jax_first_call_s"], labels = _time(lambda: segment(image, concepts, model=model))
+    results["jax_warm_s"], labels = _time(lambda: segment(image, concepts, model=model), args.repeats)
+
+    # the same jitted pieces, timed apart: the ViT forward, and everything after it
+    graphdef, state = nnx.split(model)
+    hp, wp = -(-h // 16) * 16, -(-w // 16) * 16
+    padded = jnp.asarray(np.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge"))[None]
+
+    @jax.jit
+    def forward(state, images):
+        m = nnx.merge(graphdef, state)
+        return token_features(m, preprocess(images, m.config), [-1])
+
+    options = _Options(method="project", layers=(-1,), n_components=20, seed=0, solver_kwargs=())
+
+    @jax.jit
+    def after_vit(feats_bhwd, concepts_kd):
+        def one(f):
+            weights, _, _ = _token_weights(f, concepts_kd, options)
+            return upsample_argmax(weights, (hp, wp))
+
+        return jax.vmap(one)(feats_bhwd)
+
+    feats = jax.block_until_ready(forward(state, padded))
+    c = jnp.asarray(np.maximum(concepts, 0))
+    jax.block_until_ready(after_vit(feats, c))
+    results["jax_forward_s"], _ = _time(lambda: jax.block_until_ready(forward(state, padded)), args.repeats)
+    results["jax_after_vit_s"], _ = _time(lambda: jax.block_until_ready(after_vit(feats, c)), args.repeats)
+
+    # a second process: first call with the compilation cache filled by this one
+    child = subprocess.run(
+        [sys.executable, __file__, "--first-call-only", "--cache", cache, "--k", str(args.k)]
+        + (["--depth", str(args.depth)] if args.depth else []),
+        capture_output=True, text=True, check=True,
+    )
+    results["jax_second_process_first_call_s"] = json.loads(child.stdout.strip().splitlines()[-1])["first_call_s"]
+
+    if not args.skip_original:
+        fseg = OriginalFSeg(timm_model)
+        x = input_tensor(image)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ref = fseg.project(x, concepts.copy())[:h, :w]
+        results["original_total_s"] = time.perf_counter() - t0
+        results["original_forward_s"] = fseg.timings["forward"]
+        results["original_nnls_s"] = fseg.timings["nnls"]
+        results["original_upsample_argmax_s"] = fseg.timings["upsample_argmax"]
+        results["original_after_vit_s"] = results["original_total_s"] - results["original_forward_s"]
+        results["agreement"] = float((np.asarray(labels) == ref).mean())
+        results["after_vit_speedup"] = results["original_after_vit_s"] / results["jax_after_vit_s"]
+        results["end_to_end_ratio_warm"] = results["jax_warm_s"] / results["original_total_s"]
+        results["end_to_end_ratio_first_call"] = results["jax_first_call_s"] / results["original_total_s"]
+        results["forward_ratio"] = results["jax_forward_s"] / results["original_forward_s"]
+
+    for key, value in results.items():
+        print(f"{key:36s} {value:.4g}" if isinstance(value, float) else f"{key:36s} {value}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
