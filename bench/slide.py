@@ -30,12 +30,12 @@ SVS = ROOT.parent / "shared" / "data" / "he" / "cmu_small_region.svs"
 UNI_BANK = ROOT.parent / "shared" / "data" / "concepts" / "uni.joblib"
 
 
-def concepts_for(k: int, dim: int) -> np.ndarray:
-    """The upstream UNI bank's k concepts when the shared data is there, else random non-negative ones."""
-    if UNI_BANK.is_file() and dim == 1024:
+def concepts_for(k: int, dim: int, bank: Path = UNI_BANK) -> np.ndarray:
+    """The upstream UNI bank's k concepts when the file is there, else random non-negative ones."""
+    if bank.is_file() and dim == 1024:
         from fseg_jax.concepts import import_joblib_concepts
 
-        return np.asarray(import_joblib_concepts(UNI_BANK, trust_pickle=True, model="uni")[k])
+        return np.asarray(import_joblib_concepts(bank, trust_pickle=True, model="uni")[k])
     return np.abs(np.random.default_rng(0).normal(size=(k, dim))).astype(np.float32)
 
 
@@ -60,7 +60,8 @@ def build_jax(args, k):
         cfg = dataclasses.replace(cfg, depth=args.depth)
     model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
     seg = SlideSegmenter.from_model(
-        model, concepts_for(k, cfg.embed_dim), dtype=None if args.dtype == "float32" else args.dtype,
+        model, concepts_for(k, cfg.embed_dim, args.bank), method=args.method,
+        dtype=None if args.dtype == "float32" else args.dtype,
         tile=args.tile, margin=args.margin, batch=args.batch, mpp=args.mpp, workers=args.workers,
     )
     return cfg, seg
@@ -89,7 +90,7 @@ def torch_loop(args, cfg, k, slide_path, n_tiles):
         "vit_large_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, init_values=1e-5,
         depth=cfg.depth,
     ).eval()
-    concepts = concepts_for(k, cfg.embed_dim)
+    concepts = concepts_for(k, cfg.embed_dim, args.bank)
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     m = args.margin // cfg.patch_size
@@ -104,13 +105,13 @@ def torch_loop(args, cfg, k, slide_path, n_tiles):
             image = slide.read(plan, x, y, w, h)
             t1 = time.perf_counter()
             with torch.inference_mode():
-                xt = (torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255 - mean) / std
+                xt = (torch.tensor(image).permute(2, 0, 1)[None].float() / 255 - mean) / std
                 tokens = model.forward_intermediates(xt, indices=[-1], norm=False, intermediates_only=True)[0]
             feats = torch.relu(tokens[0]).permute(1, 2, 0)[m : m + grid.core_tokens, m : m + grid.core_tokens]
             t2 = time.perf_counter()
             x_nd = feats.reshape(-1, feats.shape[-1]).numpy().astype(np.float64)
             w_nk, _, _ = non_negative_factorization(
-                x_nd, H=concepts.astype(np.float64), W=None, n_components=k, update_H=False, random_state=0,
+                x_nd, H=np.maximum(concepts, 0).astype(np.float64), W=None, n_components=k, update_H=False, random_state=0,
                 max_iter=10000,
             )
             w_nk.argmax(-1)
@@ -120,12 +121,16 @@ def torch_loop(args, cfg, k, slide_path, n_tiles):
 
 
 def read_throughput(seg, slide_path, n: int):
-    """Tiles/s of the threaded reader alone, cycling over the slide's tissue tiles."""
+    """Tiles/s of the threaded reader alone, cycling over the slide's tissue tiles (decoded afresh each time)."""
     from fseg_jax.wsi.compute import prefetch_batches
     from fseg_jax.wsi.reader import open_slide
     from fseg_jax.wsi.tiling import TileGrid
 
     with open_slide(slide_path) as slide:
+        if slide.backend == "openslide":  # no decoded-tile cache: every read decodes, as on a large slide
+            import openslide
+
+            slide._handle.set_cache(openslide.OpenSlideCache(0))
         plan = slide.plan(seg.mpp)
         grid = TileGrid.for_slide(plan.size, patch=seg.patch_size, tile=seg.tile, margin=seg.margin)
         tiles = tissue_tiles(slide, grid, seg.mpp)
@@ -155,15 +160,18 @@ def compute_throughput(seg, n_batches: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slide", type=Path, default=SVS)
+    ap.add_argument("--bank", type=Path, default=UNI_BANK, help="upstream UNI concept bank (joblib)")
     ap.add_argument("--gpu", action="store_true", help="GPU report (compute vs read tiles/s, 100k x 80k estimate)")
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--margin", type=int, default=32)
     ap.add_argument("--mpp", type=float, default=1.0)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--method", choices=["project", "nearest"], default="project",
+                    help="nearest (cosine, no solver) isolates the forward pass")
     ap.add_argument("--depth", type=int, default=0, help="fewer blocks than UNI's 24 (0 = all)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=None, help="reader threads (default: one per CPU core)")
     ap.add_argument("--max-tiles", type=int, default=6, help="CPU: tiles through the PyTorch loop")
     ap.add_argument("--batches", type=int, default=20, help="GPU: batches timed for compute throughput")
     args = ap.parse_args()
@@ -176,7 +184,7 @@ def main():
     devices = jax.devices()
     print(f"devices: {len(devices)} x {devices[0].device_kind}; UNI architecture depth {cfg.depth}, "
           f"tile {args.tile} px (margin {args.margin}) at {args.mpp} um/px, batch {seg.step.batch}, "
-          f"k={args.k}, {args.dtype}")
+          f"k={args.k}, {args.method}, {args.dtype}")
 
     if args.gpu:
         compute = compute_throughput(seg, args.batches)

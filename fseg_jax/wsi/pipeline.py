@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -117,7 +117,7 @@ class SlideSegmenter:
     of p); margin: context discarded on each side (a multiple of p; default tile/16); batch: tiles per step
     (rounded up to a multiple of the device count); mpp: working microns per pixel; save_weights: also
     keep the (h, w, k) token weights; devices: the devices to shard the batch over (default: all local);
-    workers: reader threads; info: what to record in summary.json about the model and bank.
+    workers: reader threads (default: one per CPU core, at most 32); info: what to record in summary.json about the model and bank.
     """
 
     def __init__(
@@ -133,7 +133,7 @@ class SlideSegmenter:
         mpp: float = 0.5,
         save_weights: bool = False,
         devices: Sequence | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         info: dict[str, Any] | None = None,
     ):
         if tile % patch_size:
@@ -144,7 +144,7 @@ class SlideSegmenter:
         self.margin = TileGrid.for_slide((tile, tile), patch=patch_size, tile=tile, margin=margin).margin
         self.mpp = float(mpp)
         self.save_weights = bool(save_weights)
-        self.workers = int(workers)
+        self.workers = int(workers or min(32, os.cpu_count() or 4))
         self.info = dict(info or {})
         grid = TileGrid(width=tile, height=tile, patch=patch_size, tile=tile, margin=self.margin)
         self.step = TileStep(
@@ -167,24 +167,27 @@ class SlideSegmenter:
     ) -> SlideSegmenter:
         """From a model (object, preset name or folder) and concepts (ConceptBank, path, preset or (k, d) array).
 
-        dtype: compute dtype of the forward pass, e.g. "bfloat16" (default: the model's own, float32).
+        dtype: compute dtype of the forward pass, e.g. "bfloat16" (default: the model's own, float32); the
+        model computes in it (matmuls and attention) while its parameters and LayerNorm statistics stay float32.
         Other keyword arguments as for the constructor.
         """
         import jax.numpy as jnp
 
         from fseg_jax.segment import make_token_fn
 
+        dtype = None if dtype is None else jnp.dtype(dtype)
         model_desc = None
         if isinstance(model, (str, Path)):
             from fseg_jax.hub import load_model
 
             model_desc = str(model)
-            model = load_model(model)
+            model = load_model(model, dtype=dtype)
+        elif dtype is not None and getattr(model, "dtype", None) != dtype:
+            model = _with_compute_dtype(model, dtype)
         config = model.config
         model_desc = model_desc or getattr(config, "name", type(model).__name__)
         concepts_kd, k, bank_desc = _concepts_for(concepts, k, config)
-        dtype = None if dtype is None else jnp.dtype(dtype)
-        fn, params = make_token_fn(model, concepts_kd, method=method, layer=layer, dtype=dtype)
+        fn, params = make_token_fn(model, concepts_kd, method=method, layer=layer)
         info = {
             "model": model_desc, "bank": bank_desc, "method": method, "layer": layer,
             "dtype": "float32" if dtype is None else dtype.name,
@@ -300,19 +303,25 @@ class SlideSegmenter:
 
         computed = 0
         pending = None
+        last = time.perf_counter()
 
         def finish(entry) -> None:
-            nonlocal computed
+            # seconds: from the later of this batch's dispatch and the previous batch's results to this
+            # batch's results, so the batches' seconds add up to the loop's time outside read waits
+            nonlocal computed, last
             b, ids, handle, t0, waited = entry
             labels, weights = self.step.collect(handle)
-            work.put(b, ids, labels, weights, seconds=time.perf_counter() - t0, read_wait=waited)
+            now = time.perf_counter()
+            work.put(b, ids, labels, weights, seconds=now - max(t0, last), read_wait=waited)
+            last = time.perf_counter()
             computed += len(ids)
             bar.update(len(ids))
 
         try:
             stream = prefetch_batches((batches[b] for b in todo), read, workers=self.workers)
             for b, (ids, images, waited) in zip(todo, stream):
-                entry = (b, ids, self.step.dispatch(images), time.perf_counter(), waited)
+                t0 = time.perf_counter()
+                entry = (b, ids, self.step.dispatch(images), t0, waited)
                 if pending is not None:
                     finish(pending)
                 pending = entry
@@ -321,6 +330,15 @@ class SlideSegmenter:
         finally:
             bar.close()
         return computed
+
+
+def _with_compute_dtype(model, dtype):
+    """The same parameters in a model of the same class built with compute `dtype` (nothing is copied)."""
+    from flax import nnx
+
+    shell = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0), dtype=dtype))
+    graphdef, _ = nnx.split(shell)
+    return nnx.merge(graphdef, nnx.state(model))
 
 
 def _grid(plan: dict) -> TileGrid:
