@@ -5,7 +5,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+# --- ViT (models) ---
+# UNI architecture (ViT-L/16), random weights, bfloat16: fseg_jax (cuDNN flash attention) against timm (bf16
+# autocast) in the same run; tiles/s for batches of 224x224 tiles, and one 976x1280 image (4880 patches).
+"$PY" bench/vit.py --dtype bfloat16 --repeats 5 --frameworks jax,timm \
+    --shapes 64x224x224,256x224x224,1x976x1280 ${VIT_BENCH_ARGS:-}
+
 # --- NMF ---
 # project() at the example image (n=4880) and a 4096x4096 tile (n=65536), d=1536, k=64 and 256;
 # scikit-learn (CPU) only where it finishes in seconds.
 "$PY" bench/nmf.py ${NMF_BENCH_ARGS:-} --n 4880 65536 --k 64 256 --d 1536 --solvers admm hals --sklearn-max-work 3e7
+
+# --- slide ---
+# Whole-slide throughput: UNI architecture (random weights) in bfloat16, 1024 px tiles with 64 px margins at
+# 0.5 um/px, batch 32: tiles/s of the compiled step, of the threaded reader (compute- or read-bound), an end-to-end
+# run on the CMU SVS (the wsi extra and ../shared/data, or --slide PATH in SLIDE_BENCH_ARGS), and the estimated
+# minutes for a 100k x 80k px slide at 0.5 um/px.
+"$PY" bench/slide.py --gpu --dtype bfloat16 --tile 1024 --margin 64 --batch 32 --mpp 0.5 ${SLIDE_BENCH_ARGS:-}

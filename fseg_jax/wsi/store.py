@@ -42,12 +42,17 @@ class WorkDir:
             return None
 
     def start(self, plan: dict, thumbnail: np.ndarray, tissue_tokens: np.ndarray) -> None:
-        """Begin (or keep, when the fingerprint matches) a run with this plan; a different plan starts afresh."""
+        """Begin (or keep, when the fingerprint matches) a run with this plan; a different plan starts afresh.
+
+        Processes of one multi-process run compute the same plan; whichever writes it first, the content is
+        the same, and a folder without a plan is never emptied (another process may be filling it).
+        """
         old = self.read_plan()
         if old is not None and old.get("fingerprint") == plan["fingerprint"]:
             remove_stale_temporaries(self.path)
             return
-        self.clear()
+        if old is not None:
+            self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.path / "tissue.npz") as tmp:
             with open(tmp, "wb") as f:
