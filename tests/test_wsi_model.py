@@ -178,7 +178,8 @@ def test_cli_folder_with_a_failing_slide(svs, model, concepts, tmp_path):
     (folder / "b_broken.ndpi").write_bytes(b"\x00not a slide" * 64)
     args = [
         "slide", str(folder), "--model", str(tmp_path / "model"), "--concepts", str(tmp_path / "bank.safetensors"),
-        "--k", str(K), "--mpp", "4", "--tile", "128", "--margin", "16", "--batch", "4", "-o", str(tmp_path / "out"),
+        "--k", str(K), "--mpp", "4", "--tile", "128", "--margin", "16", "--batch", "4", "--no-compilation-cache",
+        "-o", str(tmp_path / "out"),
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output

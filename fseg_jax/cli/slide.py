@@ -9,7 +9,7 @@ import click
 
 @click.command("slide")
 @click.argument("slides", type=click.Path(exists=True, path_type=Path))
-@click.option("--model", "model", required=True, help="Model preset (uni, gigapath, ...) or a converted-model folder.")
+@click.option("--model", "model", help="Model preset (uni, gigapath, ...) or a converted-model folder.")
 @click.option("--concepts", "concepts", help="Concept bank: .safetensors file or preset (uni, gigapath, resnet50).")
 @click.option("--k", "k", type=int, help="Number of concepts (one of the bank's k).")
 @click.option("--method", type=click.Choice(["project", "nearest", "factorize"]), default="project", show_default=True)
@@ -23,9 +23,12 @@ import click
 @click.option("--save-weights", is_flag=True, help="Also write the token weights (weights.safetensors).")
 @click.option("--distributed", is_flag=True, help="Join a jax.distributed run: this process computes its share of tiles.")
 @click.option("--merge", "merge_only", is_flag=True, help="Only write the outputs of a finished multi-process run.")
+@click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
+              help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
+@click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
 @click.option("-o", "--out", "out_root", type=click.Path(path_type=Path), required=True, help="Output folder (one sub-folder per slide).")
 def slide(slides, model, concepts, k, method, layer, mpp, slide_mpp, tile, margin, batch, dtype, save_weights,
-          distributed, merge_only, out_root):
+          distributed, merge_only, compilation_cache, no_compilation_cache, out_root):
     """Segment SLIDES (a slide, an image, or a folder of them) into OUT/<slide name>/.
 
     Writes labels.ome.tif (0 = background, i+1 = concept i), labels.geojson (QuPath annotations),
@@ -45,8 +48,12 @@ def slide(slides, model, concepts, k, method, layer, mpp, slide_mpp, tile, margi
                 click.echo(f"{path.name}: {err}", err=True)
         raise SystemExit(1 if failed else 0)
 
-    if concepts is None or (k is None):
-        raise click.UsageError("--concepts and --k are required")
+    if model is None or concepts is None or k is None:
+        raise click.UsageError("--model, --concepts and --k are required (except with --merge)")
+    if not no_compilation_cache:
+        from fseg_jax.cli.segment import default_compilation_cache, enable_compilation_cache
+
+        enable_compilation_cache(compilation_cache or default_compilation_cache())
     if distributed:
         import jax
 
