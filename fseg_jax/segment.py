@@ -133,10 +133,8 @@ def segment(
 
     # group by padded size and dtype: one compiled program per group shape
     groups: dict[tuple, list[int]] = {}
-    sizes = []
     for i, im in enumerate(images_list):
         hp, wp = padded_size(im.shape[0], im.shape[1], config.patch_size, bucket)
-        sizes.append((hp, wp))
         groups.setdefault((hp, wp, im.dtype.str), []).append(i)
 
     outputs: list[Any] = [None] * len(images_list)
