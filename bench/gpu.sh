@@ -24,3 +24,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # run on the CMU SVS (the wsi extra and ../shared/data, or --slide PATH in SLIDE_BENCH_ARGS), and the estimated
 # minutes for a 100k x 80k px slide at 0.5 um/px.
 "$PY" bench/slide.py --gpu --dtype bfloat16 --tile 1024 --margin 64 --batch 32 --mpp 0.5 ${SLIDE_BENCH_ARGS:-}
+
+# --- segment ---
+# End to end on example_3.jpg (1270x975), UNI architecture (random weights), k = 64: first call, warm call, ViT
+# forward and the post-ViT program (NNLS, upsampling, argmax) timed apart, and first calls of new processes with
+# an empty and a filled persistent compilation cache. The original (torch on the CPU) is left out here.
+"$PY" bench/segment.py --skip-original ${SEGMENT_BENCH_ARGS:-}
