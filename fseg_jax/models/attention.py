@@ -1,8 +1,8 @@
 """Softmax attention for the ViT blocks: memory-bounded on CPU, cuDNN flash attention on GPU.
 
-On CPU the fastest XLA formulation measured is heads-first ((B, H, N, K) einsums) with the queries split in
-chunks mapped sequentially (``lax.map``): per chunk only a (B, H, chunk, N) score block lives in memory, so
-a 5000-token image needs megabytes instead of a 1.5 GB score matrix, and the chunks stay cache-friendly.
+On CPU the fastest XLA formulation measured is heads-first, one (batch, head) pair at a time with the
+queries split in chunks, mapped sequentially (``lax.map``): only a (chunk, N) score block lives in memory,
+so a 5000-token image needs megabytes instead of a 1.5 GB score matrix, and the blocks stay in cache.
 """
 
 from __future__ import annotations
@@ -13,30 +13,42 @@ import jax.numpy as jnp
 Array = jax.Array
 
 QUERY_CHUNK = 256
-"""Queries per chunk of the CPU path (sequences no longer than this are computed in one block)."""
+"""Largest number of queries per chunk on the CPU path. Sequences no longer than this are computed in one
+batched block; longer ones one (batch, head) at a time, in query chunks."""
 
 
 def _scores_softmax_values(q_bhqk: Array, k_bhnk: Array, v_bhnk: Array) -> Array:
-    s = jnp.einsum("bhqk,bhnk->bhqn", q_bhqk, k_bhnk, preferred_element_type=jnp.float32)
+    s = jnp.einsum("...qk,...nk->...qn", q_bhqk, k_bhnk, preferred_element_type=jnp.float32)
     p = jax.nn.softmax(s, axis=-1).astype(v_bhnk.dtype)
-    return jnp.einsum("bhqn,bhnk->bhqk", p, v_bhnk, preferred_element_type=jnp.float32).astype(v_bhnk.dtype)
+    return jnp.einsum("...qn,...nk->...qk", p, v_bhnk, preferred_element_type=jnp.float32).astype(v_bhnk.dtype)
 
 
 def chunked_attention(q_bnhk: Array, k_bnhk: Array, v_bnhk: Array, *, chunk: int = QUERY_CHUNK) -> Array:
-    """Exact softmax attention, heads-first, queries in chunks of ``chunk``: (B, N, H, K) -> (B, N, H, K)."""
+    """Exact softmax attention, heads-first: (B, N, H, K) -> (B, N, H, K).
+
+    Up to ``chunk`` tokens: one batched (B, H, N, N) block. Beyond: a sequential map over the B*H
+    (batch, head) pairs and, inside, over query chunks of at most ``chunk`` (equal sizes, least padding),
+    so one (chunk, N) score block lives at a time. At 4881 tokens this measured 0.63 s per ViT-L layer
+    against 1.1 s for chunks spanning all heads, and XLA reuses the loop buffers across the blocks.
+    """
     b, n, h, dk = q_bnhk.shape
     scale = dk ** -0.5
     q = (q_bnhk * jnp.asarray(scale, q_bnhk.dtype)).transpose(0, 2, 1, 3)
     k = k_bnhk.transpose(0, 2, 1, 3)
     v = v_bnhk.transpose(0, 2, 1, 3)
     if n <= chunk:
-        out = _scores_softmax_values(q, k, v)
-    else:
-        n_chunks = -(-n // chunk)
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, n_chunks * chunk - n), (0, 0)))
-        q_chunks = q.reshape(b, h, n_chunks, chunk, dk).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(lambda qc: _scores_softmax_values(qc, k, v), q_chunks)
-        out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, n_chunks * chunk, dk)[:, :, :n]
+        return _scores_softmax_values(q, k, v).transpose(0, 2, 1, 3)
+    n_chunks = -(-n // chunk)
+    chunk = -(-n // n_chunks)
+    q = jnp.pad(q.reshape(b * h, n, dk), ((0, 0), (0, n_chunks * chunk - n), (0, 0)))
+    q = q.reshape(b * h, n_chunks, chunk, dk)
+
+    def one_head(args):
+        q_ck, k_nk, v_nk = args
+        return jax.lax.map(lambda q_qk: _scores_softmax_values(q_qk, k_nk, v_nk), q_ck)
+
+    out = jax.lax.map(one_head, (q, k.reshape(b * h, n, dk), v.reshape(b * h, n, dk)))
+    out = out.reshape(b, h, n_chunks * chunk, dk)[:, :, :n]
     return out.transpose(0, 2, 1, 3)
 
 
