@@ -1,10 +1,11 @@
 """Whole-slide throughput: fseg_jax's slide pipeline against a PyTorch loop doing the same work.
 
-CPU (default): the UNI architecture (ViT-L/16, random weights) on the tissue tiles of a real SVS, through
-`SlideSegmenter` (threaded prefetch, one compiled step) and through a plain loop with the same reader, tile
-grid and tissue tiles: timm forward -> ReLU'd last-block tokens -> NNLS onto the concepts with
-scikit-learn's solver (as the original F-Seg does) -> argmax. Prints tiles/s of each, their ratio, and the
-share of time spent reading vs computing.
+CPU (default): the UNI architecture (ViT-L/16, random timm weights converted, the same in both) on the tissue tiles
+of a real SVS, read with the same reader and tile grid: fseg_jax's compiled tile step against a PyTorch loop
+(timm forward -> ReLU'd last-block tokens -> NNLS onto the concepts with scikit-learn's solver, as the
+original F-Seg does -> argmax), timed tile by tile in alternation (the shared machine's load drifts); then
+the whole `SlideSegmenter` pipeline end to end (threaded prefetch, one compiled step) with the share of time
+spent reading vs computing.
 
 GPU (--gpu): steady-state tiles/s of the compiled step (synthetic batches), tiles/s of reading real tiles
 with the thread pool, an end-to-end run on the SVS, and the estimated minutes for a 100k x 80k px slide
@@ -49,16 +50,25 @@ def tissue_tiles(slide, grid, mpp):
     return grid.tiles_with(resize_mask(mask, grid.tokens_hw))
 
 
-def build_jax(args, k):
-    import flax.nnx as nnx
-
-    from fseg_jax import ViTConfig, VisionTransformer
-    from fseg_jax.wsi.pipeline import SlideSegmenter
+def uni_config(args):
+    from fseg_jax import ViTConfig
 
     cfg = ViTConfig.from_preset("uni")
-    if args.depth:
-        cfg = dataclasses.replace(cfg, depth=args.depth)
-    model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    return dataclasses.replace(cfg, depth=args.depth) if args.depth else cfg
+
+
+def build_jax(args, k, torch_model=None):
+    """The slide segmenter for UNI's architecture: random weights, or a timm model's converted."""
+    import flax.nnx as nnx
+
+    from fseg_jax import VisionTransformer, convert_timm_state_dict
+    from fseg_jax.wsi.pipeline import SlideSegmenter
+
+    cfg = uni_config(args)
+    if torch_model is None:
+        model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    else:
+        model = convert_timm_state_dict(torch_model.state_dict(), cfg)
     seg = SlideSegmenter.from_model(
         model, concepts_for(k, cfg.embed_dim, args.bank), method=args.method,
         dtype=None if args.dtype == "float32" else args.dtype,
@@ -77,47 +87,78 @@ def run_pipeline(seg, slide_path):
     return result.tiles, seconds, result.summary
 
 
-def torch_loop(args, cfg, k, slide_path, n_tiles):
-    """The same tiles through timm + scikit-learn, one tile at a time."""
-    import timm
-    import torch
-    from sklearn.decomposition import non_negative_factorization
+class TorchLoop:
+    """The PyTorch way, one tile at a time: timm forward -> ReLU'd last-block tokens, margins cropped ->
+    scikit-learn NNLS onto the concepts (the original F-Seg's solver and settings) -> argmax."""
 
+    def __init__(self, args, cfg, k):
+        import timm
+        import torch
+
+        self.torch = torch
+        self.model = timm.create_model(
+            "vit_large_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, init_values=1e-5,
+            depth=cfg.depth,
+        ).eval()
+        self.concepts = np.maximum(concepts_for(k, cfg.embed_dim, args.bank), 0).astype(np.float64)
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self.m = args.margin // cfg.patch_size
+        self.c = (args.tile - 2 * args.margin) // cfg.patch_size
+        self.k = k
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Labels (c, c), forward seconds, NNLS seconds."""
+        from sklearn.decomposition import non_negative_factorization
+
+        torch, m, c = self.torch, self.m, self.c
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = (torch.tensor(image).permute(2, 0, 1)[None].float() / 255 - self.mean) / self.std
+            tokens = self.model.forward_intermediates(x, indices=[-1], norm=False, intermediates_only=True)[0]
+        feats = torch.relu(tokens[0]).permute(1, 2, 0)[m : m + c, m : m + c]
+        t1 = time.perf_counter()
+        w_nk, _, _ = non_negative_factorization(
+            feats.reshape(-1, feats.shape[-1]).numpy().astype(np.float64), H=self.concepts, W=None,
+            n_components=self.k, update_H=False, random_state=0, max_iter=10000,
+        )
+        labels = w_nk.argmax(-1).reshape(c, c)
+        return labels, t1 - t0, time.perf_counter() - t1
+
+
+def paired_tiles(args, cfg, seg, loop, n_tiles):
+    """The same tissue tiles through both, alternating which goes first (the machine's load drifts)."""
     from fseg_jax.wsi.reader import open_slide
     from fseg_jax.wsi.tiling import TileGrid
 
-    model = timm.create_model(
-        "vit_large_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, init_values=1e-5,
-        depth=cfg.depth,
-    ).eval()
-    concepts = concepts_for(k, cfg.embed_dim, args.bank)
-    mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std).view(1, 3, 1, 1)
-    m = args.margin // cfg.patch_size
-    read_s = forward_s = nnls_s = 0.0
-    with open_slide(slide_path) as slide:
+    seg.step(np.full((1, args.tile, args.tile, 3), 255, np.uint8))  # compile
+    read_s, jax_s, forward_s, nnls_s, agree = [], [], [], [], []
+    with open_slide(args.slide) as slide:
         plan = slide.plan(args.mpp)
         grid = TileGrid.for_slide(plan.size, patch=cfg.patch_size, tile=args.tile, margin=args.margin)
-        tiles = tissue_tiles(slide, grid, args.mpp)[:n_tiles]
-        for t in tiles:
+        for i, t in enumerate(tissue_tiles(slide, grid, args.mpp)[:n_tiles]):
             t0 = time.perf_counter()
-            x, y, w, h = grid.read_box(int(t))
-            image = slide.read(plan, x, y, w, h)
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                xt = (torch.tensor(image).permute(2, 0, 1)[None].float() / 255 - mean) / std
-                tokens = model.forward_intermediates(xt, indices=[-1], norm=False, intermediates_only=True)[0]
-            feats = torch.relu(tokens[0]).permute(1, 2, 0)[m : m + grid.core_tokens, m : m + grid.core_tokens]
-            t2 = time.perf_counter()
-            x_nd = feats.reshape(-1, feats.shape[-1]).numpy().astype(np.float64)
-            w_nk, _, _ = non_negative_factorization(
-                x_nd, H=np.maximum(concepts, 0).astype(np.float64), W=None, n_components=k, update_H=False, random_state=0,
-                max_iter=10000,
-            )
-            w_nk.argmax(-1)
-            t3 = time.perf_counter()
-            read_s, forward_s, nnls_s = read_s + t1 - t0, forward_s + t2 - t1, nnls_s + t3 - t2
-    return len(tiles), read_s, forward_s, nnls_s
+            image = slide.read(plan, *grid.read_box(int(t)))
+            read_s.append(time.perf_counter() - t0)
+
+            def run_jax():
+                t0 = time.perf_counter()
+                labels, _ = seg.step(image[None])
+                jax_s.append(time.perf_counter() - t0)
+                return labels[0]
+
+            def run_torch():
+                labels, f, n = loop(image)
+                forward_s.append(f)
+                nnls_s.append(n)
+                return labels
+
+            if i % 2:
+                a, b = run_torch(), run_jax()
+            else:
+                b, a = run_jax(), run_torch()
+            agree.append(float((a == b).mean()))
+    return {"read": read_s, "jax": jax_s, "forward": forward_s, "nnls": nnls_s, "agree": agree}
 
 
 def read_throughput(seg, slide_path, n: int):
@@ -172,15 +213,17 @@ def main():
     ap.add_argument("--depth", type=int, default=0, help="fewer blocks than UNI's 24 (0 = all)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--workers", type=int, default=None, help="reader threads (default: one per CPU core)")
-    ap.add_argument("--max-tiles", type=int, default=6, help="CPU: tiles through the PyTorch loop")
+    ap.add_argument("--max-tiles", type=int, default=6, help="CPU: tiles timed through both, paired")
     ap.add_argument("--batches", type=int, default=20, help="GPU: batches timed for compute throughput")
     args = ap.parse_args()
 
-    import jax
-
     if not args.slide.is_file() and not args.gpu:
         raise SystemExit(f"slide not found: {args.slide}")
-    cfg, seg = build_jax(args, args.k)
+
+    import jax
+
+    loop = None if args.gpu else TorchLoop(args, uni_config(args), args.k)
+    cfg, seg = build_jax(args, args.k, None if loop is None else loop.model)
     devices = jax.devices()
     print(f"devices: {len(devices)} x {devices[0].device_kind}; UNI architecture depth {cfg.depth}, "
           f"tile {args.tile} px (margin {args.margin}) at {args.mpp} um/px, batch {seg.step.batch}, "
@@ -205,22 +248,24 @@ def main():
               f"{grid_tiles / rate / 60:.1f} min all tiles, {0.4 * grid_tiles / rate / 60:.1f} min at 40% tissue")
         return
 
+    pairs = paired_tiles(args, cfg, seg, loop, args.max_tiles)
+    n = len(pairs["jax"])
+    jax_total = sum(pairs["jax"])
+    torch_total = sum(pairs["forward"]) + sum(pairs["nnls"])
+    print(f"same {n} tiles, paired: fseg_jax step {jax_total / n:.2f} s/tile; PyTorch loop {torch_total / n:.2f} s/tile "
+          f"(timm forward {sum(pairs['forward']) / n:.2f}, scikit-learn NNLS {sum(pairs['nnls']) / n:.2f}); "
+          f"fseg_jax {torch_total / jax_total:.2f}x tiles/s; labels agree on {100 * np.mean(pairs['agree']):.1f}% "
+          f"of tokens; reading {sum(pairs['read']) / n:.3f} s/tile")
+
     tiles, seconds, summary = run_pipeline(seg, args.slide)
     timing = summary["timing_s"]
-    jax_rate = tiles / seconds
-    print(f"fseg_jax pipeline: {tiles} tissue tiles in {seconds:.1f} s = {jax_rate:.3f} tiles/s "
-          f"(waiting on reads {timing['read_wait']:.2f} s = {100 * timing['read_wait'] / seconds:.1f}%, "
-          f"tissue detection {timing['tissue']:.2f} s, writing outputs {timing['write']:.2f} s)")
+    print(f"fseg_jax pipeline end to end: {tiles} tissue tiles in {seconds:.1f} s = {tiles / seconds:.3f} tiles/s; "
+          f"waiting on reads {timing['read_wait']:.2f} s ({100 * timing['read_wait'] / seconds:.1f}%), computing "
+          f"{timing['compute']:.1f} s ({100 * timing['compute'] / seconds:.1f}%), tissue detection "
+          f"{timing['tissue']:.2f} s, writing outputs {timing['write']:.2f} s")
     read = read_throughput(seg, args.slide, 2 * tiles)
-    print(f"reading alone ({seg.workers} threads): {read:.1f} tiles/s = {100 * jax_rate / read:.1f}% of the "
-          f"pipeline's time per tile")
-    n, read_s, forward_s, nnls_s = torch_loop(args, cfg, args.k, args.slide, args.max_tiles)
-    total = read_s + forward_s + nnls_s
-    torch_rate = n / total
-    print(f"PyTorch loop (timm + scikit-learn NNLS): {n} tiles in {total:.1f} s = {torch_rate:.3f} tiles/s "
-          f"(read {100 * read_s / total:.1f}%, forward {100 * forward_s / total:.1f}%, NNLS {100 * nnls_s / total:.1f}%)")
-    print(f"fseg_jax / PyTorch: {jax_rate / torch_rate:.2f}x tiles/s")
-
+    print(f"reading alone ({seg.workers} threads): {read:.1f} tiles/s, i.e. {100 * tiles / seconds / read:.1f}% of "
+          f"the pipeline's time per tile")
 
 if __name__ == "__main__":
     main()
