@@ -12,8 +12,8 @@ else a random non-negative one) in "project" mode. Reported:
 - fseg_jax: the first call in this process (trace, compile and run; no persistent cache), the warm
   end-to-end call, the warm ViT forward alone (the same jitted forward as the pipeline uses) and the warm
   post-ViT program alone (NNLS, upsampling, argmax on the same features);
-- the first call of a new process with JAX's persistent compilation cache (as the CLI enables it) in an empty
-  folder, then in a second new process with that folder filled;
+- in new processes, the time to trace and lower the pipeline's program and to compile it with JAX's
+  persistent compilation cache (as the CLI enables it) in an empty folder, then with that folder filled;
 - the ratios the targets are stated in, and the share of pixels on which both pipelines agree.
 """
 
@@ -77,18 +77,29 @@ def _time(fn, repeats: int = 1):
     return best, out
 
 
-def first_call(args) -> dict:
-    """The first segment() call of a process, with the compilation cache in ``args.cache``."""
+def compile_times(args) -> dict:
+    """Trace + lower, then compile (or load from the persistent cache in ``args.cache``), the pipeline's program
+    for the benchmark image, as the first ``segment()`` call of a new process does."""
     from fseg_jax.cli.segment import enable_compilation_cache
 
     enable_compilation_cache(args.cache)
-    from fseg_jax.segment import segment
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fseg_jax.segment import _concepts_array, _Options, _run, _split
 
     _, model = _model(args.depth)
     image = _image()
     concepts, _ = _concepts(args.k, model.config.embed_dim)
-    seconds, _ = _time(lambda: segment(image, concepts, model=model))
-    return {"first_call_s": seconds}
+    concepts = _concepts_array(concepts, None, model.config.embed_dim, model, (-1,))
+    graphdef, state = _split(model)
+    h, w = image.shape[:2]
+    hp, wp = -(-h // 16) * 16, -(-w // 16) * 16
+    batch = jnp.asarray(np.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge"))[None]
+    options = _Options(method="project", layers=(-1,), n_components=20, seed=0, solver_kwargs=())
+    trace_s, lowered = _time(lambda: _run.lower(graphdef, options, state, jnp.asarray(concepts), batch))
+    compile_s, _ = _time(lowered.compile)
+    return {"trace_lower_s": trace_s, "compile_s": compile_s}
 
 
 def main() -> None:
@@ -97,12 +108,12 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=None, help="blocks (default: UNI's 24)")
     parser.add_argument("--repeats", type=int, default=2, help="warm repeats (best is reported)")
     parser.add_argument("--skip-original", action="store_true")
-    parser.add_argument("--first-call-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.first_call_only:
-        print(json.dumps(first_call(args)))
+    if args.compile_only:
+        print(json.dumps(compile_times(args)))
         return
 
     import jax
@@ -154,15 +165,17 @@ def main() -> None:
     results["jax_forward_s"], _ = _time(lambda: jax.block_until_ready(forward(state, padded)), args.repeats)
     results["jax_after_vit_s"], _ = _time(lambda: jax.block_until_ready(after_vit(feats, c)), args.repeats)
 
-    # fresh processes: the first call with an empty persistent compilation cache, then with it filled
+    # new processes: compile the pipeline with JAX's persistent compilation cache (as the CLI enables it) in an
+    # empty folder, then again in a second process with the folder filled
     cache = args.cache or tempfile.mkdtemp(prefix="fseg_jax_bench_cache_")
-    for key in ("jax_new_process_empty_cache_first_call_s", "jax_new_process_filled_cache_first_call_s"):
+    for label in ("empty_cache", "filled_cache"):
         child = subprocess.run(
-            [sys.executable, __file__, "--first-call-only", "--cache", cache, "--k", str(args.k)]
+            [sys.executable, __file__, "--compile-only", "--cache", cache, "--k", str(args.k)]
             + (["--depth", str(args.depth)] if args.depth else []),
             capture_output=True, text=True, check=True,
         )
-        results[key] = json.loads(child.stdout.strip().splitlines()[-1])["first_call_s"]
+        for key, value in json.loads(child.stdout.strip().splitlines()[-1]).items():
+            results[f"jax_new_process_{label}_{key}"] = value
     results["compilation_cache_files"] = len(os.listdir(cache))
 
     if not args.skip_original:

@@ -405,7 +405,8 @@ def _concepts_array(concepts, k, feature_dim: int, model, layers) -> np.ndarray:
         from fseg_jax.concepts import check_compatible, resolve_concepts
 
         bank = resolve_concepts(concepts)
-        check_compatible(bank, feature_dim, model_name=getattr(model.config, "name", None), layer=layers[0] if len(layers) == 1 else layers)
+        layer = layers[0] if len(layers) == 1 else layers
+        check_compatible(bank, feature_dim, model_name=getattr(model.config, "name", None), layer=layer)
         if k is None:
             if len(bank.ks) != 1:
                 raise ValueError(f"the concept bank holds k in {list(bank.ks)}: pass k= to choose one")
