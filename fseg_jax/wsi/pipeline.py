@@ -225,6 +225,7 @@ class SlideSegmenter:
             if summary_path.is_file():
                 done = json.loads(summary_path.read_text())
                 if done.get("fingerprint") == plan["fingerprint"]:
+                    WorkDir(out_dir).clear()  # left behind only by a kill between the summary and the cleanup
                     return SlideResult(
                         reader.path, out_dir, True, done["tiles"]["tissue"], 0, time.perf_counter() - t_start, done
                     )
