@@ -575,7 +575,8 @@ def segment_slide(
 
     model: a model object (VisionTransformer, ResNet50), a preset name or a converted-model folder.
     concepts: a ConceptBank, a bank path or preset name (then `k` picks the matrix), or a (k, d) array.
-    mpp: working resolution in microns per pixel (0.5 ~ 20x); slide_mpp: the slide's own level-0
+    mpp: working resolution in microns per pixel (0.5 ~ 20x; a pyramid level within 2 % of it is used
+    as it is, at its own resolution, which summary.json records); slide_mpp: the slide's own level-0
     resolution when its file does not record it (or records it wrongly). tile: tile side in working
     pixels, a multiple of the patch size; margin: context computed then discarded on each side (default
     tile/16). batch: tiles per compiled step, sharded over `devices` (default: all local devices).
