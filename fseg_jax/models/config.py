@@ -22,8 +22,24 @@ MLP_LAYERS = ("mlp", "swiglu_packed")
 ACT_LAYERS = ("gelu", "silu")
 
 
+class _DictConfig:
+    """``to_dict`` / ``from_dict`` for the config dataclasses (the ``config.json`` of a converted model)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """The config with these fields; a key that is not a field is an error naming it."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(_DictConfig):
     """A pre-norm timm ``VisionTransformer`` as used by pathology foundation models.
 
     Attributes:
@@ -108,17 +124,6 @@ class ViTConfig:
     def presets() -> tuple[str, ...]:
         return tuple(sorted(_PRESETS))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ViTConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
-
     @classmethod
     def from_timm(cls, timm_config: Mapping[str, Any], *, name: str | None = None) -> "ViTConfig":
         """Build a config from a timm hub ``config.json`` (``architecture`` + ``model_args``).
@@ -131,7 +136,7 @@ class ViTConfig:
 
 
 @dataclass(frozen=True)
-class ResNetConfig:
+class ResNetConfig(_DictConfig):
     """torchvision ResNet-50 up to ``layer3`` (the original F-Seg CNN path): stride 16, 1024 channels.
 
     ``patch_size`` is the output stride so that callers treat it like a ViT's patch; ``depth`` is the
@@ -167,16 +172,6 @@ class ResNetConfig:
             raise ValueError(f"unknown ResNet preset {name!r}; available: resnet50")
         return cls()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ResNetConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"unknown ResNetConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
 
 
 def config_from_preset(name: str) -> ViTConfig | ResNetConfig:

@@ -242,10 +242,3 @@ class VisionTransformer(nnx.Module):
             grid = y[:, n_prefix:].reshape(b, h, w, cfg.embed_dim)
             results.append((grid, y[:, :n_prefix]) if return_prefix_tokens else grid)
         return results
-
-    def forward_features(self, x_bhwc: Array) -> Array:
-        """All tokens after the last block and the final norm: (B, num_prefix_tokens + h*w, D)."""
-        x = self.embed(x_bhwc)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
