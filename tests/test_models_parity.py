@@ -93,3 +93,20 @@ def test_prefix_tokens_and_indices_match_timm():
             assert prefix.shape == (1, config.num_prefix_tokens, config.embed_dim)
             assert relative_error(grid, ref_grid.permute(0, 2, 3, 1).numpy()) <= TOL
             assert relative_error(prefix, ref_prefix.numpy()) <= TOL
+
+
+@pytest.mark.parametrize("preset", ["uni", "uni2_h", "virchow2"])
+def test_position_embedding_resampling_matches_timm(preset):
+    """Shrinking one side of the stored grid (where timm's antialiased bicubic kernel differs from a plain
+    one) and the stored grid itself (no resampling), with prefix rows embedded (uni, virchow2) or not
+    (uni2_h, registers included)."""
+    from fseg_jax import convert_timm_state_dict
+
+    timm_model = make_timm_model(preset, depth=1)
+    config = fseg_config(preset, depth=1)
+    model = convert_timm_state_dict(timm_model.state_dict(), config)
+    p = config.patch_size
+    rows, cols = config.pos_embed_grid
+    for grid in ((rows // 2 + 1, cols + 3), (rows + 2, cols - 5), (rows, cols)):
+        x = random_input(grid[0] * p, grid[1] * p, seed=2)
+        _assert_parity(model, timm_model, x)
