@@ -103,11 +103,9 @@ def overlay(
 
 
 def _as_rgb_uint8(image: Any) -> np.ndarray:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a core dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3:
