@@ -225,9 +225,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone after a successful replace; removed after a failure
 
 
 def load_concepts(path: str | os.PathLike) -> ConceptBank:
@@ -486,10 +485,15 @@ def build_concepts(
         raise ValueError("tokens_per_tile needs per_token=True and a value >= 1")
     layer = _normalise_layer(layer)
 
-    feats = _tile_features(model, _iter_tiles(images_or_folder, tile, tile_filter), layer, tile, batch_size, per_token)
+    keep = None
     if per_token and tokens_per_tile is not None:
         rng = np.random.default_rng(seed)
-        feats = [f[np.sort(rng.choice(len(f), size=min(tokens_per_tile, len(f)), replace=False))] for f in feats]
+
+        def keep(f_td: np.ndarray) -> np.ndarray:
+            return f_td[np.sort(rng.choice(len(f_td), size=min(tokens_per_tile, len(f_td)), replace=False))]
+
+    tiles = _iter_tiles(images_or_folder, tile, tile_filter)
+    feats = _tile_features(model, tiles, layer, tile, batch_size, per_token, keep)
     x_nd = np.concatenate(feats, axis=0) if feats else np.zeros((0, 0), np.float32)
     if x_nd.shape[0] < ks[-1]:
         what = "tokens" if per_token else "tiles"
@@ -546,9 +550,18 @@ def _iter_tiles(images_or_folder: Any, tile: int, tile_filter: Callable | None) 
 
 
 def _tile_features(
-    model: Any, tiles: Iterable[np.ndarray], layer: Any, tile: int, batch_size: int, per_token: bool
+    model: Any,
+    tiles: Iterable[np.ndarray],
+    layer: Any,
+    tile: int,
+    batch_size: int,
+    per_token: bool,
+    keep: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[np.ndarray]:
-    """Per tile, the spatial mean (1, D) or the tokens (h*w, D) of the ReLU'd features, in tile order."""
+    """Per tile, the spatial mean (1, D) or the tokens (h*w, D) of the ReLU'd features, in tile order.
+
+    ``keep`` (per-token mode) selects the rows of each tile's (h*w, D) block as soon as it is computed, so
+    only the kept tokens are held while the remaining tiles stream through the model."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -571,7 +584,7 @@ def _tile_features(
 
     def flush(n):
         f = np.asarray(features(state, batch))
-        out.extend(f[i] for i in range(n))
+        out.extend(f[i] if keep is None else keep(f[i]) for i in range(n))
 
     n = 0
     for t in tiles:

@@ -6,6 +6,7 @@ import dataclasses
 import shutil
 import warnings
 
+import joblib
 import numpy as np
 import pytest
 
@@ -147,7 +148,6 @@ def test_import_refuses_without_opt_in(shared_data):
 
 
 def test_import_upstream_banks(shared_data, tmp_path):
-    joblib = pytest.importorskip("joblib")
     for file, preset, ks, dim in [
         ("uni.joblib", "uni", (8, 16, 32, 64, 128, 256), 1024),
         ("prov_gigapath.joblib", "gigapath", (8, 16, 32, 64, 128, 256), 1536),
@@ -165,7 +165,6 @@ def test_import_upstream_banks(shared_data, tmp_path):
 
 
 def test_import_validates_content(tmp_path):
-    joblib = pytest.importorskip("joblib")
     joblib.dump([1, 2, 3], tmp_path / "list.joblib")
     joblib.dump({8: np.ones((7, 4), np.float32), 4: np.ones((4, 4), np.float32), "x": 1}, tmp_path / "bad.joblib")
     (tmp_path / "junk.joblib").write_bytes(b"\x80\x04 definitely not a pickle")
@@ -254,15 +253,17 @@ def _images(n=2, h=96, w=150, seed=0):
     return np.clip(img + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
 
 
-def _manual_tile_means(model, images, tile):
-    import jax.numpy as jnp
-
+def _manual_tile_features(model, images, tile):
+    """(tiles, h, w, D) ReLU'd token features of the non-overlapping tiles, in build order."""
     from fseg_jax.features import preprocess, token_features
 
     tiles = [im[y:y + tile, x:x + tile] for im in images
              for y in range(0, im.shape[0] - tile + 1, tile) for x in range(0, im.shape[1] - tile + 1, tile)]
-    f = token_features(model, preprocess(np.stack(tiles), model.config), -1)
-    return np.asarray(jnp.mean(f, axis=(1, 2)))
+    return np.asarray(token_features(model, preprocess(np.stack(tiles), model.config), -1))
+
+
+def _sorted_rows(a):
+    return a[np.lexsort(a.T[::-1])]
 
 
 def test_build_uses_per_tile_mean_features(tiny_vit):
@@ -272,10 +273,9 @@ def test_build_uses_per_tile_mean_features(tiny_vit):
     bank = build_concepts(tiny_vit, images, ks=(12, 3), tile=48, batch_size=5)
     np.testing.assert_array_equal(images, before)
     assert bank.ks == (3, 12) and bank.feature_dim == 64 and bank.model == "uni" and bank.layer == -1
-    feats = _manual_tile_means(tiny_vit, images, 48)
+    feats = _manual_tile_features(tiny_vit, images, 48).mean(axis=(1, 2))
     # with k == number of tiles every tile is its own centre
-    order = lambda a: a[np.lexsort(a.T[::-1])]
-    np.testing.assert_allclose(order(bank[12]), order(feats), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_sorted_rows(bank[12]), _sorted_rows(feats), rtol=1e-4, atol=1e-5)
     assert (bank[3] >= 0).all()
 
 
@@ -293,8 +293,18 @@ def test_build_is_deterministic_and_reads_folders(tiny_vit, tmp_path):
 
 def test_build_per_token(tiny_vit):
     images = _images(n=1)
-    bank = build_concepts(tiny_vit, images[0], ks=(4,), tile=48, per_token=True, tokens_per_tile=5)
-    assert bank.ks == (4,) and bank.feature_dim == 64
+    # one 96x150 image in 48 px tiles: 6 tiles of 3 x 3 tokens
+    tokens = _manual_tile_features(tiny_vit, images, 48).reshape(6, 9, 64)
+    # with k == number of tokens every token is its own centre
+    bank = build_concepts(tiny_vit, images[0], ks=(54,), tile=48, per_token=True)
+    np.testing.assert_allclose(_sorted_rows(bank[54]), _sorted_rows(tokens.reshape(54, 64)), rtol=1e-4, atol=1e-5)
+    # 5 tokens kept per tile: every centre is a token, 5 from each tile
+    bank = build_concepts(tiny_vit, images[0], ks=(4, 30), tile=48, per_token=True, tokens_per_tile=5)
+    assert bank.ks == (4, 30) and bank.feature_dim == 64
+    dist = np.abs(bank[30][:, None, None, :] - tokens[None]).max(-1)  # (centre, tile, token)
+    assert dist.min(axis=(1, 2)).max() <= 1e-4
+    from_tile = np.array([np.unravel_index(np.argmin(d), d.shape)[0] for d in dist])
+    assert np.bincount(from_tile, minlength=6).tolist() == [5] * 6
     with pytest.raises(ValueError, match="tokens_per_tile needs per_token"):
         build_concepts(tiny_vit, images, ks=(4,), tile=48, tokens_per_tile=5)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import joblib
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
@@ -18,7 +19,6 @@ def _blobs(n=2000, d=16, centres=20, seed=0):
 
 def _bank_like(shared_data, n=1500, d=128, seed=0):
     """ReLU'd noisy copies of real concept centres: the kind of data banks are built from."""
-    joblib = pytest.importorskip("joblib")
     bank = joblib.load(shared_data / "concepts" / "uni.joblib")[256][:, :d]
     rng = np.random.default_rng(seed)
     x = bank[rng.integers(0, 256, n)] + rng.normal(0.0, 0.3, (n, d)).astype(np.float32)
