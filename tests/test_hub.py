@@ -10,6 +10,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from flax import nnx
 from timm_models import fseg_config, make_timm_model, random_input, relative_error, save_hub_files, timm_intermediates
@@ -176,6 +177,10 @@ def test_cli_convert_timm_config_and_preset(h0_one_block, tmp_path):
     result = runner.invoke(main, ["convert", "--out", str(tmp_path / "y")])
     assert result.exit_code == 2 and "exactly one of --preset and --timm-config" in result.output
 
+    result = runner.invoke(main, ["convert", "--preset", "h0_mini", "--checkpoint", str(paths["bin"]),
+                                  "--revision", "abc", "--out", str(tmp_path / "z")])
+    assert result.exit_code == 2 and "--revision selects a hub download" in result.output
+
 
 def test_cli_convert_resnet50(tmp_path):
     from safetensors.torch import save_file
@@ -188,3 +193,9 @@ def test_cli_convert_resnet50(tmp_path):
     assert result.exit_code == 0, result.output
     model = load_model(tmp_path / "rn")
     assert dataclasses.asdict(model.config)["embed_dim"] == 1024
+    x = random_input(64, 96)
+    with torch.no_grad():
+        y = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        y = tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(y)))))))
+    (ours,) = model.forward_intermediates(x, indices=[-1])
+    assert relative_error(ours, y.permute(0, 2, 3, 1).numpy()) <= 1e-5

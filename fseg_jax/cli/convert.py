@@ -29,6 +29,8 @@ def convert(preset, timm_config, checkpoint, revision, out):
         raise click.UsageError("give exactly one of --preset and --timm-config")
     if timm_config is not None and checkpoint is None:
         raise click.UsageError("--timm-config needs --checkpoint")
+    if revision is not None and checkpoint is not None:
+        raise click.UsageError("--revision selects a hub download; drop it when converting a local --checkpoint")
     try:
         if preset is not None:
             config = config_from_preset(preset)
