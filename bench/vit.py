@@ -40,6 +40,26 @@ def _host_memory(field: str) -> int:
     return 0
 
 
+def _timed_calls(run, repeats: int) -> tuple[list[float], int]:
+    """Seconds of each of ``repeats`` calls of ``run``, and the resident memory before them (the peak is
+    reset first, so that VmHWM afterwards is the timed calls' own)."""
+    _reset_peak()
+    before = _host_memory("VmRSS")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times, before
+
+
+def _host_peaks(before: int, first_peak: int) -> dict:
+    """Host memory figures in MB: peak of the timed calls, its increase over ``before``, and the peak of the
+    compilation or first call."""
+    peak = _host_memory("VmHWM")
+    return {"peak_mb": peak / 1e6, "added_mb": (peak - before) / 1e6, "compile_peak_mb": first_peak / 1e6}
+
+
 def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype: str, repeats: int) -> dict:
     import dataclasses
 
@@ -68,13 +88,7 @@ def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype:
     compiled = jax.jit(features).lower(state, x).compile()
     compile_s = time.perf_counter() - t0
     compile_peak = _host_memory("VmHWM")
-    _reset_peak()
-    before = _host_memory("VmRSS")
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        compiled(state, x).block_until_ready()
-        times.append(time.perf_counter() - t0)
+    times, before = _timed_calls(lambda: compiled(state, x).block_until_ready(), repeats)
     device = jax.devices()[0]
     out = {"backend": jax.default_backend(), "device": device.device_kind}
     if jax.default_backend() == "gpu":
@@ -82,9 +96,7 @@ def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype:
         out["peak_mb"] = stats.get("peak_bytes_in_use", 0) / 1e6
         out["added_mb"] = None
     else:
-        out["peak_mb"] = _host_memory("VmHWM") / 1e6
-        out["added_mb"] = (_host_memory("VmHWM") - before) / 1e6
-        out["compile_peak_mb"] = compile_peak / 1e6
+        out.update(_host_peaks(before, compile_peak))
     return {**out, "compile_s": compile_s, "forward_s": min(times), "times": times}
 
 
@@ -114,21 +126,13 @@ def _run_timm(preset: str, depth: int | None, shape: tuple[int, int, int], dtype
     run()
     compile_s = time.perf_counter() - t0
     first_peak = _host_memory("VmHWM")
-    _reset_peak()
-    before = _host_memory("VmRSS")
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
+    times, before = _timed_calls(run, repeats)
     out = {"backend": device, "device": torch.cuda.get_device_name() if cuda else "cpu",
            "threads": torch.get_num_threads()}
     if cuda:
         out["peak_mb"], out["added_mb"] = torch.cuda.max_memory_allocated() / 1e6, None
     else:
-        out["peak_mb"] = _host_memory("VmHWM") / 1e6
-        out["added_mb"] = (_host_memory("VmHWM") - before) / 1e6
-        out["compile_peak_mb"] = first_peak / 1e6
+        out.update(_host_peaks(before, first_peak))
     return {**out, "compile_s": compile_s, "forward_s": min(times), "times": times}
 
 
