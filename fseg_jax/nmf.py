@@ -236,7 +236,10 @@ def _mu_loop(update, error, w0, tol, max_iter):
         converged = (tol > 0) & checked & ((prev - err) / err0 < tol)
         return w, it, err, converged | (it >= max_iter), converged
 
-    init = (w0, jnp.int32(0), err0, jnp.bool_(False), jnp.bool_(False))
+    # An exact start (X = 0 gives W = 0 and zero error) has nothing to improve; the relative decrease
+    # would be 0 / 0 and never pass the test.
+    done0 = err0 == 0
+    init = (w0, jnp.int32(0), err0, done0, done0)
     w, it, _, _, converged = lax.while_loop(lambda s: ~s[3], body, init)
     return w, it, converged
 
@@ -419,7 +422,7 @@ def _prepare_x(x, clip_negative):
         xj = xj.astype(jnp.float32)
     xj = jnp.where(jnp.isnan(xj), 0, xj)  # a new array: NaN -> 0, as in F-Seg
     if not bool(jnp.all(jnp.isfinite(xj))):
-        raise ValueError("x holds infinite values; only NaN is replaced (by 0)")
+        raise ValueError("x holds infinite values (only NaN is replaced, by 0); replace or drop them before the call")
     if bool(jnp.any(xj < 0)):
         if not clip_negative:
             raise ValueError(
@@ -445,7 +448,7 @@ def _prepare_concepts(concepts, d):
     if cj.dtype not in (jnp.float32, jnp.float64):
         cj = cj.astype(jnp.float32)
     if not bool(jnp.all(jnp.isfinite(cj))):
-        raise ValueError("concepts hold NaN or infinite values")
+        raise ValueError("concepts hold NaN or infinite values; the concept bank is damaged, load or build it again")
     cmin = float(jnp.min(cj))
     if cmin < 0:
         scale = float(jnp.max(jnp.abs(cj)))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import joblib
 import numpy as np
 import pytest
+import scipy.linalg as scipy_linalg
+import scipy.optimize as scipy_optimize
+import sklearn.decomposition as sklearn_nmf
 
 from fseg_jax.nmf import DEFAULT_SOLVER, _nmf_from, factorize, nmf, nnls, project
-
-sklearn_nmf = pytest.importorskip("sklearn.decomposition")
-scipy_optimize = pytest.importorskip("scipy.optimize")
-scipy_linalg = pytest.importorskip("scipy.linalg")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -19,7 +19,6 @@ scipy_linalg = pytest.importorskip("scipy.linalg")
 
 @pytest.fixture(scope="module")
 def banks(shared_data):
-    joblib = pytest.importorskip("joblib")
     # The upstream banks are pickles; these are the known files of the shared test data.
     banks = {}
     for name in ("uni", "prov_gigapath"):

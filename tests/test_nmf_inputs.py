@@ -40,8 +40,14 @@ def test_all_zero_rows_give_zero_weights(data):
     for solver in ("admm", "hals", "mu"):
         w = np.asarray(project(x, c, solver=solver).w)
         assert np.all(w[[0, 10]] == 0), solver
-    res = project(np.zeros_like(x), c)
-    assert np.all(np.asarray(res.w) == 0) and bool(res.converged)
+    for solver in ("admm", "hals", "mu"):  # an all-zero problem is solved at once, not run to max_iter
+        res = project(np.zeros_like(x), c, solver=solver)
+        assert np.all(np.asarray(res.w) == 0) and bool(res.converged), solver
+        assert int(res.n_iter) <= 1, solver
+    for solver in ("hals", "mu"):
+        res = factorize(np.zeros_like(x), 3, solver=solver)
+        assert bool(res.converged) and int(res.n_iter) <= 1, solver
+        assert np.all(np.asarray(res.w) == 0) or np.all(np.asarray(res.h) == 0), solver
 
 
 def test_negative_x_is_an_error_unless_clipped(data):
