@@ -61,8 +61,10 @@ class OriginalFSeg:
         resized = torch.nn.functional.interpolate(torch.from_numpy(w_bkhw), size, mode="bilinear")
         return resized[0].numpy().transpose((1, 2, 0)).argmax(axis=-1)
 
-    def project(self, x: torch.Tensor, concepts: np.ndarray) -> np.ndarray:
-        """``predict_project_concepts``: NNLS of every token on the bank, bilinear upsampling, argmax."""
+    def project(self, x: torch.Tensor, concepts: np.ndarray, tol: float = 1e-4) -> np.ndarray:
+        """``predict_project_concepts``: NNLS of every token on the bank, bilinear upsampling, argmax.
+
+        ``tol`` is scikit-learn's stopping tolerance (the original leaves it at its default, 1e-4)."""
         from sklearn.decomposition import non_negative_factorization
 
         concepts = np.maximum(concepts, 0)  # the original clips the caller's array in place
@@ -71,7 +73,7 @@ class OriginalFSeg:
         vector = acts.reshape(-1, acts.shape[-1])
         w, _, _ = non_negative_factorization(
             X=vector, H=concepts, W=None, n_components=len(concepts), update_H=False, random_state=0,
-            max_iter=10000,
+            max_iter=10000, tol=tol,
         )
         self.timings["nnls"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -111,7 +113,7 @@ def segment_original(fseg: OriginalFSeg, image_hw3_uint8: np.ndarray, concepts: 
     x = input_tensor(image_hw3_uint8)
     h, w = image_hw3_uint8.shape[:2]
     if method == "project":
-        labels = fseg.project(x, concepts)
+        labels = fseg.project(x, concepts, **kw)
     elif method == "nearest":
         labels = fseg.nearest(x, concepts)
     elif method == "factorize":
