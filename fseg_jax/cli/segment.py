@@ -82,7 +82,9 @@ def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, leg
 @click.option("--concepts", "concepts_spec", default=None,
               help="Concept bank: a .safetensors file or a preset (uni, gigapath, resnet50). Not used by dff.")
 @click.option("--k", type=int, default=None, help="Bank size to use (for dff: the number of components).")
-@click.option("--method", type=click.Choice(METHODS), default="project", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default="project", show_default=True,
+              help="project: NNLS onto the bank; nearest: most similar concept; factorize: per-image NMF, "
+                   "components mapped to the bank; dff: per-image NMF without a bank.")
 @click.option("--layer", "layers", type=int, multiple=True, default=(-1,), show_default=True,
               help="Block whose features are used; repeat to concatenate several blocks.")
 @click.option("--n-components", type=int, default=20, show_default=True, help="Free NMF components (factorize).")
