@@ -61,6 +61,16 @@ def test_upsample_argmax_ties_go_to_lowest_index():
     assert int(np.asarray(upsample_argmax(x, (32, 48))).max()) == 0
 
 
+def test_upsample_argmax_memory_is_a_few_planes_whatever_k():
+    """4096 x 4096 labels from 256 concepts: the full (H, W, k) float32 array would be 16 GiB."""
+    h = w = 4096
+    k = 256
+    compiled = jax.jit(lambda x: upsample_argmax(x, (h, w))).lower(
+        jax.ShapeDtypeStruct((h // 16, w // 16, k), jnp.float32)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 8 * h * w * 4, f"{temp / 2**20:.0f} MiB of temporaries"
+
+
 def test_upsample_needs_integer_factors():
     with pytest.raises(ValueError, match="integer"):
         upsample(jnp.ones((3, 5, 2)), (40, 80))
