@@ -36,6 +36,7 @@ import numpy as np
 from fseg_jax import nmf as _nmf
 from fseg_jax.features import _layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
+from fseg_jax.models import with_compute_dtype
 
 METHODS = ("project", "nearest", "factorize", "dff")
 
@@ -190,7 +191,7 @@ def make_token_fn(
     ``"factorize"`` the largest weight among the NMF components mapped to each concept (0 for concepts no
     component maps to), so the argmax over concepts is the original's label at every token. For ``"dff"``,
     ``concepts_kd`` may be None and k = ``n_components``. ``params`` holds the model state and the concepts;
-    ``dtype`` (e.g. ``jnp.bfloat16``) casts the model's floating parameters and inputs for the forward pass.
+    ``dtype`` (e.g. ``jnp.bfloat16``) runs the forward pass in that compute dtype (parameters stay float32).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -207,15 +208,13 @@ def make_token_fn(
         seed=int(seed),
         solver_kwargs=_solver_kwargs(solver, tol, max_iter),
     )
-    graphdef, state = _split(model)
     if dtype is not None:
-        state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+        model = with_compute_dtype(model, jnp.dtype(dtype))
+    graphdef, state = _split(model)
     config = model.config
 
     def fn(params, images_bhw3):
         x = preprocess(images_bhw3, config, size=tuple(images_bhw3.shape[1:3]))
-        if dtype is not None:
-            x = x.astype(dtype)
         model_ = _merge(graphdef, params["model"])
         feats = token_features(model_, x, list(options.layers))
         return jax.vmap(lambda f: _token_scores(f, params["concepts"], options))(feats)

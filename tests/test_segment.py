@@ -193,6 +193,24 @@ def test_make_token_fn_matches_segment(model, concepts):
         np.testing.assert_array_equal(scores[i].argmax(-1), token_labels)
 
 
+
+def test_make_token_fn_bfloat16_computes_the_model_in_bfloat16(model, concepts):
+    imgs = jnp.asarray(np.stack([_image(32, 48, s) for s in range(2)]))
+
+    def bf16_matmuls(fn, params):
+        hlo = jax.jit(fn).lower(params, imgs).as_text()
+        return sum("xbf16>, tensor<" in line for line in hlo.splitlines() if "dot_general" in line)
+
+    fn, params = make_token_fn(model, concepts, method="nearest", dtype=jnp.bfloat16)
+    fn32, params32 = make_token_fn(model, concepts, method="nearest")
+    # patch embedding, then per block qkv, two attention products, proj, fc1, fc2
+    assert bf16_matmuls(fn, params) >= 1 + 6 * model.config.depth
+    assert bf16_matmuls(fn32, params32) == 0
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params["model"])
+               if jnp.issubdtype(leaf.dtype, jnp.floating))
+    w = np.asarray(jax.jit(fn)(params, imgs))
+    np.testing.assert_allclose(w, np.asarray(jax.jit(fn32)(params32, imgs)), atol=0.05)
+
 # --- bad inputs --------------------------------------------------------------------------------------------------
 
 

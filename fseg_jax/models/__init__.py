@@ -1,0 +1,22 @@
+"""Feature extractors: timm Vision Transformers and torchvision ResNet-50 in Flax NNX."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+
+def with_compute_dtype(model, dtype):
+    """``model`` (a ``VisionTransformer`` or ``ResNet50``) computing in ``dtype``, e.g. ``jnp.bfloat16``.
+
+    The parameters are shared, not copied, and stay float32; every layer of the returned model casts its
+    inputs and weights to ``dtype`` for its matmuls. Casting the parameters alone does not do this: the patch
+    embedding of a float32-built model still returns float32, and the whole forward would run in float32.
+    """
+    if getattr(model, "dtype", None) == dtype:
+        return model
+    kwargs = {"dtype": dtype}
+    if hasattr(model, "attention_impl"):
+        kwargs["attention_impl"] = model.attention_impl
+    shell = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, _ = nnx.split(shell)
+    return nnx.merge(graphdef, nnx.state(model))

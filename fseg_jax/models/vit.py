@@ -156,6 +156,7 @@ class VisionTransformer(nnx.Module):
         d = config.embed_dim
         self.config = config
         self.dtype = dtype
+        self.attention_impl = attention_impl
         self.patch_embed = PatchEmbed(config.patch_size, d, dtype=dtype, rngs=rngs)
         init = nnx.initializers.normal(0.02)
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d))) if config.class_token else None

@@ -173,6 +173,7 @@ class SlideSegmenter:
         """
         import jax.numpy as jnp
 
+        from fseg_jax.models import with_compute_dtype
         from fseg_jax.segment import make_token_fn
 
         dtype = None if dtype is None else jnp.dtype(dtype)
@@ -182,8 +183,8 @@ class SlideSegmenter:
 
             model_desc = str(model)
             model = load_model(model, dtype=dtype)
-        elif dtype is not None and getattr(model, "dtype", None) != dtype:
-            model = _with_compute_dtype(model, dtype)
+        elif dtype is not None:
+            model = with_compute_dtype(model, dtype)
         config = model.config
         model_desc = model_desc or getattr(config, "name", type(model).__name__)
         concepts_kd, k, bank_desc = _concepts_for(concepts, k, config)
@@ -332,14 +333,6 @@ class SlideSegmenter:
             bar.close()
         return computed
 
-
-def _with_compute_dtype(model, dtype):
-    """The same parameters in a model of the same class built with compute `dtype` (nothing is copied)."""
-    from flax import nnx
-
-    shell = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0), dtype=dtype))
-    graphdef, _ = nnx.split(shell)
-    return nnx.merge(graphdef, nnx.state(model))
 
 
 def _grid(plan: dict) -> TileGrid:
