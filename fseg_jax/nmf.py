@@ -74,6 +74,7 @@ __all__ = [
     "SOLVERS",
     "factorize",
     "nmf",
+    "nmf_from",
     "nnls",
     "project",
 ]
@@ -361,8 +362,12 @@ def _nmf_mu(x_nd, w0, h0, tol, max_iter):
     return w, h, it, converged
 
 
-def _nmf_from(x_nd, w0_nk, h0_kd, *, solver, tol, max_iter):
-    """Full NMF from a given start (one problem, pure)."""
+def nmf_from(x_nd, w0_nk, h0_kd, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER) -> NMFResult:
+    """Full NMF ``X ~= W H`` from a given start ``W0`` (n, k), ``H0`` (k, d) >= 0; one problem, pure, traceable.
+
+    For callers that reproduce another implementation's initialisation exactly; ``nmf`` draws the start itself.
+    """
+    _check_solver(solver, NMF_SOLVERS)
     dtype = jnp.result_type(x_nd, jnp.float32)
     x_nd = jnp.asarray(x_nd, dtype)
     tol = jnp.asarray(tol, dtype)
@@ -381,7 +386,7 @@ def nmf(x_nd, k, key, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER
     max_iter = _resolve_max_iter(max_iter, _NMF_DEFAULT_MAX_ITER)
     x_nd = jnp.asarray(x_nd, jnp.result_type(x_nd, jnp.float32))
     w0, h0 = _random_init(x_nd, k, key)
-    return _nmf_from(x_nd, w0, h0, solver=solver, tol=tol, max_iter=max_iter)
+    return nmf_from(x_nd, w0, h0, solver=solver, tol=tol, max_iter=max_iter)
 
 
 # ----------------------------------------------------------------------------------------------------------------

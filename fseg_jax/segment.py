@@ -269,10 +269,7 @@ def _token_weights(feats_hwd, concepts_kd, options: _Options):
     x_dn = x_nd.T
     normal_h, normal_w = _sklearn_random_normals(options.seed, options.n_components, d, h * w)
     avg = jnp.sqrt(jnp.mean(x_dn) / options.n_components)
-    kwargs.setdefault("solver", "hals")
-    kwargs.setdefault("tol", 1e-4)
-    kwargs.setdefault("max_iter", 200)
-    res = _nmf._nmf_from(x_dn, avg * jnp.abs(normal_w), avg * jnp.abs(normal_h), **kwargs)
+    res = _nmf.nmf_from(x_dn, avg * jnp.abs(normal_w), avg * jnp.abs(normal_h), **kwargs)
     components_md = res.w.T
     weights_nm = res.h.T
     mapping = None

@@ -11,7 +11,7 @@ import scipy.linalg as scipy_linalg
 import scipy.optimize as scipy_optimize
 import sklearn.decomposition as sklearn_nmf
 
-from fseg_jax.nmf import DEFAULT_SOLVER, _nmf_from, factorize, nmf, nnls, project
+from fseg_jax.nmf import DEFAULT_SOLVER, factorize, nmf, nmf_from, nnls, project
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -171,7 +171,7 @@ def test_nmf_matches_sklearn_from_same_start(banks, solver):
     model = sklearn_nmf.NMF(k, init="custom", solver="cd" if solver == "hals" else "mu", tol=1e-4, max_iter=200)
     w_skl = model.fit_transform(x, W=w0.copy(), H=h0.copy())
     f_skl = objective(x, w_skl, model.components_)
-    res = jax.jit(lambda x, w, h: _nmf_from(x, w, h, solver=solver, tol=1e-4, max_iter=200))(x, w0, h0)
+    res = jax.jit(lambda x, w, h: nmf_from(x, w, h, solver=solver, tol=1e-4, max_iter=200))(x, w0, h0)
     assert abs(int(res.n_iter) - model.n_iter_) <= max(1, 0.01 * model.n_iter_)
     f = objective(x, res.w, res.h)
     assert f == pytest.approx(f_skl, rel=1e-3)
