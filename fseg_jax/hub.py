@@ -45,14 +45,20 @@ def save_model(model, directory: str | Path) -> Path:
     _, state = nnx.split(model)
     flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
     tensors = {".".join(str(p) for p in path): np.asarray(value, np.float32) for path, value in flat.items()}
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "fseg_jax"})
+    # each file goes to a temporary name first, then is renamed: an interrupted save never leaves a
+    # half-written file under the final name (the weights land before the config that points at them)
+    tmp = directory / f".{WEIGHTS_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "fseg_jax"})
+    os.replace(tmp, directory / WEIGHTS_FILE)
     meta = {
         "format": "fseg_jax",
         "format_version": FORMAT_VERSION,
         "model_type": "resnet" if isinstance(config, ResNetConfig) else "vit",
         "config": config.to_dict(),
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = directory / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, directory / CONFIG_FILE)
     return directory
 
 

@@ -182,6 +182,26 @@ def test_cli_convert_timm_config_and_preset(h0_one_block, tmp_path):
     assert result.exit_code == 2 and "--revision selects a hub download" in result.output
 
 
+
+def test_cli_convert_random_init(tmp_path):
+    spec = read_manifest("uni")["timm"]
+    timm_config = {"architecture": spec["architecture"], "model_args": {**spec["model_args"], "depth": 1}}
+    (tmp_path / "config.json").write_text(json.dumps(timm_config))
+    runner = CliRunner()
+    args = ["convert", "--timm-config", str(tmp_path / "config.json"), "--random-init", "3"]
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "random weights (seed 3)" in result.output
+    model = load_model(tmp_path / "out")
+    expected = VisionTransformer(model.config, rngs=nnx.Rngs(3))
+    x = random_input(32, 48)
+    np.testing.assert_array_equal(np.asarray(model.forward_intermediates(x)[-1]),
+                                  np.asarray(expected.forward_intermediates(x)[-1]))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+    result = runner.invoke(main, [*args, "--checkpoint", str(tmp_path / "config.json"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--random-init makes weights without a checkpoint" in result.output
+
 def test_cli_convert_resnet50(tmp_path):
     from safetensors.torch import save_file
     from timm_models import make_torchvision_resnet50

@@ -16,9 +16,12 @@ import click
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Local checkpoint: model.safetensors (no torch needed) or pytorch_model.bin.")
 @click.option("--revision", help="Hub revision, overriding the one pinned in the preset's manifest.")
+@click.option("--random-init", "random_seed", type=int, default=None, metavar="SEED",
+              help="No checkpoint: random weights of the preset's architecture, drawn from SEED. For trying the "
+              "pipeline without access to the gated weights; its segmentations mean nothing.")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (model.safetensors + config.json).")
-def convert(preset, timm_config, checkpoint, revision, out):
+def convert(preset, timm_config, checkpoint, revision, random_seed, out):
     """Convert a timm / torchvision checkpoint to an fseg_jax model directory (loadable with load_model)."""
     from fseg_jax.convert.checkpoint import convert_checkpoint
     from fseg_jax.convert.timm import ConversionError
@@ -27,18 +30,28 @@ def convert(preset, timm_config, checkpoint, revision, out):
 
     if (preset is None) == (timm_config is None):
         raise click.UsageError("give exactly one of --preset and --timm-config")
-    if timm_config is not None and checkpoint is None:
-        raise click.UsageError("--timm-config needs --checkpoint")
+    if timm_config is not None and checkpoint is None and random_seed is None:
+        raise click.UsageError("--timm-config needs --checkpoint (or --random-init)")
     if revision is not None and checkpoint is not None:
         raise click.UsageError("--revision selects a hub download; drop it when converting a local --checkpoint")
+    if random_seed is not None and (checkpoint is not None or revision is not None):
+        raise click.UsageError("--random-init makes weights without a checkpoint; drop --checkpoint and --revision")
     try:
         if preset is not None:
             config = config_from_preset(preset)
         else:
             config = ViTConfig.from_timm(json.loads(timm_config.read_text()), name=timm_config.parent.name)
-        if checkpoint is None:
-            checkpoint = download_checkpoint(preset, revision=revision)
-        model = convert_checkpoint(checkpoint, config)
+        if random_seed is not None:
+            from flax import nnx
+
+            from fseg_jax.models import build_model
+
+            checkpoint = f"random weights (seed {random_seed})"
+            model = build_model(config, rngs=nnx.Rngs(random_seed))
+        else:
+            if checkpoint is None:
+                checkpoint = download_checkpoint(preset, revision=revision)
+            model = convert_checkpoint(checkpoint, config)
     except (ConversionError, ModelAccessError, ValueError, ImportError) as err:
         raise click.ClickException(str(err)) from err
     save_model(model, out)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fseg_jax.models import build_model
 from fseg_jax.models.config import ResNetConfig, ViTConfig
 
 
@@ -98,15 +99,7 @@ def _dotted(path: tuple) -> str:
 
 
 def _abstract_model(config, **model_kwargs):
-    if isinstance(config, ViTConfig):
-        from fseg_jax.models.vit import VisionTransformer
-
-        return nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0), **model_kwargs))
-    if isinstance(config, ResNetConfig):
-        from fseg_jax.models.resnet import ResNet50
-
-        return nnx.eval_shape(lambda: ResNet50(config, rngs=nnx.Rngs(0), **model_kwargs))
-    raise TypeError(f"config must be a ViTConfig or ResNetConfig, got {type(config).__name__}")
+    return nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0), **model_kwargs))
 
 
 def convert_timm_state_dict(state_dict: Mapping[str, Any], config: ViTConfig | ResNetConfig, **model_kwargs):

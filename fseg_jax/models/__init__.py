@@ -5,6 +5,21 @@ from __future__ import annotations
 from flax import nnx
 
 
+def build_model(config, *, rngs: nnx.Rngs, **model_kwargs):
+    """A randomly initialised ``VisionTransformer`` (``ViTConfig``) or ``ResNet50`` (``ResNetConfig``)."""
+    from fseg_jax.models.config import ResNetConfig, ViTConfig
+
+    if isinstance(config, ViTConfig):
+        from fseg_jax.models.vit import VisionTransformer
+
+        return VisionTransformer(config, rngs=rngs, **model_kwargs)
+    if isinstance(config, ResNetConfig):
+        from fseg_jax.models.resnet import ResNet50
+
+        return ResNet50(config, rngs=rngs, **model_kwargs)
+    raise TypeError(f"config must be a ViTConfig or ResNetConfig, got {type(config).__name__}")
+
+
 def with_compute_dtype(model, dtype):
     """``model`` (a ``VisionTransformer`` or ``ResNet50``) computing in ``dtype``, e.g. ``jnp.bfloat16``.
 
@@ -17,6 +32,6 @@ def with_compute_dtype(model, dtype):
     kwargs = {"dtype": dtype}
     if hasattr(model, "attention_impl"):
         kwargs["attention_impl"] = model.attention_impl
-    shell = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0), **kwargs))
+    shell = nnx.eval_shape(lambda: build_model(model.config, rngs=nnx.Rngs(0), **kwargs))
     graphdef, _ = nnx.split(shell)
     return nnx.merge(graphdef, nnx.state(model))
