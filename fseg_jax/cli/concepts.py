@@ -22,7 +22,7 @@ def concepts():
 
 @concepts.command("import")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
 @click.option("--preset", default=None, help="Model the bank belongs to (e.g. uni, gigapath, resnet50).")
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block the features came from.")
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling SOURCE (this runs code stored in the file).")
@@ -49,7 +49,7 @@ def import_(source, output, preset, layer, trust_pickle):
 @concepts.command("build")
 @click.argument("model_spec", metavar="MODEL")
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
 @click.option("--k", "ks", default="8,16,32,64,128,256", show_default=True, help="Comma-separated k values.")
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block whose features are clustered.")
 @click.option("--tile", default=224, show_default=True, type=int, help="Tile side in pixels.")

@@ -19,7 +19,7 @@ import click
 @click.option("--random-init", "random_seed", type=int, default=None, metavar="SEED",
               help="No checkpoint: random weights of the preset's architecture, drawn from SEED. For trying the "
               "pipeline without access to the gated weights; its segmentations mean nothing.")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--out", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (model.safetensors + config.json).")
 def convert(preset, timm_config, checkpoint, revision, random_seed, out):
     """Convert a timm / torchvision checkpoint to an fseg_jax model directory (loadable with load_model)."""

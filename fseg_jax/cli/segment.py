@@ -97,7 +97,7 @@ def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, leg
 @click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
               help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("-o", "--out", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for <name>_labels.png, <name>_labels.npy and <name>_overlay.png.")
 def segment(images, model_spec, concepts_spec, k, method, layers, n_components, seed, batch_size, bucket, alpha,
             legend, compilation_cache, no_compilation_cache, out_dir):

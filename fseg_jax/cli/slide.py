@@ -26,7 +26,7 @@ import click
 @click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
               help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
-@click.option("-o", "--out", "out_root", type=click.Path(path_type=Path), required=True, help="Output folder (one sub-folder per slide).")
+@click.option("-o", "--out", "--output", "out_root", type=click.Path(path_type=Path), required=True, help="Output folder (one sub-folder per slide).")
 def slide(slides, model, concepts, k, method, layer, mpp, slide_mpp, tile, margin, batch, dtype, save_weights,
           distributed, merge_only, compilation_cache, no_compilation_cache, out_root):
     """Segment SLIDES (a slide, an image, or a folder of them) into OUT/<slide name>/.
