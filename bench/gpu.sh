@@ -3,9 +3,11 @@
 #   bash bench/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the package itself, over whatever jax/flax/torch the machine has (the model manifests ship as package data)
+"$PY" -m pip install -q --no-deps --no-build-isolation -e .
 
 # --- ViT (models) ---
 # UNI architecture (ViT-L/16), random weights, bfloat16: fseg_jax (cuDNN flash attention) against timm (bf16
