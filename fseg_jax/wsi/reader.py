@@ -6,7 +6,8 @@ Backends, tried in this order:
   (Aperio SVS, Hamamatsu NDPI, MIRAX MRXS, Leica SCN, Ventana BIF, DICOM, Philips, ...);
 - tiffslide for pyramidal TIFF and OME-TIFF: it sees the reduced levels that OME-TIFF keeps in SubIFDs,
   which openslide's generic-TIFF driver does not (openslide is still used for a generic tiled TIFF
-  that tiffslide cannot open);
+  that tiffslide cannot open); it is also the fallback for the TIFF-based vendor formats (SVS, NDPI,
+  SCN, BIF) when openslide is missing or fails on a file;
 - Pillow (PNG, JPEG, flat TIFF, ...) for plain images, held in memory as one level.
 
 `open_slide(path)` returns a `Slide`. Regions are read at a working resolution chosen by `Slide.plan(mpp)`:
@@ -30,6 +31,10 @@ SLIDE_SUFFIXES = frozenset(
         ".png", ".jpg", ".jpeg",
     }
 )
+
+
+# TIFF containers that tiffslide may read when openslide does not
+TIFF_SUFFIXES = frozenset({".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".scn", ".bif"})
 
 
 class SlideError(ValueError):
@@ -281,12 +286,12 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None) -> Slide:
             except Exception as err:  # noqa: BLE001
                 problems.append(f"openslide ({vendor}): {err}")
 
-    if path.suffix.lower() in (".tif", ".tiff", ".btf", ".tf8") or vendor == "generic-tiff":
+    if path.suffix.lower() in TIFF_SUFFIXES or vendor == "generic-tiff":
         try:
             import tiffslide
 
             handle = tiffslide.TiffSlide(str(path))
-            if len(handle.level_dimensions) > 1 or vendor is None:
+            if len(handle.level_dimensions) > 1 or vendor != "generic-tiff":
                 return TiffSlideSlide(path, handle, slide_mpp)
             handle.close()  # a single-level generic tiled TIFF: openslide below
         except ImportError:  # pragma: no cover
@@ -303,4 +308,7 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None) -> Slide:
         return _open_image(path, slide_mpp)
     except Exception as err:  # noqa: BLE001
         problems.append(f"image: {err}")
-    raise SlideError(f"{path}: not a readable slide or image ({'; '.join(problems)})")
+    raise SlideError(
+        f"{path}: not a readable slide or image ({'; '.join(problems)}); check that the file is complete and in "
+        "a supported format (SVS, NDPI, MRXS, SCN, BIF, DICOM, (OME-)TIFF, PNG, JPEG)"
+    )
