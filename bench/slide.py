@@ -40,14 +40,12 @@ def concepts_for(k: int, dim: int, bank: Path = UNI_BANK) -> np.ndarray:
     return np.abs(np.random.default_rng(0).normal(size=(k, dim))).astype(np.float32)
 
 
-def tissue_tiles(slide, grid, mpp):
-    """The pipeline's choice of tiles: thumbnail -> tissue mask -> token grid -> tiles with tissue."""
-    from fseg_jax.wsi.pipeline import THUMBNAIL_SIDE
-    from fseg_jax.wsi.tissue import resize_mask, tissue_mask
+def tissue_tiles(slide, grid):
+    """The pipeline's choice of tiles: the tiles whose core holds tissue."""
+    from fseg_jax.wsi.tissue import detect_tissue
 
-    thumb = slide.thumbnail(THUMBNAIL_SIDE)
-    mask = tissue_mask(thumb, mpp=slide.mpp * slide.dimensions[0] / thumb.shape[1])
-    return grid.tiles_with(resize_mask(mask, grid.tokens_hw))
+    _, tissue_tokens = detect_tissue(slide, size=(grid.width, grid.height), patch=grid.patch)
+    return grid.tiles_with(tissue_tokens)
 
 
 def uni_config(args):
@@ -136,7 +134,7 @@ def paired_tiles(args, cfg, seg, loop, n_tiles):
     with open_slide(args.slide) as slide:
         plan = slide.plan(args.mpp)
         grid = TileGrid.for_slide(plan.size, patch=cfg.patch_size, tile=args.tile, margin=args.margin)
-        for i, t in enumerate(tissue_tiles(slide, grid, args.mpp)[:n_tiles]):
+        for i, t in enumerate(tissue_tiles(slide, grid)[:n_tiles]):
             t0 = time.perf_counter()
             image = slide.read(plan, *grid.read_box(int(t)))
             read_s.append(time.perf_counter() - t0)
@@ -174,7 +172,7 @@ def read_throughput(seg, slide_path, n: int):
             slide._handle.set_cache(openslide.OpenSlideCache(0))
         plan = slide.plan(seg.mpp)
         grid = TileGrid.for_slide(plan.size, patch=seg.patch_size, tile=seg.tile, margin=seg.margin)
-        tiles = tissue_tiles(slide, grid, seg.mpp)
+        tiles = tissue_tiles(slide, grid)
         order = [int(tiles[i % len(tiles)]) for i in range(n)]
         batches = [order[i : i + seg.step.batch] for i in range(0, n, seg.step.batch)]
 
@@ -266,6 +264,7 @@ def main():
     read = read_throughput(seg, args.slide, 2 * tiles)
     print(f"reading alone ({seg.workers} threads): {read:.1f} tiles/s, i.e. {100 * tiles / seconds / read:.1f}% of "
           f"the pipeline's time per tile")
+
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ from fseg_jax.wsi.outputs import label_polygons, write_geojson, write_label_tiff
 from fseg_jax.wsi.reader import SlideError, open_slide
 from fseg_jax.wsi.store import WorkDir
 from fseg_jax.wsi.tiling import TileGrid
-from fseg_jax.wsi.tissue import tissue_mask
+from fseg_jax.wsi.tissue import detect_tissue, tissue_mask
 
 PATCH = 16
 K = 4
@@ -187,6 +187,23 @@ def test_tissue_mask_finds_tissue_and_drops_specks():
     assert not tissue_mask(blank, mpp=1.0).any()
 
 
+def test_token_tissue_follows_the_slide_not_the_overhanging_grid(tmp_path):
+    """Token (r, c) covers working pixels [16c, 16c+16): the thumbnail maps onto the grid without stretching."""
+    from PIL import Image
+
+    image, _ = synthetic_he(70, 100, blobs=0)
+    image[:, 80:] = (200, 110, 170)  # tissue in working pixels x >= 80: token columns 5 and 6 (96..112)
+    Image.fromarray(image).save(tmp_path / "edge.png")
+    with open_slide(tmp_path / "edge.png", slide_mpp=1.0) as s:
+        thumb, tokens = detect_tissue(s, size=(100, 70), patch=16)
+    assert thumb.shape == (70, 100, 3) and tokens.shape == (5, 7)
+    # column 6 lies a quarter inside the slide (x 96..100 of 96..112) and row 4 three eighths (y 64..70 of
+    # 64..80): the rest is glass, so under half tissue
+    expected = np.zeros((5, 7), bool)
+    expected[:4, 5] = True
+    np.testing.assert_array_equal(tokens, expected)
+
+
 def test_tile_cores_cover_the_token_grid_once():
     grid = TileGrid.for_slide((1000, 700), patch=16, tile=256, margin=32)
     assert grid.tokens_hw == (44, 63) and grid.core_tokens == 12 and grid.shape == (4, 6)
@@ -331,7 +348,6 @@ def test_labels_match_a_direct_computation(segmenter, slides, tmp_path):
         whole = s.read(s.plan(1.0), 0, 0, 25 * PATCH, 19 * PATCH)
     direct = np.asarray(fn(params, whole[None]))[0].argmax(-1) + 1
     inside = tokens > 0
-    inside[-1, :] = False  # the last token row overhangs the slide (padded with glass differently)
     np.testing.assert_array_equal(tokens[inside], direct[inside])
 
 
@@ -370,6 +386,7 @@ def test_resume_after_a_kill(segmenter, slides, tmp_path, monkeypatch):
     monkeypatch.setattr(WorkDir, "put", real_put)
     assert not any((out / name).exists() for name in pipeline.OUTPUT_FILES)
     assert WorkDir(out).done() == {0, 1}
+    (out / ".labels.ome.tif.4242.tmp").write_bytes(b"half")  # as a kill while writing outputs leaves it
 
     resumed = segmenter.run(slides["tissue"], out)
     assert resumed.tiles_computed == reference.tiles - 2 * segmenter.step.batch
@@ -379,11 +396,50 @@ def test_resume_after_a_kill(segmenter, slides, tmp_path, monkeypatch):
 
 def test_changed_settings_start_afresh(slides, tmp_path):
     fn, params = standin_token_fn()
-    first = pipeline.SlideSegmenter(fn, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=4, mpp=1.0)
+    first = pipeline.SlideSegmenter(
+        fn, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=4, mpp=1.0, save_weights=True
+    )
     first.run(slides["tissue"], tmp_path / "s")
+    assert (tmp_path / "s" / "weights.safetensors").is_file()
     other = pipeline.SlideSegmenter(fn, params, patch_size=PATCH, k=K, tile=128, margin=32, batch=4, mpp=1.0)
     result = other.run(slides["tissue"], tmp_path / "s")
     assert result.tiles_computed == result.tiles > 0 and result.summary["margin"] == 32
+    # no weights from the earlier settings are left beside the new labels
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(pipeline.OUTPUT_FILES)
+
+
+def test_one_compiled_step_for_every_batch_and_slide(slides, tmp_path):
+    fn, params = standin_token_fn()
+    traces = []
+
+    def counted(params, images):
+        traces.append(images.shape)
+        return fn(params, images)
+
+    seg = pipeline.SlideSegmenter(counted, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=4, mpp=1.0)
+    many = seg.run(slides["tissue"], tmp_path / "tissue")
+    tiny = seg.run(slides["tiny"], tmp_path / "tiny")  # one tile, padded at the slide's edge and in the batch
+    assert many.tiles % 4 and many.tiles > 4 and tiny.tiles == 1  # a last, partly padded batch
+    assert traces == [(4, 128, 128, 3)]
+
+
+def test_prefetch_reads_ahead_in_order():
+    import threading
+
+    from fseg_jax.wsi.compute import prefetch_batches
+
+    third_batch_started = threading.Event()
+
+    def read(i):
+        if i == 4:
+            third_batch_started.set()
+        if i == 0:  # the first tile finishes only once the third batch is being read
+            assert third_batch_started.wait(timeout=30), "the reader did not read ahead"
+        return np.full((2, 2, 3), i, np.uint8)
+
+    batches = [[0, 1], [2, 3], [4], [5, 6]]
+    out = [(list(ids), tiles[:, 0, 0, 0].tolist()) for ids, tiles, _ in prefetch_batches(batches, read, workers=4)]
+    assert out == [(b, b) for b in batches]
 
 
 def test_multi_process_parts_then_merge(segmenter, slides, tmp_path):
@@ -398,6 +454,23 @@ def test_multi_process_parts_then_merge(segmenter, slides, tmp_path):
     reference = segmenter.run(slides["tissue"], tmp_path / "one")
     np.testing.assert_array_equal(_read_labels(out), _read_labels(tmp_path / "one"))
     assert summary["concepts"] == reference.summary["concepts"]
+
+
+def test_cli_merge_writes_the_outputs_of_all_parts(segmenter, slides, tmp_path):
+    from click.testing import CliRunner
+
+    from fseg_jax.cli import main
+
+    out = tmp_path / "out" / "tissue"  # the slide's folder under -o, as the command names it
+    segmenter.run(slides["tissue"], out, part=(0, 2))
+    merge = ["slide", str(slides["tissue"]), "--merge", "-o", str(tmp_path / "out")]
+    early = CliRunner().invoke(main, merge)
+    assert early.exit_code == 1 and "batches not computed yet" in early.output
+    segmenter.run(slides["tissue"], out, part=(1, 2))
+    done = CliRunner().invoke(main, merge)
+    assert done.exit_code == 0, done.output
+    assert "tissue.ome.tif: merged" in done.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([*pipeline.OUTPUT_FILES, "weights.safetensors"])
 
 
 def test_a_folder_goes_on_past_failing_slides(segmenter, slides, tmp_path):

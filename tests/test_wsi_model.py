@@ -59,7 +59,7 @@ def synthetic_slide(tmp_path_factory):
     return write_ome_tiff(tmp_path_factory.mktemp("synthetic") / "synthetic.ome.tif", image, mpp=0.5, levels=4)
 
 
-def _token_labels(out: Path) -> np.ndarray:
+def _token_outputs(out: Path) -> np.ndarray:
     from safetensors.numpy import load_file
 
     return load_file(out / "weights.safetensors")
@@ -102,7 +102,7 @@ def test_svs_end_to_end(svs, model, concepts, tmp_path):
         assert minx >= 0 and miny >= 0 and maxx <= 2220 and maxy <= 2967
         concept = summary["concepts"][feature["properties"]["label"] - 1]
         assert geom.area * 0.499**2 / 1e6 == pytest.approx(concept["area_mm2"], rel=0.01)  # level-0 px -> mm2
-    weights = _token_labels(out)
+    weights = _token_outputs(out)
     assert weights["weights"].shape == (24, 18, K)
 
     # bfloat16 compute gives (nearly) the same labels
@@ -110,7 +110,7 @@ def test_svs_end_to_end(svs, model, concepts, tmp_path):
         model, concepts, dtype="bfloat16", tile=128, margin=16, batch=4, mpp=4.0, save_weights=True
     ).run(svs, tmp_path / "bf16")
     assert bf16.summary["dtype"] == "bfloat16"
-    a, b = weights["labels"], _token_labels(tmp_path / "bf16")["labels"]
+    a, b = weights["labels"], _token_outputs(tmp_path / "bf16")["labels"]
     assert ((a == b)[a > 0]).mean() > 0.85
 
 
@@ -122,7 +122,7 @@ def test_one_tile_and_many_tiles_agree_away_from_the_border(svs, model, concepts
             model, concepts, tile=tile, margin=margin, batch=4, mpp=4.0, save_weights=True
         )
         result = seg.run(svs, tmp_path / name)
-        runs[name] = (result.tiles, _token_labels(tmp_path / name))
+        runs[name] = (result.tiles, _token_outputs(tmp_path / name))
     assert runs["one"][0] == 1 and runs["many"][0] > 10
     one, many = runs["one"][1], runs["many"][1]
     inner = np.zeros(one["labels"].shape, bool)

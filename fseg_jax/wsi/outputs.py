@@ -28,10 +28,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Remove temporaries left in `folder` by a killed process (`atomic_path` names)."""
-    for tmp in folder.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> None:
+    """Remove the temporaries that `atomic_path` made for `names` in `folder` and a killed process left there."""
+    for name in names:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -31,14 +31,22 @@ from typing import Any
 import numpy as np
 
 from fseg_jax.wsi.compute import TileStep, TokenFn, prefetch_batches
-from fseg_jax.wsi.outputs import atomic_path, label_dtype, write_geojson, write_json, write_label_tiff, write_weights
+from fseg_jax.wsi.outputs import (
+    atomic_path,
+    label_dtype,
+    remove_stale_temporaries,
+    write_geojson,
+    write_json,
+    write_label_tiff,
+    write_weights,
+)
 from fseg_jax.wsi.reader import SLIDE_SUFFIXES, Slide, SlideError, open_slide
 from fseg_jax.wsi.store import WorkDir
 from fseg_jax.wsi.tiling import TileGrid
-from fseg_jax.wsi.tissue import resize_mask, tissue_mask
+from fseg_jax.wsi.tissue import detect_tissue
 
 OUTPUT_FILES = ("labels.ome.tif", "labels.geojson", "overlay.png", "summary.json")
-THUMBNAIL_SIDE = 2048
+WEIGHTS_FILE = "weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -136,17 +144,16 @@ class SlideSegmenter:
         workers: int | None = None,
         info: dict[str, Any] | None = None,
     ):
-        if tile % patch_size:
-            raise ValueError(f"tile {tile} is not a multiple of the model's patch size {patch_size}")
-        self.patch_size = int(patch_size)
+        # one tile's grid: checks tile and margin against the patch size and settles the default margin
+        grid = TileGrid.for_slide((tile, tile), patch=int(patch_size), tile=int(tile), margin=margin)
+        self.patch_size = grid.patch
         self.k = int(k)
-        self.tile = int(tile)
-        self.margin = TileGrid.for_slide((tile, tile), patch=patch_size, tile=tile, margin=margin).margin
+        self.tile = grid.tile
+        self.margin = grid.margin
         self.mpp = float(mpp)
         self.save_weights = bool(save_weights)
         self.workers = int(workers or min(32, os.cpu_count() or 4))
         self.info = dict(info or {})
-        grid = TileGrid(width=tile, height=tile, patch=patch_size, tile=tile, margin=self.margin)
         self.step = TileStep(
             fn, params, batch=batch, margin_tokens=grid.margin_tokens, core_tokens=grid.core_tokens,
             with_weights=save_weights, devices=devices,
@@ -235,11 +242,8 @@ class SlideSegmenter:
             old = work.read_plan()
             if old is None or old["fingerprint"] != plan["fingerprint"]:
                 t0 = time.perf_counter()
-                thumb = reader.thumbnail(THUMBNAIL_SIDE)
-                grid = _grid(plan)
-                thumb_mpp = reader.mpp * reader.dimensions[0] / thumb.shape[1]
-                tissue_tokens = resize_mask(tissue_mask(thumb, mpp=thumb_mpp), grid.tokens_hw)
-                tiles = grid.tiles_with(tissue_tokens)
+                thumb, tissue_tokens = detect_tissue(reader, size=tuple(plan["size"]), patch=self.patch_size)
+                tiles = _grid(plan).tiles_with(tissue_tokens)
                 plan["batches"] = [tiles[i : i + self.step.batch].tolist() for i in range(0, len(tiles), self.step.batch)]
                 plan["tissue_seconds"] = time.perf_counter() - t0
                 work.start(plan, thumb, tissue_tokens)
@@ -291,7 +295,7 @@ class SlideSegmenter:
         rp = reader.plan(self.mpp)
         done = work.done()
         batches = plan["batches"]
-        mine = [b for b in range(index, len(batches), count)]
+        mine = list(range(index, len(batches), count))
         todo = [b for b in mine if b not in done]
         total = sum(len(batches[b]) for b in mine)
         bar = tqdm(
@@ -343,7 +347,7 @@ def _grid(plan: dict) -> TileGrid:
 
 def _concepts_for(concepts, k: int | None, config) -> tuple[np.ndarray, int, str]:
     """(k, d) concepts, k and a description, from a ConceptBank, a path or preset, or an array."""
-    if isinstance(concepts, np.ndarray) or hasattr(concepts, "__array__") and not isinstance(concepts, (str, Path)):
+    if hasattr(concepts, "__array__"):  # numpy or jax arrays (a ConceptBank, a path or a preset name has none)
         arr = np.asarray(concepts, np.float32)
         if arr.ndim != 2:
             raise ValueError(f"concepts: expected a (k, d) array, got shape {arr.shape}")
@@ -410,13 +414,19 @@ def merge_slide(out_dir: str | Path) -> dict:
         "labels.geojson": lambda p: write_geojson(
             p, labels, names=names, colors=colors, scale=level0, bounds=plan["slide_dimensions"]
         ),
-        "overlay.png": lambda p: _write_overlay(p, thumb, labels, names=names, colors=colors),
+        "overlay.png": lambda p: _write_overlay(
+            p, thumb, labels, size=(width, height), patch=grid.patch, names=names, colors=colors
+        ),
     }
     if weights is not None:
-        outputs["weights.safetensors"] = lambda p: write_weights(
+        outputs[WEIGHTS_FILE] = lambda p: write_weights(
             p, {"weights": weights, "labels": labels.astype(np.int32)},
             {"mpp": str(mpp), "patch": str(grid.patch), "layout": "(h_tokens, w_tokens, k); labels 0 = background"},
         )
+    # a kill while writing outputs leaves temporaries; a run with other settings may have left weights
+    remove_stale_temporaries(out_dir, [*outputs, "summary.json"])
+    if weights is None:
+        (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)
     for name, write in outputs.items():
         write(out_dir / name)
 
@@ -472,17 +482,24 @@ def merge_slide(out_dir: str | Path) -> dict:
     return summary
 
 
-def _write_overlay(path: Path, thumb: np.ndarray, labels_hw: np.ndarray, *, names, colors) -> None:
-    """The thumbnail with the labels blended in (background left as it is) and a legend of the labels present."""
+def _write_overlay(
+    path: Path, thumb: np.ndarray, labels_hw: np.ndarray, *, size: tuple[int, int], patch: int, names, colors
+) -> None:
+    """The thumbnail with the labels blended in (background left as it is) and a legend of the labels present.
+
+    The thumbnail spans the slide's `size` = (width, height) working pixels; labels_hw has one label per
+    `patch` x `patch` working pixels (its grid overhangs the slide by under one token).
+    """
     from PIL import Image
 
     from fseg_jax.overlay import overlay
 
-    # thumbnail pixel -> token: both span the slide, the token grid overhangs it by under one token
+    # thumbnail pixel centre -> working pixel -> token
     th, tw = thumb.shape[:2]
     h_tok, w_tok = labels_hw.shape
-    ys = np.minimum((np.arange(th) + 0.5) * h_tok / th, h_tok - 1).astype(np.intp)
-    xs = np.minimum((np.arange(tw) + 0.5) * w_tok / tw, w_tok - 1).astype(np.intp)
+    width, height = size
+    ys = np.minimum((np.arange(th) + 0.5) * height / th // patch, h_tok - 1).astype(np.intp)
+    xs = np.minimum((np.arange(tw) + 0.5) * width / tw // patch, w_tok - 1).astype(np.intp)
     labels_thumb = labels_hw[ys[:, None], xs[None, :]]
     image = overlay(thumb, labels_thumb, legend=True, palette=colors, names=names)
     background = labels_thumb == 0

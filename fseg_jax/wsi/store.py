@@ -5,8 +5,9 @@ Layout of `<slide out dir>/.fseg-work/`:
     tissue.npz        thumbnail (h, w, 3) uint8 and token tissue mask (h_tok, w_tok) bool
     batch-000042.npz  tiles (n,) int64, labels (n, c, c) int32, optional weights (n, c, c, k) float32,
                       seconds (dispatch to results of the batch), read_wait (seconds spent waiting on reads)
-Every file is written atomically, so a batch file that exists is complete. Several processes (one per
-host) may fill the same folder, each writing its own batches.
+Every file is written atomically, so a batch file that exists is complete (a kill may leave a temporary
+beside it, which the folder's removal at the end takes away). Several processes (one per host) may fill
+the same folder, each writing its own batches.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fseg_jax.wsi.outputs import atomic_path, remove_stale_temporaries, write_json
+from fseg_jax.wsi.outputs import atomic_path, write_json
 
 WORK_DIR_NAME = ".fseg-work"
 _BATCH_RE = re.compile(r"^batch-(\d{6})\.npz$")
 
 
 class WorkDir:
+    """The work folder inside a slide's output folder (see the module docstring)."""
+
     def __init__(self, slide_out_dir: str | Path):
         self.path = Path(slide_out_dir) / WORK_DIR_NAME
 
@@ -45,11 +48,11 @@ class WorkDir:
         """Begin (or keep, when the fingerprint matches) a run with this plan; a different plan starts afresh.
 
         Processes of one multi-process run compute the same plan; whichever writes it first, the content is
-        the same, and a folder without a plan is never emptied (another process may be filling it).
+        the same, and a folder without a plan is never emptied (another process may be filling it). Nor are
+        temporaries removed here: they may be another process's batches being written.
         """
         old = self.read_plan()
         if old is not None and old.get("fingerprint") == plan["fingerprint"]:
-            remove_stale_temporaries(self.path)
             return
         if old is not None:
             self.clear()

@@ -12,6 +12,8 @@ from PIL import Image
 
 # Saturation below this is never tissue, whatever Otsu says (a blank slide has only noise to split).
 MIN_SATURATION = 0.05
+# Longer side of the thumbnail on which tissue is found, in pixels.
+THUMBNAIL_SIDE = 2048
 
 
 def saturation(rgb_hw3: np.ndarray) -> np.ndarray:
@@ -57,3 +59,21 @@ def resize_mask(mask_hw: np.ndarray, shape_hw: tuple[int, int], *, min_fraction:
     img = Image.fromarray(mask_hw.astype(np.uint8) * 255)
     frac = np.asarray(img.resize((shape_hw[1], shape_hw[0]), resample=Image.Resampling.BOX), np.float32) / 255.0
     return frac >= min_fraction
+
+
+def detect_tissue(slide, *, size: tuple[int, int], patch: int, thumbnail_side: int = THUMBNAIL_SIDE):
+    """(thumbnail (h, w, 3) uint8, token tissue mask (h_tok, w_tok) bool) of a slide.
+
+    size: (width, height) of the slide at the working resolution; token (r, c) covers working pixels
+    [r*patch, (r+1)*patch) x [c*patch, (c+1)*patch), so the token grid overhangs the slide by under one
+    token on the bottom and right; that overhang is glass. A token is tissue when at least half of it is.
+    """
+    thumb = slide.thumbnail(thumbnail_side)
+    th, tw = thumb.shape[:2]
+    width, height = size
+    mask = tissue_mask(thumb, mpp=slide.mpp * slide.dimensions[0] / tw)
+    h_tok, w_tok = -(-height // patch), -(-width // patch)
+    # the token grid's extent in thumbnail pixels (at least the thumbnail, as the grid covers the slide)
+    extent = np.zeros((max(th, round(h_tok * patch * th / height)), max(tw, round(w_tok * patch * tw / width))), bool)
+    extent[:th, :tw] = mask
+    return thumb, resize_mask(extent, (h_tok, w_tok))
