@@ -88,10 +88,6 @@ class Slide:
             )
         return self._mpp
 
-    @property
-    def has_mpp(self) -> bool:
-        return self._mpp is not None
-
     def plan(self, mpp: float, *, mpp_tolerance: float = 0.02) -> ReadPlan:
         """The level and resampling that give `mpp` microns per pixel (see the module docstring)."""
         if not mpp > 0:

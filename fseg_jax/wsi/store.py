@@ -35,9 +35,6 @@ class WorkDir:
     def plan_path(self) -> Path:
         return self.path / "plan.json"
 
-    def exists(self) -> bool:
-        return self.plan_path.is_file()
-
     def read_plan(self) -> dict | None:
         try:
             return json.loads(self.plan_path.read_text())
