@@ -67,6 +67,14 @@ def _model(depth: int | None):
     return timm_model, convert_timm_state_dict(timm_model.state_dict(), fseg_config("uni", depth))
 
 
+def _project_program(model, concepts):
+    """The options and clipped concepts of ``segment(..., method="project")``'s jitted program."""
+    from fseg_jax.segment import _prepare
+
+    return _prepare(model, concepts, k=None, method="project", layer=-1, n_components=20, seed=0, solver=None,
+                    tol=None, max_iter=None)
+
+
 def _time(fn, repeats: int = 1):
     best = float("inf")
     out = None
@@ -85,18 +93,17 @@ def compile_times(args) -> dict:
     enable_compilation_cache(args.cache)
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
-    from fseg_jax.segment import _concepts_array, _Options, _run, _split
+    from fseg_jax.segment import _run
 
     _, model = _model(args.depth)
     image = _image()
-    concepts, _ = _concepts(args.k, model.config.embed_dim)
-    concepts = _concepts_array(concepts, None, model.config.embed_dim, model, (-1,))
-    graphdef, state = _split(model)
+    options, concepts = _project_program(model, _concepts(args.k, model.config.embed_dim)[0])
+    graphdef, state = nnx.split(model)
     h, w = image.shape[:2]
     hp, wp = -(-h // 16) * 16, -(-w // 16) * 16
     batch = jnp.asarray(np.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge"))[None]
-    options = _Options(method="project", layers=(-1,), n_components=20, seed=0, solver_kwargs=())
     trace_s, lowered = _time(lambda: _run.lower(graphdef, options, state, jnp.asarray(concepts), batch))
     compile_s, _ = _time(lowered.compile)
     return {"trace_lower_s": trace_s, "compile_s": compile_s}
@@ -123,7 +130,7 @@ def main() -> None:
     from flax import nnx
 
     from fseg_jax.features import preprocess, token_features
-    from fseg_jax.segment import _Options, _token_weights, segment, upsample_argmax
+    from fseg_jax.segment import _token_weights, segment, upsample_argmax
     from segment_original import OriginalFSeg, input_tensor
 
     timm_model, model = _model(args.depth)
@@ -149,7 +156,7 @@ def main() -> None:
         m = nnx.merge(graphdef, state)
         return token_features(m, preprocess(images, m.config), [-1])
 
-    options = _Options(method="project", layers=(-1,), n_components=20, seed=0, solver_kwargs=())
+    options, clipped = _project_program(model, concepts)
 
     @jax.jit
     def after_vit(feats_bhwd, concepts_kd):
@@ -160,7 +167,7 @@ def main() -> None:
         return jax.vmap(one)(feats_bhwd)
 
     feats = jax.block_until_ready(forward(state, padded))
-    c = jnp.asarray(np.maximum(concepts, 0))
+    c = jnp.asarray(clipped)
     jax.block_until_ready(after_vit(feats, c))
     results["jax_forward_s"], _ = _time(lambda: jax.block_until_ready(forward(state, padded)), args.repeats)
     results["jax_after_vit_s"], _ = _time(lambda: jax.block_until_ready(after_vit(feats, c)), args.repeats)

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from fseg_jax import nmf as _nmf
 from fseg_jax.features import _layer_list, padded_size, preprocess, token_features
@@ -106,33 +107,15 @@ def segment(
         int32 labels: (H, W) for one image, (B, H, W) for a batch array, a list of (H, W) for a list input.
         A :class:`SegmentResult` instead when ``return_weights`` is true or ``method`` is ``"dff"``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    config = model.config
-    layers = tuple(_layer_list(layer, model))
-    feature_dim = _feature_dim(model, layers)
-    if method == "dff":
-        if k is None or int(k) < 1:
-            raise ValueError("method 'dff' needs k >= 1, the number of NMF components")
-        concepts_kd = np.zeros((int(k), feature_dim), np.float32)  # unused by the program; fixes its shape
-        n_comp = int(k)
-    else:
-        concepts_kd = _concepts_array(concepts, k, feature_dim, model, layers)
-        n_comp = int(n_components)
-        if method == "factorize" and n_comp < 1:
-            raise ValueError(f"n_components must be >= 1, got {n_components}")
-    images_list, kind = collect_images(images)
-
-    options = _Options(
-        method=method,
-        layers=layers,
-        n_components=n_comp,
-        seed=int(seed),
-        solver_kwargs=_solver_kwargs(solver, tol, max_iter),
+    options, concepts_kd = _prepare(
+        model, concepts, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
+        solver=solver, tol=tol, max_iter=max_iter,
     )
-    graphdef, state = _split(model)
+    images_list, kind = collect_images(images)
+    config = model.config
+    graphdef, state = nnx.split(model)
     concepts_j = jnp.asarray(concepts_kd)
 
     # group by padded size and dtype: one compiled program per group shape
@@ -174,6 +157,7 @@ def make_token_fn(
     model,
     concepts_kd,
     *,
+    k: int | None = None,
     method: str = "project",
     layer: int | Sequence[int] = -1,
     dtype=None,
@@ -189,33 +173,25 @@ def make_token_fn(
     0..1) with H and W multiples of the patch size (no padding is done here), h = H/p, w = W/p, and higher
     values mean more of that concept: NNLS weights (``"project"``), cosine similarities (``"nearest"``), or for
     ``"factorize"`` the largest weight among the NMF components mapped to each concept (0 for concepts no
-    component maps to), so the argmax over concepts is the original's label at every token. For ``"dff"``,
-    ``concepts_kd`` may be None and k = ``n_components``. ``params`` holds the model state and the concepts;
-    ``dtype`` (e.g. ``jnp.bfloat16``) runs the forward pass in that compute dtype (parameters stay float32).
+    component maps to), so the argmax over concepts is the original's label at every token.
+
+    ``concepts_kd`` and ``k`` are as ``concepts`` and ``k`` of :func:`segment` (a (k, d) array, or a bank and
+    the k to use from it); for ``"dff"`` ``concepts_kd`` may be None and ``k`` is the number of components.
+    ``params`` holds the model state and the concepts; ``dtype`` (e.g. ``jnp.bfloat16``) runs the forward pass
+    in that compute dtype (parameters stay float32).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    layers = tuple(_layer_list(layer, model))
-    feature_dim = _feature_dim(model, layers)
-    if method == "dff":
-        concepts = np.zeros((int(n_components), feature_dim), np.float32)
-    else:
-        concepts = _concepts_array(concepts_kd, None, feature_dim, model, layers)
-    options = _Options(
-        method=method,
-        layers=layers,
-        n_components=int(n_components),
-        seed=int(seed),
-        solver_kwargs=_solver_kwargs(solver, tol, max_iter),
+    options, concepts = _prepare(
+        model, concepts_kd, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
+        solver=solver, tol=tol, max_iter=max_iter,
     )
     if dtype is not None:
         model = with_compute_dtype(model, jnp.dtype(dtype))
-    graphdef, state = _split(model)
+    graphdef, state = nnx.split(model)
     config = model.config
 
     def fn(params, images_bhw3):
         x = preprocess(images_bhw3, config, size=tuple(images_bhw3.shape[1:3]))
-        model_ = _merge(graphdef, params["model"])
+        model_ = nnx.merge(graphdef, params["model"])
         feats = token_features(model_, x, list(options.layers))
         return jax.vmap(lambda f: _token_scores(f, params["concepts"], options))(feats)
 
@@ -236,7 +212,7 @@ class _Options(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
 def _run(graphdef, options: _Options, state, concepts_kd, images_bhw3):
     """Padded images (B, Hp, Wp, 3) -> labels (B, Hp, Wp) int32, token weights, components, component map."""
-    model = _merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
     _, hp, wp, _ = images_bhw3.shape
     x = preprocess(images_bhw3, model.config, size=(hp, wp))
     feats = token_features(model, x, list(options.layers))
@@ -373,33 +349,49 @@ def _scales(shape_hwk, size):
     h, w, _ = shape_hwk
     height, width = int(size[0]), int(size[1])
     if height % h or width % w:
-        raise ValueError(f"upsampling needs integer factors: {h}x{w} -> {height}x{width}")
+        raise ValueError(
+            f"upsampling needs integer factors, got {h}x{w} -> {height}x{width}; pass a multiple of the grid size"
+        )
     return height // h, width // w
 
 
 # --- host-side helpers -------------------------------------------------------------------------------------------
 
 
-def _split(model):
-    from flax import nnx
+def _prepare(model, concepts, *, k, method, layer, n_components, seed, solver, tol, max_iter):
+    """Check the arguments :func:`segment` and :func:`make_token_fn` share.
 
-    return nnx.split(model)
-
-
-def _merge(graphdef, state):
-    from flax import nnx
-
-    return nnx.merge(graphdef, state)
-
-
-def _feature_dim(model, layers) -> int:
-    return int(model.config.embed_dim) * len(layers)
+    Returns the program's static options and the (m, d) float32 concepts it takes: the bank's concepts, or for
+    ``"dff"`` (which has none) zeros that fix m = ``k``, the number of components.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    layers = tuple(_layer_list(layer, model))
+    feature_dim = int(model.config.embed_dim) * len(layers)
+    if method == "dff":
+        if k is None or int(k) < 1:
+            raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
+        concepts_kd = np.zeros((int(k), feature_dim), np.float32)
+        n_components = int(k)
+    else:
+        concepts_kd = _concepts_array(concepts, k, feature_dim, model, layers)
+        n_components = int(n_components)
+        if method == "factorize" and n_components < 1:
+            raise ValueError(f"n_components must be >= 1, got {n_components}")
+    options = _Options(
+        method=method,
+        layers=layers,
+        n_components=n_components,
+        seed=int(seed),
+        solver_kwargs=_solver_kwargs(solver, tol, max_iter),
+    )
+    return options, concepts_kd
 
 
 def _concepts_array(concepts, k, feature_dim: int, model, layers) -> np.ndarray:
     """The (k, d) float32 concept matrix (negatives clipped to 0, in a copy), checked against the model."""
     if concepts is None:
-        raise ValueError("this method needs concepts: a ConceptBank, a (k, d) array or a bank path / preset")
+        raise ValueError("this method needs concepts: pass a ConceptBank, a (k, d) array, or a bank path or preset")
     if isinstance(concepts, (str, os.PathLike)) or hasattr(concepts, "ks"):  # a path, preset or ConceptBank
         from fseg_jax.concepts import check_compatible, resolve_concepts
 
@@ -417,11 +409,11 @@ def _concepts_array(concepts, k, feature_dim: int, model, layers) -> np.ndarray:
     if arr.ndim != 2:
         raise ValueError(f"concepts must be a (k, d) array, got shape {arr.shape}")
     if k is not None and arr.shape[0] != int(k):
-        raise ValueError(f"k={k} but the concepts array holds {arr.shape[0]} concepts")
+        raise ValueError(f"k={k} but the concepts array holds {arr.shape[0]} concepts; leave k unset for an array")
     if not np.issubdtype(arr.dtype, np.floating):
         raise TypeError(f"concepts must be floating point, got {arr.dtype}")
     if not np.all(np.isfinite(arr)):
-        raise ValueError("concepts contain NaN or infinite values")
+        raise ValueError("concepts contain NaN or infinite values; use a bank of finite values")
     if arr.shape[1] != feature_dim:
         name = getattr(model.config, "name", type(model).__name__)
         raise ValueError(

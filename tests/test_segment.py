@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from PIL import Image
 
 import fseg_jax.segment as seg
 from fseg_jax.concepts import ConceptBank
@@ -193,6 +194,17 @@ def test_make_token_fn_matches_segment(model, concepts):
         np.testing.assert_array_equal(scores[i].argmax(-1), token_labels)
 
 
+def test_make_token_fn_takes_a_bank_and_k(model, concepts):
+    bank = ConceptBank({6: concepts, 3: concepts[:3]}, model="tiny", layer=-1)
+    _, params = make_token_fn(model, bank, k=3, method="nearest")
+    np.testing.assert_array_equal(np.asarray(params["concepts"]), concepts[:3])
+    with pytest.raises(ValueError, match="pass k="):
+        make_token_fn(model, bank)
+    _, params = make_token_fn(model, None, k=5, method="dff")
+    assert params["concepts"].shape == (5, D)
+    with pytest.raises(ValueError, match="dff' needs k"):
+        make_token_fn(model, None, method="dff")
+
 
 def test_make_token_fn_bfloat16_computes_the_model_in_bfloat16(model, concepts):
     imgs = jnp.asarray(np.stack([_image(32, 48, s) for s in range(2)]))
@@ -210,6 +222,7 @@ def test_make_token_fn_bfloat16_computes_the_model_in_bfloat16(model, concepts):
                if jnp.issubdtype(leaf.dtype, jnp.floating))
     w = np.asarray(jax.jit(fn)(params, imgs))
     np.testing.assert_allclose(w, np.asarray(jax.jit(fn32)(params32, imgs)), atol=0.05)
+
 
 # --- bad inputs --------------------------------------------------------------------------------------------------
 
@@ -255,10 +268,16 @@ def test_inputs_are_never_mutated(model, concepts):
         np.testing.assert_array_equal(im, b)
 
 
-def test_float_rgba_and_gray_inputs_match_uint8(model, concepts):
+def test_float_rgba_gray_pil_and_path_inputs_match_uint8(model, concepts, tmp_path):
     img = _image(32, 48)
     ref = segment(img, concepts, model=model)
     rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])
     np.testing.assert_array_equal(segment(rgba, concepts, model=model), ref)
+    np.testing.assert_array_equal(segment(Image.fromarray(img), concepts, model=model), ref)
+    Image.fromarray(img).save(tmp_path / "img.png")
+    np.testing.assert_array_equal(segment(str(tmp_path / "img.png"), concepts, model=model), ref)
+    gray = img[..., 1]
+    np.testing.assert_array_equal(segment(gray, concepts, model=model),
+                                  segment(np.repeat(gray[..., None], 3, axis=2), concepts, model=model))
     as_float = segment(img.astype(np.float32) / 255.0, concepts, model=model)
     assert (as_float == ref).mean() > 0.99
