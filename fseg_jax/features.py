@@ -47,10 +47,15 @@ def preprocess(images_bhw3: jax.Array, config, *, size: tuple[int, int] | None =
     hp, wp = padded_size(h, w, p) if size is None else (int(size[0]), int(size[1]))
     if hp < h or wp < w or hp % p or wp % p:
         raise ValueError(f"cannot pad {h}x{w} to {hp}x{wp}: needs a size >= the image and a multiple of {p}")
-    if jnp.issubdtype(images.dtype, jnp.integer):
+    if images.dtype == jnp.uint8:
         x = images.astype(jnp.float32) / 255.0
-    else:
+    elif jnp.issubdtype(images.dtype, jnp.floating):
         x = images.astype(jnp.float32)
+    else:
+        raise TypeError(
+            f"preprocess takes uint8 (0..255) or float (0..1) images, got {images.dtype}; "
+            "convert other images with fseg_jax.io.as_rgb"
+        )
     mean = jnp.asarray(config.mean, jnp.float32)
     std = jnp.asarray(config.std, jnp.float32)
     x = (x - mean) / std
@@ -84,5 +89,7 @@ def _layer_list(layer: int | Sequence[int], model) -> list[int]:
     if depth is not None:
         bad = [int(i) for i in layers if not -depth <= int(i) < depth]
         if bad:
-            raise ValueError(f"layer {bad} out of range for a model with {depth} blocks")
+            raise ValueError(
+                f"layer {bad} out of range for a model with {depth} blocks; use indices from {-depth} to {depth - 1}"
+            )
     return [int(i) for i in layers]

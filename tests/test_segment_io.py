@@ -164,3 +164,5 @@ def test_preprocess_normalises_and_edge_pads():
     assert np.asarray(preprocess(img[None], config, size=(64, 48))).shape == (1, 64, 48, 3)
     with pytest.raises(ValueError, match="cannot pad"):
         preprocess(img[None], config, size=(16, 48))
+    with pytest.raises(TypeError, match="uint8"):
+        preprocess(img[None].astype(np.int32), config)

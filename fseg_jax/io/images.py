@@ -122,7 +122,7 @@ def _checked_values(arr: np.ndarray, name: str) -> np.ndarray:
         return (arr.astype(np.float32) / 65535.0).astype(np.float32)
     if kind == "f":
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name}: contains NaN or infinite values")
+            raise ValueError(f"{name}: contains NaN or infinite values; replace them (e.g. np.nan_to_num) first")
         lo, hi = float(arr.min()), float(arr.max())
         if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
             raise ValueError(
