@@ -64,6 +64,12 @@ def test_folder_input_and_dff(assets, tmp_path):
     assert np.asarray(Image.open(out / "a_overlay.png")).shape == (40, 56, 3)
 
 
+def test_method_choices_are_the_library_methods():
+    from fseg_jax.segment import METHODS
+
+    assert cli_segment.METHODS == METHODS
+
+
 def test_sixteen_bit_label_png(tmp_path):
     labels = np.zeros((5, 6), np.int32)
     labels[2, 3] = 300
