@@ -109,6 +109,7 @@ def test_enable_compilation_cache_sets_jax_config(tmp_path):
     "extra,message",
     [
         (["--k", "16"], "available: 4, 8"),
+        ([], "--k is required: the bank holds k in 4, 8"),
         (["--k", "4", "--method", "kmeans"], "Invalid value for '--method'"),
         (["--k", "4", "--batch-size", "0"], "--batch-size"),
     ],

@@ -134,6 +134,8 @@ def segment(images, model_spec, concepts_spec, k, method, layers, n_components, 
             concepts = resolve_concepts(concepts_spec)
         except (ValueError, TypeError, OSError) as e:
             raise click.ClickException(f"cannot load concepts {concepts_spec!r}: {_one_line(e)}") from None
+        if k is None and len(concepts.ks) > 1:
+            raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, concepts.ks))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layer = layers[0] if len(layers) == 1 else list(layers)
