@@ -281,3 +281,8 @@ def test_float_rgba_gray_pil_and_path_inputs_match_uint8(model, concepts, tmp_pa
                                   segment(np.repeat(gray[..., None], 3, axis=2), concepts, model=model))
     as_float = segment(img.astype(np.float32) / 255.0, concepts, model=model)
     assert (as_float == ref).mean() > 0.99
+    # a 16-bit grayscale PNG keeps its precision: the same picture as the 8-bit gray one, scaled by 257
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    gray16 = segment(tmp_path / "gray16.png", concepts, model=model)
+    gray_float = segment(np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0, concepts, model=model)
+    assert (gray16 == gray_float).mean() > 0.99
