@@ -69,7 +69,7 @@ def _model(depth: int | None):
 
 def _project_program(model, concepts):
     """The options and clipped concepts of ``segment(..., method="project")``'s jitted program."""
-    from fseg_jax.segment import _prepare
+    from fseg_jax.segmentation import _prepare
 
     return _prepare(model, concepts, k=None, method="project", layer=-1, n_components=20, seed=0, solver=None,
                     tol=None, max_iter=None)
@@ -95,7 +95,7 @@ def compile_times(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from fseg_jax.segment import _run
+    from fseg_jax.segmentation import _run
 
     _, model = _model(args.depth)
     image = _image()
@@ -130,7 +130,7 @@ def main() -> None:
     from flax import nnx
 
     from fseg_jax.features import preprocess, token_features
-    from fseg_jax.segment import _token_weights, segment, upsample_argmax
+    from fseg_jax.segmentation import _token_weights, segment, upsample_argmax
     from segment_original import OriginalFSeg, input_tensor
 
     timm_model, model = _model(args.depth)

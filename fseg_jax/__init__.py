@@ -23,12 +23,12 @@ _EXPORTS = {
     "project": "fseg_jax.nmf",
     "factorize": "fseg_jax.nmf",
     # segmentation
-    "segment": "fseg_jax.segment",
+    "segment": "fseg_jax.segmentation",
     "load_concepts": "fseg_jax.concepts",
     "save_concepts": "fseg_jax.concepts",
     "import_joblib_concepts": "fseg_jax.concepts",
     "build_concepts": "fseg_jax.concepts",
-    "overlay": "fseg_jax.overlay",
+    "overlay": "fseg_jax.visualize",
     # whole slides
     "segment_slide": "fseg_jax.wsi.pipeline",
 }
@@ -58,6 +58,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fseg_jax.models.resnet import ResNet50
     from fseg_jax.models.vit import VisionTransformer
     from fseg_jax.nmf import factorize, project
-    from fseg_jax.overlay import overlay
-    from fseg_jax.segment import segment
+    from fseg_jax.visualize import overlay
+    from fseg_jax.segmentation import segment
     from fseg_jax.wsi.pipeline import segment_slide

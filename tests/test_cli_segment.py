@@ -64,8 +64,23 @@ def test_folder_input_and_dff(assets, tmp_path):
     assert np.asarray(Image.open(out / "a_overlay.png")).shape == (40, 56, 3)
 
 
+
+def test_bfloat16_option_matches_the_library(assets, tmp_path):
+    import jax.numpy as jnp
+
+    from fseg_jax import load_concepts, load_model, segment
+
+    out = tmp_path / "out"
+    res = _invoke(assets / "images" / "a.png", "--model", assets / "model", "--concepts", assets / "bank.safetensors",
+                  "--k", 8, "--dtype", "bfloat16", "-o", out, "--no-compilation-cache")
+    assert res.exit_code == 0, res.output
+    image = np.asarray(Image.open(assets / "images" / "a.png"))
+    expected = segment(image, load_concepts(assets / "bank.safetensors"), model=load_model(assets / "model"), k=8,
+                       dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(np.load(out / "a_labels.npy"), expected)
+
 def test_method_choices_are_the_library_methods():
-    from fseg_jax.segment import METHODS
+    from fseg_jax.segmentation import METHODS
 
     assert cli_segment.METHODS == METHODS
 

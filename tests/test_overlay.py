@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fseg_jax.overlay import overlay, palette
+from fseg_jax.visualize import overlay, palette
 
 
 def test_palette_is_fixed_distinct_and_prefix_stable():

@@ -10,11 +10,11 @@ import torch
 from flax import nnx
 from PIL import Image
 
-import fseg_jax.segment as seg
+import fseg_jax.segmentation as seg
 from fseg_jax.concepts import ConceptBank
 from fseg_jax.models.config import ViTConfig
 from fseg_jax.models.vit import VisionTransformer
-from fseg_jax.segment import make_token_fn, segment, upsample, upsample_argmax
+from fseg_jax.segmentation import make_token_fn, segment, upsample, upsample_argmax
 
 D = 32
 
@@ -223,6 +223,16 @@ def test_make_token_fn_bfloat16_computes_the_model_in_bfloat16(model, concepts):
     w = np.asarray(jax.jit(fn)(params, imgs))
     np.testing.assert_allclose(w, np.asarray(jax.jit(fn32)(params32, imgs)), atol=0.05)
 
+
+
+def test_segment_in_bfloat16_stays_close_to_float32(model, concepts):
+    img = _image(48, 64, 3)
+    ref = segment(img, concepts, model=model, method="nearest", return_weights=True)
+    bf16 = segment(img, concepts, model=model, method="nearest", dtype=jnp.bfloat16, return_weights=True)
+    assert bf16.weights.dtype == np.float32 and bf16.labels.dtype == np.int32
+    assert not np.array_equal(bf16.weights, ref.weights)  # the forward really ran in bfloat16
+    np.testing.assert_allclose(bf16.weights, ref.weights, atol=0.05)
+    assert (bf16.labels == ref.labels).mean() >= 0.9
 
 # --- bad inputs --------------------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import torch
 
 from fseg_jax.convert.timm import convert_timm_state_dict
 from fseg_jax.io import read_image
-from fseg_jax.segment import segment
+from fseg_jax.segmentation import segment
 from segment_original import OriginalFSeg, input_tensor, segment_original
 from timm_models import fseg_config, make_timm_model
 

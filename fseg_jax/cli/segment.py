@@ -63,7 +63,7 @@ def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, leg
     from PIL import Image
 
     from fseg_jax.io import to_uint8
-    from fseg_jax.overlay import overlay
+    from fseg_jax.visualize import overlay
 
     labels = np.asarray(labels)
     if labels.max(initial=0) < 256:
@@ -92,6 +92,8 @@ def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, leg
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Images per compiled call.")
 @click.option("--bucket", type=int, default=None,
               help="Pad images to a multiple of this many pixels so nearby sizes share a compilation.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Compute dtype of the model (bfloat16 for GPU/TPU).")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Overlay opacity.")
 @click.option("--legend/--no-legend", default=True, show_default=True, help="Legend strip under the overlay.")
 @click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
@@ -99,8 +101,8 @@ def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, leg
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
 @click.option("-o", "--out", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for <name>_labels.png, <name>_labels.npy and <name>_overlay.png.")
-def segment(images, model_spec, concepts_spec, k, method, layers, n_components, seed, batch_size, bucket, alpha,
-            legend, compilation_cache, no_compilation_cache, out_dir):
+def segment(images, model_spec, concepts_spec, k, method, layers, n_components, seed, batch_size, bucket, dtype,
+            alpha, legend, compilation_cache, no_compilation_cache, out_dir):
     """Segment IMAGE... (files or folders of images) into concepts.
 
     Writes, per image, the label map as PNG (8-bit, or 16-bit when a label exceeds 255) and .npy (int32),
@@ -120,7 +122,7 @@ def segment(images, model_spec, concepts_spec, k, method, layers, n_components, 
 
     from fseg_jax.hub import load_model
     from fseg_jax.io import read_image
-    from fseg_jax.segment import segment as segment_images
+    from fseg_jax.segmentation import segment as segment_images
 
     try:
         model = load_model(model_spec)
@@ -140,7 +142,7 @@ def segment(images, model_spec, concepts_spec, k, method, layers, n_components, 
     out.mkdir(parents=True, exist_ok=True)
     layer = layers[0] if len(layers) == 1 else list(layers)
     options = dict(model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
-                   batch_size=batch_size, bucket=bucket)
+                   batch_size=batch_size, bucket=bucket, dtype=None if dtype == "float32" else dtype)
 
     with tqdm(total=len(files), unit="image", desc="segment", disable=None) as bar:
         for start in range(0, len(files), batch_size):

@@ -93,7 +93,7 @@ def _concept_names(k: int) -> list[str]:
 
 
 def _palette(n: int) -> np.ndarray:
-    from fseg_jax.overlay import palette
+    from fseg_jax.visualize import palette
 
     return np.asarray(palette(n), np.uint8)
 
@@ -119,7 +119,7 @@ def _versions() -> dict[str, str]:
 class SlideSegmenter:
     """A compiled tile step and the settings of a slide run; `run` it on any number of slides.
 
-    fn, params: a token function as `fseg_jax.segment.make_token_fn` returns it, fn(params, (B, T, T, 3)
+    fn, params: a token function as `fseg_jax.segmentation.make_token_fn` returns it, fn(params, (B, T, T, 3)
     uint8) -> (B, T/p, T/p, k) concept weights; `from_model` builds one from a model and a concept bank.
     patch_size: the model's patch (token) size p in pixels. tile: tile side in working pixels (a multiple
     of p); margin: context discarded on each side (a multiple of p; default tile/16); batch: tiles per step
@@ -181,7 +181,7 @@ class SlideSegmenter:
         import jax.numpy as jnp
 
         from fseg_jax.models import with_compute_dtype
-        from fseg_jax.segment import make_token_fn
+        from fseg_jax.segmentation import make_token_fn
 
         dtype = None if dtype is None else jnp.dtype(dtype)
         model_desc = None
@@ -492,7 +492,7 @@ def _write_overlay(
     """
     from PIL import Image
 
-    from fseg_jax.overlay import overlay
+    from fseg_jax.visualize import overlay
 
     # thumbnail pixel centre -> working pixel -> token
     th, tw = thumb.shape[:2]

@@ -74,6 +74,7 @@ def segment(
     seed: int = 0,
     batch_size: int = 4,
     bucket: int | None = None,
+    dtype=None,
     solver: str | None = None,
     tol: float | None = None,
     max_iter: int | None = None,
@@ -101,6 +102,8 @@ def segment(
             patch size, so images of nearby sizes share one compilation. The model then sees more edge
             padding, which changes its features slightly; None (default) pads to the patch size, as the
             original does.
+        dtype: compute dtype of the model's forward pass, e.g. ``jnp.bfloat16`` on GPU/TPU (parameters stay
+            float32; the NMF and everything after the model run in float32). None: the model's own (float32).
         solver, tol, max_iter: passed to the NMF core (``fseg_jax.nmf``) when given; its defaults otherwise.
 
     Returns:
@@ -114,6 +117,8 @@ def segment(
         solver=solver, tol=tol, max_iter=max_iter,
     )
     images_list, kind = collect_images(images)
+    if dtype is not None:
+        model = with_compute_dtype(model, jnp.dtype(dtype))
     config = model.config
     graphdef, state = nnx.split(model)
     concepts_j = jnp.asarray(concepts_kd)
