@@ -194,10 +194,11 @@ class SlideSegmenter:
             model = with_compute_dtype(model, dtype)
         config = model.config
         model_desc = model_desc or getattr(config, "name", type(model).__name__)
-        concepts_kd, k, bank_desc = _concepts_for(concepts, k, config)
-        fn, params = make_token_fn(model, concepts_kd, method=method, layer=layer)
+        # make_token_fn resolves and checks the bank (path, preset, ConceptBank or array) against the model
+        fn, params = make_token_fn(model, concepts, k=k, method=method, layer=layer)
+        k = int(params["concepts"].shape[0])
         info = {
-            "model": model_desc, "bank": bank_desc, "method": method, "layer": layer,
+            "model": model_desc, "bank": _describe_concepts(concepts), "method": method, "layer": layer,
             "dtype": "float32" if dtype is None else dtype.name,
         }
         return cls(fn, params, patch_size=config.patch_size, k=k, info=info, **kwargs)
@@ -345,22 +346,11 @@ def _grid(plan: dict) -> TileGrid:
     )
 
 
-def _concepts_for(concepts, k: int | None, config) -> tuple[np.ndarray, int, str]:
-    """(k, d) concepts, k and a description, from a ConceptBank, a path or preset, or an array."""
-    if hasattr(concepts, "__array__"):  # numpy or jax arrays (a ConceptBank, a path or a preset name has none)
-        arr = np.asarray(concepts, np.float32)
-        if arr.ndim != 2:
-            raise ValueError(f"concepts: expected a (k, d) array, got shape {arr.shape}")
-        if k is not None and k != arr.shape[0]:
-            raise ValueError(f"k={k} but the concept array has {arr.shape[0]} rows")
-        return arr, arr.shape[0], "array"
-    from fseg_jax.concepts import resolve_concepts
-
-    desc = str(concepts) if isinstance(concepts, (str, Path)) else repr(concepts)
-    bank = resolve_concepts(concepts, model_config=config)
-    if k is None:
-        raise ValueError(f"k is required with a concept bank; available: {', '.join(map(str, bank.ks))}")
-    return bank[k], int(k), desc
+def _describe_concepts(concepts) -> str:
+    """How summary.json names the bank: its path or preset, "array" for an in-memory matrix."""
+    if isinstance(concepts, (str, Path)):
+        return str(concepts)
+    return "array" if hasattr(concepts, "__array__") else repr(concepts)
 
 
 def merge_slide(out_dir: str | Path) -> dict:
