@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from fseg_jax._files import atomic_path
+
 FORMAT = "fseg_jax.concepts"
 FORMAT_VERSION = "1"
 DEFAULT_KS = (8, 16, 32, 64, 128, 256)
@@ -211,22 +213,10 @@ def save_concepts(path: str | os.PathLike, bank: ConceptBank) -> Path:
         metadata["layer"] = json.dumps(list(bank.layer) if isinstance(bank.layer, tuple) else bank.layer)
     data = save({f"k{k}": np.ascontiguousarray(c) for k, c in bank.concepts.items()}, metadata=metadata)
     path = Path(path)
-    _atomic_write(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # gone after a successful replace; removed after a failure
 
 
 def load_concepts(path: str | os.PathLike) -> ConceptBank:

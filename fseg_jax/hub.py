@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from fseg_jax._files import atomic_path
 from fseg_jax.convert.checkpoint import SafetensorsCheckpoint, convert_checkpoint
 from fseg_jax.convert.timm import NATIVE_RULES, ConversionError, fill_model
 from fseg_jax.models.config import ResNetConfig, ViTConfig, config_from_preset, preset_names, read_manifest
@@ -45,20 +46,17 @@ def save_model(model, directory: str | Path) -> Path:
     _, state = nnx.split(model)
     flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
     tensors = {".".join(str(p) for p in path): np.asarray(value, np.float32) for path, value in flat.items()}
-    # each file goes to a temporary name first, then is renamed: an interrupted save never leaves a
-    # half-written file under the final name (the weights land before the config that points at them)
-    tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "fseg_jax"})
-    os.replace(tmp, directory / WEIGHTS_FILE)
+    # each file is written atomically, the weights before the config that points at them
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "fseg_jax"})
     meta = {
         "format": "fseg_jax",
         "format_version": FORMAT_VERSION,
         "model_type": "resnet" if isinstance(config, ResNetConfig) else "vit",
         "config": config.to_dict(),
     }
-    tmp = directory / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_FILE)
+    with atomic_path(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 

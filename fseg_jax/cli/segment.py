@@ -48,20 +48,11 @@ def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def _atomic_save(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, legend: bool) -> None:
     import numpy as np
     from PIL import Image
 
+    from fseg_jax._files import atomic_path
     from fseg_jax.io import to_uint8
     from fseg_jax.visualize import overlay
 
@@ -70,10 +61,13 @@ def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, leg
         png = Image.fromarray(labels.astype(np.uint8))  # 8-bit grayscale
     else:
         png = Image.fromarray(labels.astype(np.uint16))  # 16-bit grayscale
-    _atomic_save(out_dir / f"{stem}_labels.png", lambda p: png.save(p, format="PNG"))
-    _atomic_save(out_dir / f"{stem}_labels.npy", lambda p: np.save(p, labels.astype(np.int32)))
+    with atomic_path(out_dir / f"{stem}_labels.png") as p:
+        png.save(p, format="PNG")
+    with atomic_path(out_dir / f"{stem}_labels.npy") as p:
+        np.save(p, labels.astype(np.int32))
     picture = overlay(to_uint8(image), labels, alpha=alpha, legend=legend)
-    _atomic_save(out_dir / f"{stem}_overlay.png", lambda p: Image.fromarray(picture).save(p, format="PNG"))
+    with atomic_path(out_dir / f"{stem}_overlay.png") as p:
+        Image.fromarray(picture).save(p, format="PNG")
 
 
 @click.command()

@@ -7,31 +7,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block completes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from fseg_jax._files import atomic_path
 
 
 def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> None:
     """Remove the temporaries that `atomic_path` made for `names` in `folder` and a killed process left there."""
     for name in names:
-        for tmp in folder.glob(f".{name}.*.tmp"):
+        for tmp in folder.glob(f".{name}.*.tmp*"):
             tmp.unlink(missing_ok=True)
 
 
