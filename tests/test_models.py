@@ -13,7 +13,6 @@ from flax import nnx
 from timm_models import make_torchvision_resnet50, random_input, relative_error
 
 from fseg_jax import ResNet50, ViTConfig, VisionTransformer, convert_timm_state_dict
-from fseg_jax.models.attention import chunked_attention
 from fseg_jax.models.config import ResNetConfig, read_manifest
 
 PRESETS = ["uni", "uni2_h", "gigapath", "virchow", "virchow2", "h_optimus_0", "h_optimus_1", "h0_mini"]
@@ -124,14 +123,6 @@ def test_jit_compiles_once_per_input_shape():
     fn(state, random_input(24, 16)).block_until_ready()
     fn(state, random_input(24, 16, seed=5)).block_until_ready()
     assert traces == [(1, 16, 24, 3), (1, 24, 16, 3)]
-
-
-def test_chunked_attention_matches_dense():
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, 300, 4, 16), dtype=np.float32)) for _ in range(3))
-    dense = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    for chunk in (64, 128, 512):
-        np.testing.assert_allclose(chunked_attention(q, k, v, chunk=chunk), dense, atol=2e-6)
 
 
 def test_attention_implementations_and_bfloat16_agree():

@@ -30,8 +30,9 @@ def with_compute_dtype(model, dtype):
     if getattr(model, "dtype", None) == dtype:
         return model
     kwargs = {"dtype": dtype}
-    if hasattr(model, "attention_impl"):
-        kwargs["attention_impl"] = model.attention_impl
+    for name in ("attention_impl", "precision"):  # ViT-only options, kept as the model was built
+        if hasattr(model, name):
+            kwargs[name] = getattr(model, name)
     shell = nnx.eval_shape(lambda: build_model(model.config, rngs=nnx.Rngs(0), **kwargs))
     graphdef, _ = nnx.split(shell)
     return nnx.merge(graphdef, nnx.state(model))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fseg_jax.models.attention import attention
+from fseg_jax.models.attention import IMPLEMENTATIONS, attention
 from fseg_jax.models.config import ViTConfig
 
 Array = jax.Array
@@ -43,8 +43,8 @@ def _layer_norm(dim: int, config: ViTConfig, dtype, rngs: nnx.Rngs) -> nnx.Layer
                          use_fast_variance=False, rngs=rngs)
 
 
-def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def _linear(din: int, dout: int, dtype, precision, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, precision=precision, rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
@@ -53,11 +53,12 @@ class PatchEmbed(nnx.Module):
     ``kernel`` is (p, p, 3, D) (HWIO, as a flax conv would store it), ``bias`` (D,).
     """
 
-    def __init__(self, patch_size: int, embed_dim: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, patch_size: int, embed_dim: int, *, dtype, precision, rngs: nnx.Rngs):
         p = patch_size
         init = nnx.initializers.lecun_normal()
         self.patch_size = p
         self.dtype = dtype
+        self.precision = precision
         self.kernel = nnx.Param(init(rngs.params(), (p, p, 3, embed_dim), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((embed_dim,), jnp.float32))
 
@@ -68,7 +69,8 @@ class PatchEmbed(nnx.Module):
         x = x.reshape(b, h // p, w // p, p * p * c)
         kernel = self.kernel[...].reshape(p * p * c, -1)
         dtype = self.dtype or jnp.float32
-        y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.precision,
+                    preferred_element_type=jnp.float32)
         return (y + self.bias[...]).astype(dtype)
 
 
@@ -81,30 +83,32 @@ class LayerScale(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ViTConfig, *, dtype, attention_impl: str, rngs: nnx.Rngs):
+    def __init__(self, config: ViTConfig, *, dtype, precision, attention_impl: str, rngs: nnx.Rngs):
         d = config.embed_dim
         self.num_heads = config.num_heads
         self.attention_impl = attention_impl
-        self.qkv = _linear(d, 3 * d, dtype, rngs)
-        self.proj = _linear(d, d, dtype, rngs)
+        self.precision = precision
+        self.qkv = _linear(d, 3 * d, dtype, precision, rngs)
+        self.proj = _linear(d, d, dtype, precision, rngs)
 
     def __call__(self, x_bnd: Array) -> Array:
         b, n, d = x_bnd.shape
         h = self.num_heads
         qkv = self.qkv(x_bnd).reshape(b, n, 3, h, d // h)
-        out_bnhk = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.attention_impl)
+        out_bnhk = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.attention_impl,
+                             precision=self.precision)
         return self.proj(out_bnhk.reshape(b, n, d))
 
 
 class Mlp(nnx.Module):
     """fc1 -> act -> fc2, or SwiGLUPacked: fc1 -> (a, b) halves -> act(a) * b -> fc2."""
 
-    def __init__(self, config: ViTConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: ViTConfig, *, dtype, precision, rngs: nnx.Rngs):
         d, hidden = config.embed_dim, config.mlp_hidden
         self.packed = config.mlp_layer == "swiglu_packed"
         self.act = config.act_layer
-        self.fc1 = _linear(d, hidden, dtype, rngs)
-        self.fc2 = _linear(hidden // 2 if self.packed else hidden, d, dtype, rngs)
+        self.fc1 = _linear(d, hidden, dtype, precision, rngs)
+        self.fc2 = _linear(hidden // 2 if self.packed else hidden, d, dtype, precision, rngs)
 
     def _activation(self, x: Array) -> Array:
         if self.act == "gelu":
@@ -122,13 +126,13 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, config: ViTConfig, *, dtype, attention_impl: str, rngs: nnx.Rngs):
+    def __init__(self, config: ViTConfig, *, dtype, precision, attention_impl: str, rngs: nnx.Rngs):
         d = config.embed_dim
         self.norm1 = _layer_norm(d, config, dtype, rngs)
-        self.attn = Attention(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+        self.attn = Attention(config, dtype=dtype, precision=precision, attention_impl=attention_impl, rngs=rngs)
         self.ls1 = LayerScale(d) if config.layer_scale else None
         self.norm2 = _layer_norm(d, config, dtype, rngs)
-        self.mlp = Mlp(config, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(config, dtype=dtype, precision=precision, rngs=rngs)
         self.ls2 = LayerScale(d) if config.layer_scale else None
 
     def __call__(self, x: Array) -> Array:
@@ -146,24 +150,42 @@ class VisionTransformer(nnx.Module):
         rngs: initialisers for random weights (real weights come from ``fseg_jax.load_model``).
         dtype: compute dtype (None = float32). Parameters are always stored in float32; ``jnp.bfloat16``
             computes matmuls and attention in bfloat16 (LayerNorm statistics and softmax stay float32).
-        attention_impl: ``"auto"`` (cuDNN flash attention on GPU for bfloat16/float16, query-chunked
-            heads-first attention otherwise), or one of ``"chunked"``, ``"xla"``, ``"cudnn"``.
+        attention_impl: ``"auto"`` (per backend and dtype: query-chunked on CPU, cuDNN flash attention on
+            GPU for bfloat16/float16 and batched query chunks for float32, splash attention on TPU for long
+            sequences), or one of ``"chunked"``, ``"batched"``, ``"splash"``, ``"xla"``, ``"cudnn"``
+            (see ``fseg_jax.models.attention``).
+        precision: matmul precision of a float32 model (``jax.lax.Precision`` or its name). The default,
+            ``"highest"``, is true float32 on every backend, as timm computes in float32; ``"default"``
+            allows TensorFloat-32 on GPUs (faster, about 1e-3 relative) and bfloat16 passes on TPUs.
+            Models computing in bfloat16 ignore it.
     """
 
-    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None, attention_impl: str = "auto"):
-        if attention_impl not in ("auto", "chunked", "xla", "cudnn"):
-            raise ValueError(f"attention_impl must be auto, chunked, xla or cudnn, not {attention_impl!r}")
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, dtype=None, attention_impl: str = "auto",
+                 precision: str | jax.lax.Precision | None = "highest"):
+        if attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl must be one of {', '.join(IMPLEMENTATIONS)}, not {attention_impl!r}")
         d = config.embed_dim
         self.config = config
         self.dtype = dtype
         self.attention_impl = attention_impl
-        self.patch_embed = PatchEmbed(config.patch_size, d, dtype=dtype, rngs=rngs)
+        self.precision = precision
+        if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+            precision = None
+        elif precision is not None:
+            try:
+                precision = jax.lax.Precision(precision)
+            except ValueError:
+                raise ValueError(
+                    f"precision must be 'default', 'high' or 'highest' (or a jax.lax.Precision), not {precision!r}"
+                ) from None
+        self.patch_embed = PatchEmbed(config.patch_size, d, dtype=dtype, precision=precision, rngs=rngs)
         init = nnx.initializers.normal(0.02)
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d))) if config.class_token else None
         self.reg_token = nnx.Param(init(rngs.params(), (1, config.reg_tokens, d))) if config.reg_tokens else None
         self.pos_embed = nnx.Param(init(rngs.params(), (1, config.num_pos_tokens, d)))
         self.blocks = nnx.List(
-            [Block(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs) for _ in range(config.depth)]
+            [Block(config, dtype=dtype, precision=precision, attention_impl=attention_impl, rngs=rngs)
+             for _ in range(config.depth)]
         )
         self.norm = _layer_norm(d, config, dtype, rngs)
 
