@@ -69,6 +69,7 @@ def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype:
     from flax import nnx
 
     from fseg_jax import ViTConfig, VisionTransformer
+    from fseg_jax.compilation import compiler_options
 
     config = ViTConfig.from_preset(preset)
     if depth is not None:
@@ -85,7 +86,7 @@ def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype:
     x = jnp.asarray(np.random.default_rng(0).standard_normal((b, h, w, 3), dtype=np.float32))
     jax.block_until_ready((state, x))
     t0 = time.perf_counter()
-    compiled = jax.jit(features).lower(state, x).compile()
+    compiled = jax.jit(features, compiler_options=compiler_options()).lower(state, x).compile()
     compile_s = time.perf_counter() - t0
     compile_peak = _host_memory("VmHWM")
     times, before = _timed_calls(lambda: compiled(state, x).block_until_ready(), repeats)
@@ -159,6 +160,7 @@ def main() -> None:
         _child(args)
         return
 
+    print(_host_description())
     results = []
     for shape in args.shapes.split(","):
         row = {"shape": shape}
@@ -180,6 +182,22 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "depth": args.depth, "dtype": args.dtype, "results": results}, f,
                       indent=2)
+
+
+def _host_description() -> str:
+    """The CPU (lscpu's model name, its vector extensions, caches) and the attention blocks chosen for it."""
+    from fseg_jax.models.attention import cpu_block_elements, last_level_cache_bytes
+
+    info = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    except OSError:
+        pass
+    flags = [f for f in info.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
+    return (f"host: {info.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, vector flags {' '.join(flags)}; "
+            f"last-level cache {last_level_cache_bytes() / 2**20:.0f} MiB -> CPU attention score blocks of "
+            f"{cpu_block_elements() / 2**20:.1f} M float32 values")
 
 
 def _print_row(row: dict, args) -> None:

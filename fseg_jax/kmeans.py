@@ -14,12 +14,13 @@ of `n_init` runs by inertia (sum of squared distances to the nearest centre).
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fseg_jax.compilation import jit
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -97,7 +98,7 @@ def kmeans_plusplus(x_nd: jax.Array, n_valid: jax.Array, k: int, key: jax.Array)
     return centers_kd
 
 
-@partial(jax.jit, static_argnames=("k", "max_iter"))
+@jit(static_argnames=("k", "max_iter"))
 def _kmeans_single(x_bcd, n_valid, key, tol_abs, *, k: int, max_iter: int):
     b, c, d = x_bcd.shape
     x_nd = x_bcd.reshape(b * c, d)

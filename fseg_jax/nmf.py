@@ -58,13 +58,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from fseg_jax.compilation import jit
 
 __all__ = [
     "DEFAULT_SOLVER",
@@ -393,12 +394,12 @@ def nmf(x_nd, k, key, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER
 # Jitted, batched programs (one compilation per shape, dtype, solver and max_iter).
 
 
-@partial(jax.jit, static_argnames=("solver", "max_iter"))
+@jit(static_argnames=("solver", "max_iter"))
 def _project_batched(x_bnd, c_kd, tol, *, solver, max_iter):
     return jax.vmap(lambda x: nnls(x, c_kd, solver=solver, tol=tol, max_iter=max_iter))(x_bnd)
 
 
-@partial(jax.jit, static_argnames=("k", "solver", "max_iter"))
+@jit(static_argnames=("k", "solver", "max_iter"))
 def _factorize_batched(x_bnd, keys, tol, *, k, solver, max_iter):
     return jax.vmap(lambda x, key: nmf(x, k, key, solver=solver, tol=tol, max_iter=max_iter))(x_bnd, keys)
 
