@@ -12,8 +12,11 @@ export PYTHONUNBUFFERED=1
 # --- ViT (models) ---
 # UNI architecture (ViT-L/16), random weights, bfloat16: fseg_jax (cuDNN flash attention) against timm (bf16
 # autocast) in the same run; tiles/s for batches of 224x224 tiles, and one 976x1280 image (4880 patches).
-"$PY" bench/vit.py --dtype bfloat16 --repeats 5 --frameworks jax,timm \
+"$PY" bench/vit.py --dtype bfloat16 --repeats 5 --frameworks jax,timm,timm-compile \
     --shapes 64x224x224,256x224x224,1x976x1280 ${VIT_BENCH_ARGS:-}
+# float32 at full precision on both sides (batched query-chunk attention, never the CPU loop), then TF32 opt-in
+"$PY" bench/vit.py --dtype float32 --repeats 3 --frameworks jax,timm --shapes 64x224x224,1x976x1280
+"$PY" bench/vit.py --dtype float32 --repeats 3 --frameworks jax --precision default --shapes 64x224x224
 
 # --- NMF ---
 # project() at the example image (n=4880) and a 4096x4096 tile (n=65536), d=1536, k=64 and 256;

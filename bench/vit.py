@@ -3,6 +3,10 @@
     python bench/vit.py                                   # UNI (ViT-L/16), float32, CPU: 8x224x224 and 1x976x1280
     python bench/vit.py --shapes 8x224x224 --repeats 3
     python bench/vit.py --dtype bfloat16 --shapes 64x224x224,256x224x224,1x976x1280 --frameworks jax  # GPU
+    python bench/vit.py --frameworks jax,timm,timm-compile --attention batched --precision default  # TF32 on GPU
+
+Frameworks: ``jax`` (fseg_jax, compiled with the package's XLA options), ``timm`` (eager, SDPA attention) and
+``timm-compile`` (the same model through ``torch.compile``).
 
 Each (framework, shape) runs in its own process so that peak memory (VmHWM) is its own. Reported per run:
 compile time (jax: lower + compile; timm: the first call), the best forward time of ``--repeats`` after it,
@@ -60,7 +64,8 @@ def _host_peaks(before: int, first_peak: int) -> dict:
     return {"peak_mb": peak / 1e6, "added_mb": (peak - before) / 1e6, "compile_peak_mb": first_peak / 1e6}
 
 
-def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype: str, repeats: int) -> dict:
+def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype: str, repeats: int,
+             attention: str = "auto", precision: str = "highest") -> dict:
     import dataclasses
 
     import jax
@@ -75,7 +80,7 @@ def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype:
     if depth is not None:
         config = dataclasses.replace(config, depth=depth)
     compute = {"float32": None, "bfloat16": jnp.bfloat16}[dtype]
-    model = VisionTransformer(config, rngs=nnx.Rngs(0), dtype=compute)
+    model = VisionTransformer(config, rngs=nnx.Rngs(0), dtype=compute, attention_impl=attention, precision=precision)
     graphdef, state = nnx.split(model)
     del model
 
@@ -101,7 +106,8 @@ def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype:
     return {**out, "compile_s": compile_s, "forward_s": min(times), "times": times}
 
 
-def _run_timm(preset: str, depth: int | None, shape: tuple[int, int, int], dtype: str, repeats: int) -> dict:
+def _run_timm(preset: str, depth: int | None, shape: tuple[int, int, int], dtype: str, repeats: int,
+              compile_model: bool = False) -> dict:
     import torch
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -110,13 +116,16 @@ def _run_timm(preset: str, depth: int | None, shape: tuple[int, int, int], dtype
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model = make_timm_model(preset, depth=depth, perturb=False).to(device)
+    forward = model.forward_intermediates
+    if compile_model:
+        forward = torch.compile(forward)
     b, h, w = shape
     x = torch.randn(b, 3, h, w, device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     def run():
         with torch.inference_mode(), autocast:
-            y = model.forward_intermediates(x, indices=[-1], intermediates_only=True)[0]
+            y = forward(x, indices=[-1], intermediates_only=True)[0]
         if cuda:
             torch.cuda.synchronize()
         return y
@@ -139,8 +148,11 @@ def _run_timm(preset: str, depth: int | None, shape: tuple[int, int, int], dtype
 
 def _child(args) -> None:
     shape = tuple(int(v) for v in args.child_shape.split("x"))
-    runner = {"jax": _run_jax, "timm": _run_timm}[args.child]
-    result = runner(args.preset, args.depth, shape, args.dtype, args.repeats)
+    common = (args.preset, args.depth, shape, args.dtype, args.repeats)
+    if args.child == "jax":
+        result = _run_jax(*common, attention=args.attention, precision=args.precision)
+    else:
+        result = _run_timm(*common, compile_model=args.child == "timm-compile")
     print("RESULT " + json.dumps(result))
 
 
@@ -152,6 +164,8 @@ def main() -> None:
     parser.add_argument("--frameworks", default="jax,timm")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--attention", default="auto", help="fseg_jax attention implementation (default: auto)")
+    parser.add_argument("--precision", default="highest", help="fseg_jax float32 matmul precision")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-shape", help=argparse.SUPPRESS)
@@ -166,7 +180,8 @@ def main() -> None:
         row = {"shape": shape}
         for framework in args.frameworks.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--child-shape", shape,
-                   "--preset", args.preset, "--dtype", args.dtype, "--repeats", str(args.repeats)]
+                   "--preset", args.preset, "--dtype", args.dtype, "--repeats", str(args.repeats),
+                   "--attention", args.attention, "--precision", args.precision]
             if args.depth is not None:
                 cmd += ["--depth", str(args.depth)]
             env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -202,20 +217,22 @@ def _host_description() -> str:
 
 def _print_row(row: dict, args) -> None:
     b = int(row["shape"].split("x")[0])
-    print(f"== {args.preset} depth={args.depth or 'full'} {args.dtype} {row['shape']}")
-    for framework in ("jax", "timm"):
+    print(f"== {args.preset} depth={args.depth or 'full'} {args.dtype} {row['shape']} "
+          f"(fseg_jax attention {args.attention}, precision {args.precision})")
+    for framework in ("jax", "timm", "timm-compile"):
         r = row.get(framework)
         if r is None:
             continue
         added = "" if r["added_mb"] is None else (
             f" (+{r['added_mb']:.0f} MB over the model; peak during compile/first call {r['compile_peak_mb']:.0f} MB)")
-        print(f"  {framework:5s} [{r['backend']} {r['device']}] forward {r['forward_s']:.3f} s "
+        print(f"  {framework:12s} [{r['backend']} {r['device']}] forward {r['forward_s']:.3f} s "
               f"({b / r['forward_s']:.1f} tiles/s), compile/first call {r['compile_s']:.1f} s, "
               f"peak {r['peak_mb']:.0f} MB{added}")
-    if "jax" in row and "timm" in row:
-        j, t = row["jax"], row["timm"]
-        print(f"  ratio fseg_jax/timm: forward {j['forward_s'] / t['forward_s']:.2f}, "
-              f"peak memory {j['peak_mb'] / t['peak_mb']:.2f}")
+    for reference in ("timm", "timm-compile"):
+        if "jax" in row and reference in row:
+            j, t = row["jax"], row[reference]
+            print(f"  ratio fseg_jax/{reference}: forward {j['forward_s'] / t['forward_s']:.2f}, "
+                  f"peak memory {j['peak_mb'] / t['peak_mb']:.2f}")
     sys.stdout.flush()
 
 
