@@ -10,8 +10,9 @@ import pytest
 import torch
 from flax import nnx
 from timm_models import random_input, relative_error
+from tiny_models import tiny_config, tiny_vit
 
-from fseg_jax import ViTConfig, VisionTransformer
+from fseg_jax import VisionTransformer
 from fseg_jax.models import with_compute_dtype
 from fseg_jax.models.attention import (
     IMPLEMENTATIONS,
@@ -92,25 +93,9 @@ def test_cpu_blocks_follow_the_cache_size():
     assert cpu_block_elements(1) == 2**16  # a floor for caches reported as tiny
 
 
-def tiny_config(**overrides) -> ViTConfig:
-    base = dict(name="tiny", patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_hidden=64,
-                reg_tokens=2, pos_embed_grid=(4, 4))
-    return ViTConfig(**{**base, **overrides})
-
-
-def perturbed_vit(config, **kwargs) -> VisionTransformer:
-    """A random ViT whose LayerScale gammas are in [0.1, 1], so attention moves the output visibly."""
-    model = VisionTransformer(config, rngs=nnx.Rngs(0), **kwargs)
-    rng = np.random.default_rng(0)
-    for block in model.blocks:
-        for scale in (block.ls1, block.ls2):
-            scale.gamma[...] = jnp.asarray(rng.uniform(0.1, 1.0, scale.gamma.shape), jnp.float32)
-    return model
-
-
 def test_every_cpu_runnable_implementation_gives_the_same_model_output():
-    config = tiny_config()
-    reference = perturbed_vit(config, attention_impl="xla")
+    config = tiny_config(depth=2)
+    reference = tiny_vit(config, attention_impl="xla")
     state = nnx.state(reference)
     x = random_input(40, 56, batch=2)  # 5 x 7 grid + 3 prefix tokens
     expected = np.asarray(reference.forward_intermediates(x)[-1])

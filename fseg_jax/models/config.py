@@ -103,10 +103,6 @@ class ViTConfig(_DictConfig):
         return int(self.class_token) + self.reg_tokens
 
     @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
     def num_pos_tokens(self) -> int:
         """Rows of the stored ``pos_embed`` (prefix tokens included unless ``no_embed_class``)."""
         grid = self.pos_embed_grid[0] * self.pos_embed_grid[1]
@@ -148,7 +144,6 @@ class ResNetConfig(_DictConfig):
     embed_dim: int = 1024
     depth: int = 3
     stage_blocks: tuple[int, ...] = (3, 4, 6)
-    num_prefix_tokens: int = 0
     bn_eps: float = 1e-5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD

@@ -12,11 +12,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float
 
 from fseg_jax.models.config import ResNetConfig
 from fseg_jax.models.vit import take_indices
-
-Array = jax.Array
 
 
 def _conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
@@ -75,6 +74,7 @@ class ResNet50(nnx.Module):
         config = config or ResNetConfig()
         eps = config.bn_eps
         self.config = config
+        self.dtype = dtype
         self.conv1 = _conv(3, 64, 7, 2, dtype, rngs)
         self.bn1 = BatchNorm(64, eps)
         cin = 64
@@ -88,11 +88,11 @@ class ResNet50(nnx.Module):
 
     def forward_intermediates(
         self,
-        x_bhwc: Array,
+        x_bhwc: Float[Array, "b h w 3"],
         indices: int | Sequence[int] | None = None,
         norm: bool = False,
         return_prefix_tokens: bool = False,
-    ) -> list[Array]:
+    ) -> list[Float[Array, "b gh gw c"]]:
         """Stage outputs (after the final ReLU of each stage) as (B, H/s, W/s, C) grids.
 
         Args:

@@ -11,11 +11,10 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float
 
 from fseg_jax.models.attention import IMPLEMENTATIONS, attention
 from fseg_jax.models.config import ViTConfig
-
-Array = jax.Array
 
 
 def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[int]:
@@ -62,7 +61,7 @@ class PatchEmbed(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (p, p, 3, embed_dim), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((embed_dim,), jnp.float32))
 
-    def __call__(self, x_bhwc: Array) -> Array:
+    def __call__(self, x_bhwc: Float[Array, "b h w 3"]) -> Float[Array, "b gh gw d"]:
         b, h, w, c = x_bhwc.shape
         p = self.patch_size
         x = x_bhwc.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
@@ -203,7 +202,7 @@ class VisionTransformer(nnx.Module):
             grid = grid.reshape(1, grid_h * grid_w, -1)
         return jnp.concatenate([prefix, grid], axis=1) if n_prefix else grid
 
-    def embed(self, x_bhwc: Array) -> Array:
+    def embed(self, x_bhwc: Float[Array, "b h w 3"]) -> Float[Array, "b n d"]:
         """Patch embedding + prefix tokens + position embeddings: (B, H, W, 3) -> (B, prefix + h*w, D)."""
         cfg = self.config
         b, height, width, channels = x_bhwc.shape
@@ -231,11 +230,11 @@ class VisionTransformer(nnx.Module):
 
     def forward_intermediates(
         self,
-        x_bhwc: Array,
+        x_bhwc: Float[Array, "b h w 3"],
         indices: int | Sequence[int] | None = None,
         norm: bool = False,
         return_prefix_tokens: bool = False,
-    ) -> list[Array] | list[tuple[Array, Array]]:
+    ) -> list[Float[Array, "b gh gw d"]] | list[tuple[Float[Array, "b gh gw d"], Float[Array, "b m d"]]]:
         """Block outputs as patch grids, with timm's meaning of ``indices``.
 
         Args:
