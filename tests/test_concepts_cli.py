@@ -51,7 +51,8 @@ def test_build_from_a_converted_model_folder(tmp_path):
     )
     assert result.exit_code == 0, result.output
     bank = load_concepts(out)
-    assert bank.ks == (2, 4) and bank.feature_dim == 64 and bank.model == "uni"
+    # the bank records the folder (absolute), so `segment` can load the model from the bank alone
+    assert bank.ks == (2, 4) and bank.feature_dim == 64 and bank.model == str(model_dir.resolve())
     too_many = runner.invoke(
         main, ["concepts", "build", str(model_dir), str(images), "--k", "64", "--tile", "48", "-o", str(out)]
     )
