@@ -70,6 +70,18 @@ def test_build_unknown_model_is_one_clear_line(tmp_path):
     assert result.output.count("\n") == 1
 
 
+def test_random_model_options(tmp_path):
+    out = str(tmp_path / "b.safetensors")
+    runner = CliRunner()
+    no_seed = runner.invoke(main, ["concepts", "build", "uni", "--sample", "--depth", "2", "-o", out])
+    assert no_seed.exit_code == 2 and "--depth applies to --random-init models only" in no_seed.output
+    no_images = runner.invoke(main, ["concepts", "build", "uni", "--random-init", "0", "-o", out])
+    assert no_images.exit_code == 2 and "or --sample" in no_images.output
+    too_deep = runner.invoke(main, ["concepts", "build", "uni", "--sample", "--random-init", "0", "--depth", "30",
+                                    "-o", out])
+    assert too_deep.exit_code == 1 and "depth must be in [1, 24]" in too_deep.output
+
+
 def test_group_is_listed():
     result = CliRunner().invoke(main, ["concepts", "--help"])
     assert result.exit_code == 0 and "import" in result.output and "build" in result.output
