@@ -69,10 +69,10 @@ def _model(depth: int | None):
 
 def _project_program(model, concepts):
     """The options and clipped concepts of ``segment(..., method="project")``'s jitted program."""
-    from fseg_jax.segmentation import _prepare
+    from fseg_jax.segmentation import Pipeline
 
-    return _prepare(model, concepts, k=None, method="project", layer=-1, n_components=20, seed=0, solver=None,
-                    tol=None, max_iter=None)
+    pipeline = Pipeline.create(concepts, model=model, method="project")
+    return pipeline.options, pipeline.program_concepts
 
 
 def _time(fn, repeats: int = 1):
@@ -95,7 +95,7 @@ def compile_times(args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from fseg_jax.segmentation import _run
+    from fseg_jax.segmentation import segment_padded
 
     _, model = _model(args.depth)
     image = _image()
@@ -104,7 +104,7 @@ def compile_times(args) -> dict:
     h, w = image.shape[:2]
     hp, wp = -(-h // 16) * 16, -(-w // 16) * 16
     batch = jnp.asarray(np.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge"))[None]
-    trace_s, lowered = _time(lambda: _run.lower(graphdef, options, state, jnp.asarray(concepts), batch))
+    trace_s, lowered = _time(lambda: segment_padded.lower(graphdef, options, state, jnp.asarray(concepts), batch))
     compile_s, _ = _time(lowered.compile)
     return {"trace_lower_s": trace_s, "compile_s": compile_s}
 
@@ -130,7 +130,7 @@ def main() -> None:
     from flax import nnx
 
     from fseg_jax.features import preprocess, token_features
-    from fseg_jax.segmentation import _token_weights, segment, upsample_argmax
+    from fseg_jax.segmentation import segment, token_weights, upsample_argmax
     from segment_original import OriginalFSeg, input_tensor
 
     timm_model, model = _model(args.depth)
@@ -161,7 +161,7 @@ def main() -> None:
     @jax.jit
     def after_vit(feats_bhwd, concepts_kd):
         def one(f):
-            weights, _, _ = _token_weights(f, concepts_kd, options)
+            weights, _, _ = token_weights(f, concepts_kd, options)
             return upsample_argmax(weights, (hp, wp))
 
         return jax.vmap(one)(feats_bhwd)

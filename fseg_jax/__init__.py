@@ -19,11 +19,17 @@ _EXPORTS = {
     "convert_timm_state_dict": "fseg_jax.convert.timm",
     "load_model": "fseg_jax.hub",
     "save_model": "fseg_jax.hub",
-    # NMF core
+    # NMF core: checked, batched front ends and their pure, traceable twins
     "project": "fseg_jax.nmf",
     "factorize": "fseg_jax.nmf",
+    "nnls": "fseg_jax.nmf",
+    "nmf_from": "fseg_jax.nmf",
     # segmentation
     "segment": "fseg_jax.segmentation",
+    "Pipeline": "fseg_jax.segmentation",
+    "SegmentResult": "fseg_jax.segmentation",
+    "make_token_fn": "fseg_jax.segmentation",
+    "ConceptBank": "fseg_jax.concepts",
     "load_concepts": "fseg_jax.concepts",
     "save_concepts": "fseg_jax.concepts",
     "import_joblib_concepts": "fseg_jax.concepts",
@@ -51,13 +57,13 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fseg_jax.concepts import build_concepts, import_joblib_concepts, load_concepts, save_concepts
+    from fseg_jax.concepts import ConceptBank, build_concepts, import_joblib_concepts, load_concepts, save_concepts
     from fseg_jax.convert.timm import convert_timm_state_dict
     from fseg_jax.hub import load_model, save_model
     from fseg_jax.models.config import ViTConfig
     from fseg_jax.models.resnet import ResNet50
     from fseg_jax.models.vit import VisionTransformer
-    from fseg_jax.nmf import factorize, project
+    from fseg_jax.nmf import factorize, nmf_from, nnls, project
+    from fseg_jax.segmentation import Pipeline, SegmentResult, make_token_fn, segment
     from fseg_jax.visualize import overlay
-    from fseg_jax.segmentation import segment
     from fseg_jax.wsi.pipeline import segment_slide

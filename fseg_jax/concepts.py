@@ -4,7 +4,7 @@ On disk a bank is a safetensors file with one float32 tensor per k, named ``k8``
 metadata::
 
     format = "fseg_jax.concepts", format_version = "1", feature_dim = "1024", ks = "8,16,32,64,128,256",
-    model = "uni" (optional), layer = "-1" or "[-4, -1]" (optional, JSON)
+    model = "uni" or "/abs/path/to/converted/model" (optional), layer = "-1" or "[-4, -1]" (optional, JSON)
 
 Safetensors holds raw arrays and a JSON header only, so loading a bank never runs code. The upstream F-Seg
 banks are joblib pickles; :func:`import_joblib_concepts` converts them once, behind an explicit opt-in
@@ -53,7 +53,8 @@ class ConceptBank:
 
     Attributes:
         concepts: {k: (k, d) float32 array}; stored as read-only copies, sorted by k.
-        model: name of the model (preset) whose features the centres live in, or None when unknown.
+        model: the model whose features the centres live in: a preset name or the absolute directory of a
+            converted model (what ``fseg_jax.segment`` loads when it is given no model), another label, or None.
         layer: the block index the features come from (a tuple when several blocks are concatenated), or None.
 
     ``bank[k]`` is the (k, d) matrix (ValueError listing the available k otherwise), ``bank.ks`` the sorted
@@ -165,12 +166,14 @@ def check_compatible(
     *,
     model_name: str | None = None,
     layer: int | Sequence[int] | None = None,
+    model_source: str | None = None,
 ) -> None:
     """Raise ValueError when `bank` cannot be used with features of width `feature_dim`.
 
-    The message names both the bank's model and `model_name`. A bank made for a different model of the same
-    width (UNI and ResNet-50 are both 1024) or a different layer gets a UserWarning: the shapes fit but the
-    centres describe other features.
+    The message names both the bank's model and `model_name` (the model's config name). A bank made for a
+    different model of the same width (UNI and ResNet-50 are both 1024) or a different layer gets a
+    UserWarning: the shapes fit but the centres describe other features. The bank matches when it records
+    `model_name` or `model_source` (the preset or directory the model was loaded from).
     """
     if bank.feature_dim != int(feature_dim):
         raise ValueError(
@@ -178,9 +181,11 @@ def check_compatible(
             f"but model {model_name or '(unnamed)'} gives {int(feature_dim)}-dimensional features; "
             "use a bank made for this model (fseg-jax concepts build)"
         )
-    if model_name is not None and bank.model is not None and model_name != bank.model:
+    if model_name is not None and bank.model is not None and bank.model not in (model_name, model_source):
         warnings.warn(
-            f"concept bank was made for model {bank.model!r} but is used with {model_name!r}", UserWarning, stacklevel=2
+            f"concept bank was made for model {bank.model!r} but is used with {model_source or model_name!r}",
+            UserWarning,
+            stacklevel=2,
         )
     if layer is not None and bank.layer is not None and _normalise_layer(layer) != bank.layer:
         warnings.warn(
@@ -441,7 +446,8 @@ def build_concepts(
     """Build a bank for `model` as F-Seg prescribes: k-means over tile features, one centre matrix per k.
 
     Args:
-        model: a model with ``.config`` and ``forward_intermediates`` (``VisionTransformer``, ``ResNet50``).
+        model: a model with ``.config`` and ``forward_intermediates`` (``VisionTransformer``, ``ResNet50``), a
+            preset name or a converted model directory (loaded through ``fseg_jax.hub.resolve_model``).
         images_or_folder: a folder (its image files, sorted by name, not recursive), an image path, an
             ``(H, W, 3)`` image, a ``(B, H, W, 3)`` batch, or a list of any of these. Images are read one at a
             time, so memory holds one image and the per-tile features.
@@ -457,10 +463,14 @@ def build_concepts(
             one bank.
 
     Returns:
-        ConceptBank with ``model = model.config.name`` and `layer`. ValueError when fewer samples than the
-        largest k are found, or for a bad tile size.
+        ConceptBank with `layer` and ``model``: the preset name or absolute directory the model was loaded from
+        (so that ``fseg_jax.segment(images, bank)`` finds it again), else ``model.config.name``. ValueError when
+        fewer samples than the largest k are found, or for a bad tile size.
     """
+    from fseg_jax.hub import model_source, resolve_model
     from fseg_jax.kmeans import kmeans
+
+    model = resolve_model(model)
 
     ks = tuple(sorted({int(k) for k in ks}))
     if not ks or ks[0] < 1:
@@ -494,7 +504,7 @@ def build_concepts(
     centres = {
         k: kmeans(x_nd, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol).centers for k in ks
     }
-    return ConceptBank(centres, model=getattr(config, "name", None), layer=layer)
+    return ConceptBank(centres, model=model_source(model) or getattr(config, "name", None), layer=layer)
 
 
 def _iter_images(images_or_folder: Any) -> Iterator[tuple[str, Any]]:

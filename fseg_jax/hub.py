@@ -5,14 +5,20 @@ paths) and ``config.json`` (``{"format": "fseg_jax", "format_version": 1, "model
 "config": {...}}``). ``load_model("uni")`` downloads the checkpoint named in ``weights/uni.json`` at the
 revision pinned there, converts it once and keeps the converted files in the hub cache
 (``$HF_HUB_CACHE/fseg_jax/<preset>/<commit>/``), so later loads skip both download and conversion.
+
+:func:`resolve_model` is what the segmentation front ends call: it takes a model, a preset name or a
+directory, keeps the last few loaded models in memory (a notebook loop does not reload a gigabyte per call)
+and remembers where each came from (:func:`model_source`), which concept banks record.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,12 @@ from fseg_jax.models.config import ResNetConfig, ViTConfig, config_from_preset, 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+
+MODEL_CACHE_SIZE = 3  # loaded models kept by resolve_model
+
+# model object -> the preset name or absolute directory it was loaded from; the model itself is left untouched
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ModelAccessError(RuntimeError):
@@ -95,9 +107,11 @@ def load_converted(directory: str | Path, **model_kwargs):
     except Exception as err:  # safetensors raises several types for a damaged file
         raise ConversionError(f"cannot read {weights}: {type(err).__name__}: {err}") from err
     try:
-        return fill_model(state, config, NATIVE_RULES, **model_kwargs)
+        model = fill_model(state, config, NATIVE_RULES, **model_kwargs)
     except ConversionError as err:
         raise ConversionError(f"{weights}: {err.summary}", err.problems) from err
+    _SOURCES[model] = str(directory.resolve())
+    return model
 
 
 def _env_true(name: str) -> bool:
@@ -187,10 +201,87 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
     commit = checkpoint.parent.name  # hub cache layout: .../snapshots/<commit>/<filename>
     converted = Path(cache_dir or hub_cache_dir()) / "fseg_jax" / name / commit
     if (converted / WEIGHTS_FILE).is_file() and (converted / CONFIG_FILE).is_file():
-        return load_converted(converted, **model_kwargs)
-    model = convert_checkpoint(checkpoint, config_from_preset(name), **model_kwargs)
-    _save_atomically(model, converted)
+        model = load_converted(converted, **model_kwargs)
+    else:
+        model = convert_checkpoint(checkpoint, config_from_preset(name), **model_kwargs)
+        _save_atomically(model, converted)
+    _SOURCES[model] = name
     return model
+
+
+def model_source(model) -> str | None:
+    """The preset name or absolute directory ``model`` was loaded from by this process, None if not loaded."""
+    try:
+        return _SOURCES.get(model)
+    except TypeError:  # not weak-referenceable: not a model this module loaded
+        return None
+
+
+def resolve_model(spec, *, dtype=None, **model_kwargs):
+    """The model a segmentation call means: a model object as it is, or a preset name / converted directory.
+
+    Names and directories are loaded with :func:`load_model` and kept in memory: the last
+    ``MODEL_CACHE_SIZE`` loads (keyed by preset and hub cache, or by directory and the weights file's size and
+    modification time, and by ``model_kwargs`` such as ``attention_impl``) are reused, so calling ``segment`` in a loop loads
+    the weights once. A returned model is shared between callers: do not modify it in place.
+
+    Args:
+        spec: a ``VisionTransformer`` / ``ResNet50``, a preset name, or a directory written by ``save_model``.
+        dtype: compute dtype of the forward pass (e.g. ``jnp.bfloat16``); the parameters are shared with the
+            cached float32 model, not copied.
+        **model_kwargs: as for :func:`load_model` (``attention_impl``).
+    """
+    from fseg_jax.models import with_compute_dtype
+
+    if isinstance(spec, (str, os.PathLike)):
+        model = _load_cached(_cache_key(spec), tuple(sorted(model_kwargs.items())))
+    elif hasattr(spec, "config") and hasattr(spec, "forward_intermediates"):
+        model = spec
+    else:
+        raise TypeError(
+            f"model: expected a model, a preset name or a converted model directory, got {type(spec).__name__}"
+        )
+    if dtype is None:
+        return model
+    import jax.numpy as jnp
+
+    return with_compute_dtype(model, jnp.dtype(dtype))
+
+
+def _cache_key(spec: str | os.PathLike) -> tuple:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        weights = path / WEIGHTS_FILE
+        stamp = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else None
+        return ("dir", str(path.resolve()), stamp)
+    return ("preset", os.fspath(spec), str(hub_cache_dir()))
+
+
+@functools.lru_cache(maxsize=MODEL_CACHE_SIZE)
+def _load_cached(key: tuple, model_kwargs: tuple):
+    return load_model(key[1], **dict(model_kwargs))
+
+
+def random_model(preset: str, *, seed: int = 0, depth: int | None = None):
+    """A model of ``preset``'s architecture with random weights drawn from ``seed``, built in memory.
+
+    ``depth`` keeps only that many blocks (a quicker model for trying the pipeline). Its config is named
+    ``<preset>-random`` so that a concept bank built with it does not claim the real weights; its segmentations
+    mean nothing.
+    """
+    import dataclasses
+
+    from fseg_jax.models import build_model
+
+    config = config_from_preset(preset)
+    changes = {"name": f"{config.name}-random"}
+    if depth is not None:
+        if not isinstance(config, ViTConfig):
+            raise ValueError(f"depth applies to Vision Transformers; {preset} is a {type(config).__name__}")
+        if not 1 <= int(depth) <= config.depth:
+            raise ValueError(f"depth must be in [1, {config.depth}] for {preset}, got {depth}")
+        changes["depth"] = int(depth)
+    return build_model(dataclasses.replace(config, **changes), rngs=nnx.Rngs(int(seed)))
 
 
 def _save_atomically(model, directory: Path) -> None:

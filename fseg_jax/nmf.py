@@ -5,8 +5,9 @@ Two problems, each with a public host-side entry point and a pure, traceable twi
 * ``project(x, concepts)`` / ``nnls(x_nd, c_kd)``: ``W = argmin_{W >= 0} ||X - W C||_F^2`` with the dictionary
   ``C`` (k, d) fixed. This is what F-Seg computes per token with scikit-learn's
   ``non_negative_factorization(X, H=C, update_H=False)``.
-* ``factorize(x, k, seed=...)`` / ``nmf(x_nd, k, key)``: ``X ~= W H`` with both factors free and
-  non-negative, from scikit-learn's ``init="random"`` starting point.
+* ``factorize(x, k, seed=...)`` / ``nmf(x_nd, k, seed)``: ``X ~= W H`` with both factors free and
+  non-negative, from scikit-learn's ``init="random"`` starting point (:func:`random_init`: the same numbers
+  ``NMF(init="random", random_state=seed)`` starts from, so the same seed gives scikit-learn's factors).
 
 Every iteration works on ``G = C C^T`` (k, k) and ``B = X C^T`` (n, k), computed once per problem, so an
 iteration costs O(n k^2) and never touches the (n, d) features again. Each problem runs in its own
@@ -48,9 +49,10 @@ caller has enabled 64-bit mode and passes float64); matrix products request ``Pr
 GPUs do not fall back to TF32. The library never turns 64-bit mode on.
 
 Input policy of ``project`` (``nnls`` assumes it has been applied): NaN in ``x`` becomes 0 (as in F-Seg);
-negative or infinite ``x`` is an error unless ``clip_negative=True`` (negatives clipped to 0); negative
-concepts are clipped to 0 in a copy (with a ``UserWarning`` when below rounding level); all-zero concept
-rows, ``k > d``, mismatched ``d``, non-floating dtypes and empty arrays raise ``ValueError``/``TypeError``.
+negative or infinite ``x`` is an error unless ``clip_negative=True`` (negatives clipped to 0). Concepts go
+through :func:`check_concepts`, which ``fseg_jax.segment`` uses as well: negatives are clipped to 0 in a
+copy (with a ``UserWarning`` when below rounding level); all-zero concept rows, an empty bank, ``k > d``,
+mismatched ``d``, non-finite values and non-floating dtypes raise ``ValueError``/``TypeError``.
 Rows of ``x`` that are all zero get ``W = 0``. The caller's arrays are never modified.
 """
 
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import lru_cache
 from typing import NamedTuple
 
 import jax
@@ -73,11 +76,13 @@ __all__ = [
     "NNLSResult",
     "NMFResult",
     "SOLVERS",
+    "check_concepts",
     "factorize",
     "nmf",
     "nmf_from",
     "nnls",
     "project",
+    "random_init",
 ]
 
 DEFAULT_SOLVER = "admm"
@@ -319,14 +324,29 @@ def nnls(x_nd, c_kd, *, solver=DEFAULT_SOLVER, tol=None, max_iter=None) -> NNLSR
     return NNLSResult(w, it, _objective(x_nd, w, c_kd), converged)
 
 
-def _random_init(x_nd, k, key):
-    """scikit-learn's ``init="random"``: |N(0, 1)| scaled by sqrt(mean(X) / k), for W (n, k) and H (k, d)."""
+@lru_cache(maxsize=16)
+def _sklearn_normals(seed: int, n: int, k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """The standard normals scikit-learn's ``init="random"`` draws for an (n, d) matrix, from
+    ``RandomState(seed)``: H (k, d) first, then W (n, k). Read-only float32."""
+    rng = np.random.RandomState(seed)
+    normal_h = rng.standard_normal(size=(k, d)).astype(np.float32)
+    normal_w = rng.standard_normal(size=(n, k)).astype(np.float32)
+    normal_h.setflags(write=False)
+    normal_w.setflags(write=False)
+    return normal_w, normal_h
+
+
+def random_init(x_nd, k: int, seed: int):
+    """scikit-learn's ``NMF(init="random", random_state=seed)`` start for X (n, d): W (n, k), H (k, d).
+
+    |N(0, 1)| scaled by sqrt(mean(X) / k), the normals drawn on the host with ``RandomState(seed)`` exactly as
+    scikit-learn draws them. ``k``, ``seed`` and the shape of ``x_nd`` are static (under ``jax.jit`` the normals
+    are constants of the program); ``x_nd`` may be traced.
+    """
     n, d = x_nd.shape
+    normal_w, normal_h = _sklearn_normals(int(seed), int(n), int(k), int(d))
     avg = jnp.sqrt(jnp.mean(x_nd) / k)
-    key_h, key_w = jax.random.split(key)
-    h = avg * jnp.abs(jax.random.normal(key_h, (k, d), x_nd.dtype))
-    w = avg * jnp.abs(jax.random.normal(key_w, (n, k), x_nd.dtype))
-    return w, h
+    return avg * jnp.abs(jnp.asarray(normal_w, x_nd.dtype)), avg * jnp.abs(jnp.asarray(normal_h, x_nd.dtype))
 
 
 def _nmf_hals(x_nd, w0, h0, tol, max_iter):
@@ -366,7 +386,7 @@ def _nmf_mu(x_nd, w0, h0, tol, max_iter):
 def nmf_from(x_nd, w0_nk, h0_kd, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER) -> NMFResult:
     """Full NMF ``X ~= W H`` from a given start ``W0`` (n, k), ``H0`` (k, d) >= 0; one problem, pure, traceable.
 
-    For callers that reproduce another implementation's initialisation exactly; ``nmf`` draws the start itself.
+    For callers with a start of their own; ``nmf`` starts from :func:`random_init`.
     """
     _check_solver(solver, NMF_SOLVERS)
     dtype = jnp.result_type(x_nd, jnp.float32)
@@ -377,16 +397,17 @@ def nmf_from(x_nd, w0_nk, h0_kd, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAU
     return NMFResult(w, h, it, _objective(x_nd, w, h), converged)
 
 
-def nmf(x_nd, k, key, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER) -> NMFResult:
+def nmf(x_nd, k, seed, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER) -> NMFResult:
     """Full NMF ``X ~= W H`` (W (n, k), H (k, d), both >= 0) for one problem; pure and traceable.
 
-    Starts from scikit-learn's ``init="random"`` drawn with ``key``; ``solver`` is "hals" (scikit-learn's
-    "cd": alternating sweeps over W then H) or "mu". ``k``, ``solver`` and ``max_iter`` are static.
+    Starts from :func:`random_init` (scikit-learn's ``init="random"`` with ``random_state=seed``); ``solver`` is
+    "hals" (scikit-learn's "cd": alternating sweeps over W then H) or "mu". ``k``, ``seed``, ``solver`` and
+    ``max_iter`` are static.
     """
     _check_solver(solver, NMF_SOLVERS)
     max_iter = _resolve_max_iter(max_iter, _NMF_DEFAULT_MAX_ITER)
     x_nd = jnp.asarray(x_nd, jnp.result_type(x_nd, jnp.float32))
-    w0, h0 = _random_init(x_nd, k, key)
+    w0, h0 = random_init(x_nd, k, seed)
     return nmf_from(x_nd, w0, h0, solver=solver, tol=tol, max_iter=max_iter)
 
 
@@ -399,9 +420,9 @@ def _project_batched(x_bnd, c_kd, tol, *, solver, max_iter):
     return jax.vmap(lambda x: nnls(x, c_kd, solver=solver, tol=tol, max_iter=max_iter))(x_bnd)
 
 
-@jit(static_argnames=("k", "solver", "max_iter"))
-def _factorize_batched(x_bnd, keys, tol, *, k, solver, max_iter):
-    return jax.vmap(lambda x, key: nmf(x, k, key, solver=solver, tol=tol, max_iter=max_iter))(x_bnd, keys)
+@jit(static_argnames=("k", "seed", "solver", "max_iter"))
+def _factorize_batched(x_bnd, tol, *, k, seed, solver, max_iter):
+    return jax.vmap(lambda x: nmf(x, k, seed, solver=solver, tol=tol, max_iter=max_iter))(x_bnd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,36 +460,43 @@ def _prepare_x(x, clip_negative):
     return xj
 
 
-def _prepare_concepts(concepts, d):
+def check_concepts(concepts, d: int) -> np.ndarray:
+    """The (k, d) concept matrix every solver takes, checked once for ``project`` and ``fseg_jax.segment``.
+
+    Refuses (ValueError / TypeError, one sentence): a non-floating dtype, a shape other than (k, d), an empty
+    bank, a width other than ``d``, more concepts than dimensions, NaN or infinite values, and rows that are all
+    zero (after clipping). Negatives are clipped to 0 (a ``UserWarning`` when beyond rounding level). Returns a
+    new host array, float64 when the input is float64 and float32 otherwise; the input is never modified.
+    """
     c = _as_array(concepts, "concepts")
     if c.ndim != 2:
         raise ValueError(f"concepts must have shape (k, d), got shape {tuple(c.shape)}")
     k, dc = c.shape
     if k == 0 or dc == 0:
-        raise ValueError(f"concepts are empty (shape {tuple(c.shape)})")
+        raise ValueError(f"concepts are empty (shape {tuple(c.shape)}); give at least one concept")
     if dc != d:
         raise ValueError(f"feature dimension mismatch: x has d={d}, concepts have d={dc}")
     if k > d:
         raise ValueError(f"k={k} concepts exceed the feature dimension d={d}; use at most d concepts")
-    cj = jnp.asarray(c)
-    if cj.dtype not in (jnp.float32, jnp.float64):
-        cj = cj.astype(jnp.float32)
-    if not bool(jnp.all(jnp.isfinite(cj))):
+    c = np.asarray(c)
+    c = np.array(c, dtype=c.dtype if c.dtype in (np.float32, np.float64) else np.float32, copy=True)
+    if not np.all(np.isfinite(c)):
         raise ValueError("concepts hold NaN or infinite values; the concept bank is damaged, load or build it again")
-    cmin = float(jnp.min(cj))
+    cmin = float(c.min())
     if cmin < 0:
-        scale = float(jnp.max(jnp.abs(cj)))
-        if cmin < -_CONCEPT_WARN_RTOL * scale:
+        if cmin < -_CONCEPT_WARN_RTOL * float(np.abs(c).max()):
             warnings.warn(
                 f"concepts hold negative values (min {cmin:.4g}); they are clipped to 0 in a copy",
                 UserWarning,
                 stacklevel=3,
             )
-        cj = jnp.maximum(cj, 0)
-    zero_rows = np.flatnonzero(np.asarray(jnp.all(cj == 0, axis=1)))
+        np.maximum(c, 0, out=c)
+    zero_rows = np.flatnonzero(np.all(c == 0, axis=1))
     if zero_rows.size:
-        raise ValueError(f"concept rows {zero_rows.tolist()} are all zero (after clipping negatives)")
-    return cj
+        raise ValueError(
+            f"concept rows {zero_rows.tolist()} are all zero (after clipping negatives); drop them or rebuild the bank"
+        )
+    return c
 
 
 def project(
@@ -500,7 +528,7 @@ def project(
     max_iter = _resolve_max_iter(max_iter, _DEFAULT_MAX_ITER[solver])
     tol = _check_tol(_DEFAULT_TOL[solver] if tol is None else tol)
     xj = _prepare_x(x, clip_negative)
-    cj = _prepare_concepts(concepts, xj.shape[-1])
+    cj = jnp.asarray(check_concepts(concepts, xj.shape[-1]))
     lead, (n, d) = xj.shape[:-2], xj.shape[-2:]
     res = _project_batched(xj.reshape(-1, n, d), cj, tol, solver=solver, max_iter=max_iter)
     return NNLSResult(
@@ -526,7 +554,8 @@ def factorize(
     Args:
       x: (n, d) or (..., n, d) float features, same policy as ``project``.
       k: number of components, 1 <= k <= min(n, d).
-      seed: seeds scikit-learn-style ``init="random"`` (each batch element gets its own key).
+      seed: the start is scikit-learn's ``init="random"`` with ``random_state=seed`` (:func:`random_init`), the
+        same for every problem of a batch.
       solver: "hals" (scikit-learn "cd", alternating sweeps on W and H) or "mu".
       tol, max_iter: as scikit-learn's NMF (defaults 1e-4 and 200).
 
@@ -539,9 +568,9 @@ def factorize(
     lead, (n, d) = xj.shape[:-2], xj.shape[-2:]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= min(n, d):
         raise ValueError(f"k must be an integer in [1, min(n, d)] = [1, {min(n, d)}], got {k!r}")
-    xb = xj.reshape(-1, n, d)
-    keys = jax.random.split(jax.random.key(seed), xb.shape[0])
-    res = _factorize_batched(xb, keys, tol, k=int(k), solver=solver, max_iter=max_iter)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    res = _factorize_batched(xj.reshape(-1, n, d), tol, k=int(k), seed=int(seed), solver=solver, max_iter=max_iter)
     return NMFResult(
         res.w.reshape(*lead, n, k),
         res.h.reshape(*lead, k, d),

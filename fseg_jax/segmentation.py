@@ -6,6 +6,10 @@ rule), upsample the weights bilinearly to the padded image size and take the arg
 no ``(H, W, k)`` float array is ever held. Images are grouped by padded size on the host,
 so a folder of varied sizes compiles once per distinct size (or once per ``bucket`` with a coarser bucket).
 
+Every front end (:func:`segment`, :func:`make_token_fn`, ``fseg-jax segment``, the slide pipeline through
+``make_token_fn``) describes its run as one frozen :class:`Pipeline`, built and checked once by
+``Pipeline.create``; the jitted program itself is the public, pure :func:`segment_padded`.
+
 Methods (labels are concept indices into the bank's ``k`` concepts, except for ``"dff"``):
 
 - ``"project"``: non-negative least squares of every token onto the concepts (the original
@@ -25,8 +29,11 @@ Methods (labels are concept indices into the bank's ``k`` concepts, except for `
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -40,6 +47,7 @@ from fseg_jax.io.images import collect_images
 from fseg_jax.models import with_compute_dtype
 
 METHODS = ("project", "nearest", "factorize", "dff")
+_MODEL_HELP = "pass model= (a model, a preset name such as 'uni', or a converted model directory)"
 
 
 class SegmentResult(NamedTuple):
@@ -61,11 +69,260 @@ class SegmentResult(NamedTuple):
     component_concepts: Any = None
 
 
+class ProgramOptions(NamedTuple):
+    """The static (hashable) options of the jitted programs :func:`segment_padded` and :func:`token_weights`.
+
+    method: one of ``METHODS``; layers: the blocks whose features are concatenated; n_components: NMF
+    components (``"factorize"``; for ``"dff"`` the bank size k); seed: NMF start (``fseg_jax.nmf.random_init``);
+    solver_kwargs: sorted ``(name, value)`` pairs of ``solver`` / ``tol`` / ``max_iter`` for the NMF core.
+    """
+
+    method: str
+    layers: tuple[int, ...]
+    n_components: int
+    seed: int
+    solver_kwargs: tuple[tuple[str, Any], ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+    """One segmentation, described once and checked once: what :func:`segment`, :func:`make_token_fn`,
+    ``fseg-jax segment`` and the slide pipeline run.
+
+    Build it with :meth:`create`, which takes the user-facing arguments (model and bank as objects, names or
+    paths); the constructor takes resolved values and checks them. Then :meth:`segment` labels images and
+    :meth:`token_fn` gives the pure per-tile function.
+
+    Attributes:
+        model: the model (``VisionTransformer``, ``ResNet50``), float32 parameters.
+        concepts: (k, d) float32 concepts, read-only, negatives clipped; None for ``"dff"``. d is the model's
+            width times the number of layers.
+        k: the number of concepts, None for all rows of ``concepts`` (for ``"dff"``: NMF components, required).
+        method: ``"project"``, ``"nearest"``, ``"factorize"`` or ``"dff"`` (see the module docs).
+        layers: block indices whose features are concatenated.
+        n_components: free NMF components of ``"factorize"``.
+        seed: seed of the NMF start (``"factorize"``, ``"dff"``), the same for every image.
+        solver, tol, max_iter: NMF core options (``fseg_jax.nmf``); None takes its defaults.
+        dtype: compute dtype of the forward pass (e.g. bfloat16), None for the model's own (float32).
+        bucket: pad images to a multiple of this many pixels (None: of the patch size).
+        batch_size: images per compiled call.
+    """
+
+    model: Any
+    concepts: np.ndarray | None
+    k: int | None = None
+    method: str = "project"
+    layers: tuple[int, ...] = (-1,)
+    n_components: int = 20
+    seed: int = 0
+    solver: str | None = None
+    tol: float | None = None
+    max_iter: int | None = None
+    dtype: Any = None
+    bucket: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        object.__setattr__(self, "layers", tuple(_layer_list(list(self.layers), self.model)))
+        _check_int("n_components", self.n_components)
+        _check_int("batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        padded_size(1, 1, self.model.config.patch_size, self.bucket)  # checks the bucket
+        choices = _nmf.SOLVERS if self.method == "project" else _nmf.NMF_SOLVERS
+        if self.solver is not None and (self.method == "nearest" or self.solver not in choices):
+            allowed = "none" if self.method == "nearest" else ", ".join(choices)
+            raise ValueError(f"solver {self.solver!r} does not apply to method {self.method!r} (solvers: {allowed})")
+        if self.tol is not None and (
+            isinstance(self.tol, bool)
+            or not isinstance(self.tol, (int, float, np.floating))
+            or not (math.isfinite(self.tol) and self.tol >= 0)
+        ):
+            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
+        if self.max_iter is not None:
+            _check_int("max_iter", self.max_iter)
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        if self.method == "dff":
+            if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+                raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
+            object.__setattr__(self, "k", int(self.k))
+            object.__setattr__(self, "concepts", None)
+            return
+        if self.concepts is None:
+            raise ValueError(f"method {self.method!r} needs concepts: pass a ConceptBank, a (k, d) array, or a bank "
+                             "path or preset")
+        arr = np.asarray(self.concepts)
+        if arr.ndim == 2 and arr.shape[1] != self.feature_dim:
+            name = getattr(self.model.config, "name", type(self.model).__name__)
+            raise ValueError(
+                f"concept dimension {arr.shape[1]} does not match the model's feature dimension {self.feature_dim} "
+                f"(model {name!r}); use a bank built for this model and layer"
+            )
+        if self.k is None and arr.ndim == 2:
+            object.__setattr__(self, "k", int(arr.shape[0]))
+        elif arr.ndim == 2 and arr.shape[0] != self.k:
+            raise ValueError(f"k={self.k} but the concepts array holds {arr.shape[0]} concepts; leave k unset for an array")
+        checked = np.asarray(_nmf.check_concepts(arr, self.feature_dim), np.float32)
+        checked.setflags(write=False)
+        object.__setattr__(self, "concepts", checked)
+        object.__setattr__(self, "k", int(self.k))
+
+    @classmethod
+    def create(
+        cls,
+        concepts=None,
+        *,
+        model=None,
+        k: int | None = None,
+        method: str = "project",
+        layer: int | Sequence[int] = -1,
+        n_components: int = 20,
+        seed: int = 0,
+        solver: str | None = None,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        dtype=None,
+        bucket: int | None = None,
+        batch_size: int = 4,
+    ) -> Pipeline:
+        """Resolve and check the arguments of :func:`segment` (see there) into a pipeline.
+
+        ``model`` may be a model, a preset name or a converted model directory (loaded once per process and
+        kept: ``fseg_jax.hub.resolve_model``); None takes the model the concept bank records. A bank given by
+        path, preset or ``ConceptBank`` is checked against the model (width, and a warning when it was made for
+        another model or layer); ``k`` picks one of its matrices.
+        """
+        from fseg_jax.hub import model_source, resolve_model
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        bank = None
+        if method == "dff":
+            concepts = None
+            if k is None or isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+                raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
+        elif concepts is None:
+            raise ValueError(f"method {method!r} needs concepts: pass a ConceptBank, a (k, d) array, or a bank path "
+                             "or preset")
+        elif isinstance(concepts, (str, os.PathLike)) or hasattr(concepts, "ks"):  # a path, preset or ConceptBank
+            from fseg_jax.concepts import resolve_concepts
+
+            bank = resolve_concepts(concepts)
+        model = resolve_model(model if model is not None else _recorded_model(bank, method))
+        layers = tuple(_layer_list(layer, model))
+        if bank is not None:
+            from fseg_jax.concepts import check_compatible
+
+            check_compatible(
+                bank, int(model.config.embed_dim) * len(layers), model_name=getattr(model.config, "name", None),
+                layer=layers[0] if len(layers) == 1 else layers, model_source=model_source(model),
+            )
+            if k is None:
+                if len(bank.ks) != 1:
+                    raise ValueError(f"the concept bank holds k in {list(bank.ks)}: pass k= to choose one")
+                k = bank.ks[0]
+            concepts = bank[int(k)]
+        return cls(
+            model=model, concepts=concepts, k=k, method=method, layers=layers, n_components=n_components, seed=seed,
+            solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch_size=batch_size,
+        )
+
+    @property
+    def feature_dim(self) -> int:
+        """d: the model's width times the number of layers."""
+        return int(self.model.config.embed_dim) * len(self.layers)
+
+    @property
+    def options(self) -> ProgramOptions:
+        """The static options of the jitted programs."""
+        given = {"solver": self.solver, "tol": self.tol, "max_iter": self.max_iter}
+        return ProgramOptions(
+            method=self.method,
+            layers=self.layers,
+            n_components=self.k if self.method == "dff" else int(self.n_components),
+            seed=int(self.seed),
+            solver_kwargs=tuple(sorted((name, value) for name, value in given.items() if value is not None)),
+        )
+
+    @property
+    def program_concepts(self) -> np.ndarray:
+        """The (m, d) float32 matrix the programs take: the concepts, or for ``"dff"`` zeros that fix m = k."""
+        if self.concepts is None:
+            return np.zeros((self.k, self.feature_dim), np.float32)
+        return self.concepts
+
+    @functools.cached_property
+    def compute_model(self):
+        """The model computing in ``dtype`` (parameters shared with ``model``)."""
+        return self.model if self.dtype is None else with_compute_dtype(self.model, self.dtype)
+
+    def segment(self, images, *, return_weights: bool = False):
+        """Label maps of ``images`` (as :func:`segment` takes and returns them)."""
+        images_list, kind = collect_images(images)
+        model = self.compute_model
+        patch = model.config.patch_size
+        graphdef, state = nnx.split(model)
+        options = self.options
+        concepts_j = jnp.asarray(self.program_concepts)
+
+        # group by padded size and dtype: one compiled program per group shape
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images_list):
+            hp, wp = padded_size(im.shape[0], im.shape[1], patch, self.bucket)
+            groups.setdefault((hp, wp, im.dtype.str), []).append(i)
+
+        outputs: list[Any] = [None] * len(images_list)
+        for (hp, wp, _), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                idx = members[start : start + self.batch_size]
+                padded_b = _next_pow2(len(idx), self.batch_size)
+                batch = np.stack([_pad_edge(images_list[i], hp, wp) for i in idx])
+                if padded_b > len(idx):
+                    batch = np.concatenate([batch, np.repeat(batch[-1:], padded_b - len(idx), axis=0)])
+                out = jax.device_get(segment_padded(graphdef, options, state, concepts_j, jnp.asarray(batch)))
+                for j, i in enumerate(idx):
+                    h, w = images_list[i].shape[:2]
+                    labels_j, weights_j, components_j, mapping_j = (None if o is None else o[j] for o in out)
+                    outputs[i] = (labels_j[:h, :w], weights_j, components_j, mapping_j)
+
+        if kind == "single":
+            pack = lambda items: items[0]  # noqa: E731
+        elif kind == "batch":
+            pack = np.stack
+        else:
+            pack = list
+        labels = pack([o[0] for o in outputs])
+        if not return_weights and self.method != "dff":
+            return labels
+        weights = pack([o[1] for o in outputs])
+        components = pack([o[2] for o in outputs]) if self.method in ("factorize", "dff") else None
+        mapping = pack([o[3] for o in outputs]) if self.method == "factorize" else None
+        return SegmentResult(labels, weights, components, mapping)
+
+    def token_fn(self):
+        """``(fn, params)``: the pure per-tile function of :func:`make_token_fn` (see there) and its inputs."""
+        model = self.compute_model
+        graphdef, state = nnx.split(model)
+        config = model.config
+        options = self.options
+
+        def fn(params, images_bhw3):
+            x = preprocess(images_bhw3, config, size=tuple(images_bhw3.shape[1:3]))
+            model_ = nnx.merge(graphdef, params["model"])
+            feats = token_features(model_, x, list(options.layers))
+            return jax.vmap(lambda f: _token_scores(f, params["concepts"], options))(feats)
+
+        return fn, {"model": state, "concepts": jnp.asarray(self.program_concepts)}
+
+
 def segment(
     images,
     concepts=None,
     *,
-    model,
+    model=None,
     k: int | None = None,
     method: str = "project",
     layer: int | Sequence[int] = -1,
@@ -89,14 +346,19 @@ def segment(
             Inputs are never modified.
         concepts: a ``ConceptBank`` (then ``k`` picks one of its banks), a (k, d) array of concepts, or a path /
             preset name understood by ``fseg_jax.concepts.resolve_concepts``. Not used by ``"dff"``.
-            Negative entries (rounding noise in published banks) are clipped to 0 in a copy.
-        model: a model with ``config`` and ``forward_intermediates`` (``VisionTransformer``, ``ResNet50``).
+            Negative entries (rounding noise in published banks) are clipped to 0 in a copy; empty banks and
+            all-zero concepts are refused (``fseg_jax.nmf.check_concepts``, as ``fseg_jax.project`` does).
+        model: a model with ``config`` and ``forward_intermediates`` (``VisionTransformer``, ``ResNet50``), a
+            preset name or a converted model directory (loaded once and kept in memory); None (default): the
+            model the concept bank records (a bank made by ``build_concepts`` or imported with a preset).
         k: the bank size to use from a ``ConceptBank``; for ``"dff"`` the number of NMF components.
         method: ``"project"``, ``"nearest"``, ``"factorize"`` or ``"dff"`` (see the module docs).
         layer: block whose output is used (negative counts from the end); a list concatenates several blocks.
         return_weights: also return the token-level weights (a :class:`SegmentResult`).
         n_components: free NMF components for ``"factorize"`` (the original uses 20).
-        seed: seed of the NMF's random initialisation (``"factorize"``, ``"dff"``); the same for every image.
+        seed: seed of the NMF's start (``"factorize"``, ``"dff"``), the same for every image: the components
+            of ``"dff"`` are ``fseg_jax.factorize(x_dn, k, seed=seed).w.T`` of the image's (d, n) matrix of
+            channels by tokens, the matrix the original factorises.
         batch_size: images per compiled call (batches are padded to a power of two up to this).
         bucket: pad images to a multiple of this many pixels (a multiple of the patch size) instead of the
             patch size, so images of nearby sizes share one compilation. The model then sees more edge
@@ -110,52 +372,11 @@ def segment(
         int32 labels: (H, W) for one image, (B, H, W) for a batch array, a list of (H, W) for a list input.
         A :class:`SegmentResult` instead when ``return_weights`` is true or ``method`` is ``"dff"``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    options, concepts_kd = _prepare(
-        model, concepts, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
-        solver=solver, tol=tol, max_iter=max_iter,
+    pipeline = Pipeline.create(
+        concepts, model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
+        solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch_size=batch_size,
     )
-    images_list, kind = collect_images(images)
-    if dtype is not None:
-        model = with_compute_dtype(model, jnp.dtype(dtype))
-    config = model.config
-    graphdef, state = nnx.split(model)
-    concepts_j = jnp.asarray(concepts_kd)
-
-    # group by padded size and dtype: one compiled program per group shape
-    groups: dict[tuple, list[int]] = {}
-    for i, im in enumerate(images_list):
-        hp, wp = padded_size(im.shape[0], im.shape[1], config.patch_size, bucket)
-        groups.setdefault((hp, wp, im.dtype.str), []).append(i)
-
-    outputs: list[Any] = [None] * len(images_list)
-    for (hp, wp, _), members in groups.items():
-        for start in range(0, len(members), batch_size):
-            idx = members[start : start + batch_size]
-            padded_b = _next_pow2(len(idx), batch_size)
-            batch = np.stack([_pad_edge(images_list[i], hp, wp) for i in idx])
-            if padded_b > len(idx):
-                batch = np.concatenate([batch, np.repeat(batch[-1:], padded_b - len(idx), axis=0)])
-            out = jax.device_get(_run(graphdef, options, state, concepts_j, jnp.asarray(batch)))
-            for j, i in enumerate(idx):
-                h, w = images_list[i].shape[:2]
-                labels_j, weights_j, components_j, mapping_j = (None if o is None else o[j] for o in out)
-                outputs[i] = (labels_j[:h, :w], weights_j, components_j, mapping_j)
-
-    labels = [o[0] for o in outputs]
-    if kind == "single":
-        pack = lambda items: items[0]  # noqa: E731
-    elif kind == "batch":
-        pack = np.stack
-    else:
-        pack = list
-    if not return_weights and method != "dff":
-        return pack(labels)
-    weights = pack([o[1] for o in outputs])
-    components = pack([o[2] for o in outputs]) if method in ("factorize", "dff") else None
-    mapping = pack([o[3] for o in outputs]) if method == "factorize" else None
-    return SegmentResult(pack(labels), weights, components, mapping)
+    return pipeline.segment(images, return_weights=return_weights)
 
 
 def make_token_fn(
@@ -180,51 +401,69 @@ def make_token_fn(
     ``"factorize"`` the largest weight among the NMF components mapped to each concept (0 for concepts no
     component maps to), so the argmax over concepts is the original's label at every token.
 
-    ``concepts_kd`` and ``k`` are as ``concepts`` and ``k`` of :func:`segment` (a (k, d) array, or a bank and
-    the k to use from it); for ``"dff"`` ``concepts_kd`` may be None and ``k`` is the number of components.
-    ``params`` holds the model state and the concepts; ``dtype`` (e.g. ``jnp.bfloat16``) runs the forward pass
-    in that compute dtype (parameters stay float32).
+    ``model``, ``concepts_kd`` and ``k`` are as ``model``, ``concepts`` and ``k`` of :func:`segment` (a model,
+    preset or directory, or None for the bank's own; a (k, d) array, or a bank and the k to use from it); for
+    ``"dff"`` ``concepts_kd`` may be None and ``k`` is the number of components. ``params`` holds the model
+    state and the concepts; ``dtype`` (e.g. ``jnp.bfloat16``) runs the forward pass in that compute dtype
+    (parameters stay float32).
     """
-    options, concepts = _prepare(
-        model, concepts_kd, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
-        solver=solver, tol=tol, max_iter=max_iter,
+    pipeline = Pipeline.create(
+        concepts_kd, model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
+        solver=solver, tol=tol, max_iter=max_iter, dtype=dtype,
     )
-    if dtype is not None:
-        model = with_compute_dtype(model, jnp.dtype(dtype))
-    graphdef, state = nnx.split(model)
-    config = model.config
+    return pipeline.token_fn()
 
-    def fn(params, images_bhw3):
-        x = preprocess(images_bhw3, config, size=tuple(images_bhw3.shape[1:3]))
-        model_ = nnx.merge(graphdef, params["model"])
-        feats = token_features(model_, x, list(options.layers))
-        return jax.vmap(lambda f: _token_scores(f, params["concepts"], options))(feats)
 
-    return fn, {"model": state, "concepts": jnp.asarray(concepts)}
+def _recorded_model(bank, method: str) -> str:
+    """The preset name or directory a concept bank records, for a call given no model; ValueError otherwise."""
+    from fseg_jax.models.config import preset_names
+
+    if bank is None:
+        what = "method 'dff' uses no concept bank" if method == "dff" else "a concepts array records no model"
+        raise ValueError(f"no model given and {what}: {_MODEL_HELP}")
+    recorded = bank.model
+    if recorded is None:
+        raise ValueError(f"no model given and the concept bank records none: {_MODEL_HELP}")
+    if os.path.isabs(recorded):
+        if not Path(recorded).is_dir():
+            raise ValueError(f"the concept bank was made with the model in {recorded}, which no longer exists: "
+                             f"{_MODEL_HELP}")
+        return recorded
+    if recorded not in preset_names():
+        raise ValueError(f"the concept bank records model {recorded!r}, which is neither a preset nor a directory: "
+                         f"{_MODEL_HELP}")
+    return recorded
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # --- the jitted program ---------------------------------------------------------------------------------------
 
 
-class _Options(NamedTuple):
-    method: str
-    layers: tuple[int, ...]
-    n_components: int
-    seed: int
-    solver_kwargs: tuple[tuple[str, Any], ...]
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _run(graphdef, options: _Options, state, concepts_kd, images_bhw3):
-    """Padded images (B, Hp, Wp, 3) -> labels (B, Hp, Wp) int32, token weights, components, component map."""
+def segment_padded(graphdef, options: ProgramOptions, state, concepts_kd, images_bhw3):
+    """The whole pipeline as one pure jitted program, for images already padded to the patch size.
+
+    Args:
+        graphdef, state: ``nnx.split(model)``.
+        options: :class:`ProgramOptions` (``Pipeline.options``), static.
+        concepts_kd: (m, d) float32 (``Pipeline.program_concepts``).
+        images_bhw3: (B, Hp, Wp, 3) uint8 or float 0..1, Hp and Wp multiples of the patch size.
+
+    Returns:
+        labels (B, Hp, Wp) int32, token weights (B, h, w, m') float32, NMF components (B, m', d) and the
+        component -> concept map (B, m') int32 (None when the method has none).
+    """
     model = nnx.merge(graphdef, state)
     _, hp, wp, _ = images_bhw3.shape
     x = preprocess(images_bhw3, model.config, size=(hp, wp))
     feats = token_features(model, x, list(options.layers))
-    _, h, w, _ = feats.shape
 
     def one(feats_hwd):
-        weights_hwm, components_md, mapping_m = _token_weights(feats_hwd, concepts_kd, options)
+        weights_hwm, components_md, mapping_m = token_weights(feats_hwd, concepts_kd, options)
         labels = upsample_argmax(weights_hwm, (hp, wp))
         if mapping_m is not None:
             labels = mapping_m[labels]
@@ -233,8 +472,9 @@ def _run(graphdef, options: _Options, state, concepts_kd, images_bhw3):
     return jax.vmap(one)(feats)
 
 
-def _token_weights(feats_hwd, concepts_kd, options: _Options):
-    """Per image: (h, w, m) weights, plus the NMF components (m, d) and component -> concept map (m,)."""
+def token_weights(feats_hwd, concepts_kd, options: ProgramOptions):
+    """Per image, pure: (h, w, m) weights, plus the NMF components (m, d) and component -> concept map (m,)
+    (None for methods without them). ``feats_hwd``: (h, w, d) ReLU'd tokens; ``concepts_kd``: (k, d)."""
     h, w, d = feats_hwd.shape
     x_nd = feats_hwd.reshape(h * w, d)
     kwargs = dict(options.solver_kwargs)
@@ -245,12 +485,9 @@ def _token_weights(feats_hwd, concepts_kd, options: _Options):
         sim = _unit_rows(x_nd) @ _unit_rows(concepts_kd).T
         return sim.reshape(h, w, -1), None, None
     # "factorize" / "dff": the original factorises the (d, n) matrix (channels x tokens) with scikit-learn's
-    # NMF(init="random", random_state=seed); the same matrix, the same starting point and the same
-    # coordinate-descent sweeps ("hals") reproduce its factors.
-    x_dn = x_nd.T
-    normal_h, normal_w = _sklearn_random_normals(options.seed, options.n_components, d, h * w)
-    avg = jnp.sqrt(jnp.mean(x_dn) / options.n_components)
-    res = _nmf.nmf_from(x_dn, avg * jnp.abs(normal_w), avg * jnp.abs(normal_h), **kwargs)
+    # NMF(init="random", random_state=seed); the same matrix, the same start and the same coordinate-descent
+    # sweeps ("hals") reproduce its factors.
+    res = _nmf.nmf(x_nd.T, options.n_components, options.seed, **kwargs)
     components_md = res.w.T
     weights_nm = res.h.T
     mapping = None
@@ -259,18 +496,8 @@ def _token_weights(feats_hwd, concepts_kd, options: _Options):
     return weights_nm.reshape(h, w, -1), components_md, mapping
 
 
-@functools.lru_cache(maxsize=16)
-def _sklearn_random_normals(seed: int, k: int, n_samples: int, n_features: int):
-    """The standard normals scikit-learn's ``init="random"`` draws for a (n_samples, n_features) matrix:
-    H (k, n_features) first, then W (n_samples, k), from ``RandomState(seed)``."""
-    rng = np.random.RandomState(seed)
-    normal_h = rng.standard_normal(size=(k, n_features)).astype(np.float32)
-    normal_w = rng.standard_normal(size=(n_samples, k)).astype(np.float32)
-    return normal_h, normal_w
-
-
-def _token_scores(feats_hwd, concepts_kd, options: _Options):
-    weights, _, mapping = _token_weights(feats_hwd, concepts_kd, options)
+def _token_scores(feats_hwd, concepts_kd, options: ProgramOptions):
+    weights, _, mapping = token_weights(feats_hwd, concepts_kd, options)
     if mapping is None:
         return weights
     # per concept: the largest weight among the components mapped to it
@@ -361,76 +588,6 @@ def _scales(shape_hwk, size):
 
 
 # --- host-side helpers -------------------------------------------------------------------------------------------
-
-
-def _prepare(model, concepts, *, k, method, layer, n_components, seed, solver, tol, max_iter):
-    """Check the arguments :func:`segment` and :func:`make_token_fn` share.
-
-    Returns the program's static options and the (m, d) float32 concepts it takes: the bank's concepts, or for
-    ``"dff"`` (which has none) zeros that fix m = ``k``, the number of components.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    layers = tuple(_layer_list(layer, model))
-    feature_dim = int(model.config.embed_dim) * len(layers)
-    if method == "dff":
-        if k is None or int(k) < 1:
-            raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
-        concepts_kd = np.zeros((int(k), feature_dim), np.float32)
-        n_components = int(k)
-    else:
-        concepts_kd = _concepts_array(concepts, k, feature_dim, model, layers)
-        n_components = int(n_components)
-        if method == "factorize" and n_components < 1:
-            raise ValueError(f"n_components must be >= 1, got {n_components}")
-    options = _Options(
-        method=method,
-        layers=layers,
-        n_components=n_components,
-        seed=int(seed),
-        solver_kwargs=_solver_kwargs(solver, tol, max_iter),
-    )
-    return options, concepts_kd
-
-
-def _concepts_array(concepts, k, feature_dim: int, model, layers) -> np.ndarray:
-    """The (k, d) float32 concept matrix (negatives clipped to 0, in a copy), checked against the model."""
-    if concepts is None:
-        raise ValueError("this method needs concepts: pass a ConceptBank, a (k, d) array, or a bank path or preset")
-    if isinstance(concepts, (str, os.PathLike)) or hasattr(concepts, "ks"):  # a path, preset or ConceptBank
-        from fseg_jax.concepts import check_compatible, resolve_concepts
-
-        bank = resolve_concepts(concepts)
-        layer = layers[0] if len(layers) == 1 else layers
-        check_compatible(bank, feature_dim, model_name=getattr(model.config, "name", None), layer=layer)
-        if k is None:
-            if len(bank.ks) != 1:
-                raise ValueError(f"the concept bank holds k in {list(bank.ks)}: pass k= to choose one")
-            k = bank.ks[0]
-        arr = bank[int(k)]
-    else:
-        arr = concepts
-    arr = np.asarray(arr)
-    if arr.ndim != 2:
-        raise ValueError(f"concepts must be a (k, d) array, got shape {arr.shape}")
-    if k is not None and arr.shape[0] != int(k):
-        raise ValueError(f"k={k} but the concepts array holds {arr.shape[0]} concepts; leave k unset for an array")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"concepts must be floating point, got {arr.dtype}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("concepts contain NaN or infinite values; use a bank of finite values")
-    if arr.shape[1] != feature_dim:
-        name = getattr(model.config, "name", type(model).__name__)
-        raise ValueError(
-            f"concept dimension {arr.shape[1]} does not match the model's feature dimension {feature_dim} "
-            f"(model {name!r}); use a bank built for this model and layer"
-        )
-    return np.maximum(arr, 0).astype(np.float32)
-
-
-def _solver_kwargs(solver, tol, max_iter) -> tuple[tuple[str, Any], ...]:
-    given = {"solver": solver, "tol": tol, "max_iter": max_iter}
-    return tuple(sorted((name, value) for name, value in given.items() if value is not None))
 
 
 def _next_pow2(n: int, cap: int) -> int:

@@ -51,7 +51,8 @@ def test_build_from_a_converted_model_folder(tmp_path):
     )
     assert result.exit_code == 0, result.output
     bank = load_concepts(out)
-    assert bank.ks == (2, 4) and bank.feature_dim == 64 and bank.model == "uni"
+    # the bank records the folder (absolute), so `segment` can load the model from the bank alone
+    assert bank.ks == (2, 4) and bank.feature_dim == 64 and bank.model == str(model_dir.resolve())
     too_many = runner.invoke(
         main, ["concepts", "build", str(model_dir), str(images), "--k", "64", "--tile", "48", "-o", str(out)]
     )
@@ -67,6 +68,18 @@ def test_build_unknown_model_is_one_clear_line(tmp_path):
     )
     assert result.exit_code == 1 and result.output.startswith("Error: cannot load model no_such_model")
     assert result.output.count("\n") == 1
+
+
+def test_random_model_options(tmp_path):
+    out = str(tmp_path / "b.safetensors")
+    runner = CliRunner()
+    no_seed = runner.invoke(main, ["concepts", "build", "uni", "--sample", "--depth", "2", "-o", out])
+    assert no_seed.exit_code == 2 and "--depth applies to --random-init models only" in no_seed.output
+    no_images = runner.invoke(main, ["concepts", "build", "uni", "--random-init", "0", "-o", out])
+    assert no_images.exit_code == 2 and "or --sample" in no_images.output
+    too_deep = runner.invoke(main, ["concepts", "build", "uni", "--sample", "--random-init", "0", "--depth", "30",
+                                    "-o", out])
+    assert too_deep.exit_code == 1 and "depth must be in [1, 24]" in too_deep.output
 
 
 def test_group_is_listed():

@@ -144,7 +144,7 @@ def test_bucketing_compiles_a_handful_of_times(model, concepts, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(seg, "token_features", counting)
-    seg._run.clear_cache()
+    seg.segment_padded.clear_cache()
     sizes = [(33, 40), (47, 60), (20, 64), (64, 30), (50, 50), (61, 17), (18, 18), (40, 64)]
     imgs = [_image(h, w, i) for i, (h, w) in enumerate(sizes)]
     out = segment(imgs, concepts, model=model, bucket=64, batch_size=8)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from fseg_jax.cli._model import model_from_options, random_model_options
+
 
 def _parse_ks(text: str) -> tuple[int, ...]:
     try:
@@ -48,7 +50,9 @@ def import_(source, output, preset, layer, trust_pickle):
 
 @concepts.command("build")
 @click.argument("model_spec", metavar="MODEL")
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("images", nargs=-1, type=click.Path(exists=True))
+@click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax.")
+@random_model_options
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
 @click.option("--k", "ks", default="8,16,32,64,128,256", show_default=True, help="Comma-separated k values.")
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block whose features are clustered.")
@@ -56,18 +60,24 @@ def import_(source, output, preset, layer, trust_pickle):
 @click.option("--per-token", is_flag=True, help="Cluster patch tokens instead of per-tile means.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Tiles per model call.")
 @click.option("--seed", default=0, show_default=True, type=int, help="k-means seed.")
-def build(model_spec, images, output, ks, layer, tile, per_token, batch_size, seed):
+def build(model_spec, images, sample, random_seed, depth, output, ks, layer, tile, per_token, batch_size, seed):
     """Build a bank for MODEL (preset or converted model folder) by k-means over tiles of IMAGES
-    (image files or folders of them)."""
-    ks = _parse_ks(ks)
-    from fseg_jax.concepts import build_concepts, save_concepts
-    from fseg_jax.convert.timm import ConversionError
-    from fseg_jax.hub import ModelAccessError, load_model
+    (image files or folders of them).
 
-    try:
-        model = load_model(model_spec)
-    except (ValueError, OSError, ConversionError, ModelAccessError) as e:
-        raise click.ClickException(f"cannot load model {model_spec}: {e}") from None
+    The bank records MODEL (the preset name, or the folder as an absolute path), so `fseg-jax segment` and
+    `fseg_jax.segment` find the model from the bank alone; a --random-init model is recorded as
+    `<preset>-random`, which names no weights.
+    """
+    ks = _parse_ks(ks)
+    if not images and not sample:
+        raise click.UsageError("give IMAGE... to cluster, or --sample")
+    if sample:
+        from fseg_jax.data import sample_image_path
+
+        images = (str(sample_image_path()), *images)
+    from fseg_jax.concepts import build_concepts, save_concepts
+
+    model = model_from_options(model_spec, random_seed, depth)
     try:
         bank = build_concepts(
             model, list(images), ks, layer=layer, tile=tile, per_token=per_token, batch_size=batch_size, seed=seed

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from fseg_jax.cli._model import model_from_options, one_line, random_model_options
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 METHODS = ("project", "nearest", "factorize", "dff")
 
@@ -71,8 +73,12 @@ def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, leg
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True, metavar="IMAGE...")
-@click.option("--model", "model_spec", required=True, help="Model preset (e.g. uni) or a converted model folder.")
+@click.argument("images", nargs=-1, metavar="IMAGE...")
+@click.option("--sample", is_flag=True,
+              help="Also segment the H&E sample that ships with fseg_jax (a CC0 crop of OpenSlide's CMU-1-Small-Region).")
+@click.option("--model", "model_spec", default=None,
+              help="Model preset (e.g. uni) or a converted model folder [default: the model the bank records].")
+@random_model_options
 @click.option("--concepts", "concepts_spec", default=None,
               help="Concept bank: a .safetensors file or a preset (uni, gigapath, resnet50). Not used by dff.")
 @click.option("--k", type=int, default=None, help="Bank size to use (for dff: the number of components).")
@@ -95,8 +101,8 @@ def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, leg
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
 @click.option("-o", "--out", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for <name>_labels.png, <name>_labels.npy and <name>_overlay.png.")
-def segment(images, model_spec, concepts_spec, k, method, layers, n_components, seed, batch_size, bucket, dtype,
-            alpha, legend, compilation_cache, no_compilation_cache, out_dir):
+def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, method, layers, n_components, seed,
+            batch_size, bucket, dtype, alpha, legend, compilation_cache, no_compilation_cache, out_dir):
     """Segment IMAGE... (files or folders of images) into concepts.
 
     Writes, per image, the label map as PNG (8-bit, or 16-bit when a label exceeds 255) and .npy (int32),
@@ -108,20 +114,24 @@ def segment(images, model_spec, concepts_spec, k, method, layers, n_components, 
         raise click.UsageError(f"--concepts is required for method {method}")
     if method == "dff" and k is None:
         raise click.UsageError("--k (the number of components) is required for method dff")
+    if method == "dff" and model_spec is None:
+        raise click.UsageError("--model is required for method dff, which uses no concept bank")
+    if not images and not sample:
+        raise click.UsageError("give IMAGE... to segment, or --sample")
+    if sample:
+        from fseg_jax.data import sample_image_path
+
+        images = (str(sample_image_path()), *images)
     files = _expand_inputs(images)
     if not no_compilation_cache:
         enable_compilation_cache(compilation_cache or default_compilation_cache())
 
     from tqdm import tqdm
 
-    from fseg_jax.hub import load_model
     from fseg_jax.io import read_image
-    from fseg_jax.segmentation import segment as segment_images
+    from fseg_jax.segmentation import Pipeline
 
-    try:
-        model = load_model(model_spec)
-    except (ValueError, OSError, RuntimeError) as e:  # ConversionError, ModelAccessError, missing files
-        raise click.ClickException(f"cannot load model {model_spec!r}: {_one_line(e)}") from None
+    model = model_from_options(model_spec, random_seed, depth)
     concepts = None
     if method != "dff":
         from fseg_jax.concepts import resolve_concepts
@@ -129,14 +139,19 @@ def segment(images, model_spec, concepts_spec, k, method, layers, n_components, 
         try:
             concepts = resolve_concepts(concepts_spec)
         except (ValueError, TypeError, OSError) as e:
-            raise click.ClickException(f"cannot load concepts {concepts_spec!r}: {_one_line(e)}") from None
+            raise click.ClickException(f"cannot load concepts {concepts_spec!r}: {one_line(e)}") from None
         if k is None and len(concepts.ks) > 1:
             raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, concepts.ks))}")
+    layer = layers[0] if len(layers) == 1 else list(layers)
+    try:
+        pipeline = Pipeline.create(
+            concepts, model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
+            batch_size=batch_size, bucket=bucket, dtype=None if dtype == "float32" else dtype,
+        )
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # bad bank or options, a bank's model not found
+        raise click.ClickException(one_line(e)) from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layer = layers[0] if len(layers) == 1 else list(layers)
-    options = dict(model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
-                   batch_size=batch_size, bucket=bucket, dtype=None if dtype == "float32" else dtype)
 
     with tqdm(total=len(files), unit="image", desc="segment", disable=None) as bar:
         for start in range(0, len(files), batch_size):
@@ -146,17 +161,13 @@ def segment(images, model_spec, concepts_spec, k, method, layers, n_components, 
                 try:
                     pictures.append(read_image(f))
                 except (ValueError, OSError) as e:
-                    raise click.ClickException(f"{f}: {_one_line(e)}") from None
+                    raise click.ClickException(f"{f}: {one_line(e)}") from None
             try:
-                result = segment_images(pictures, concepts, **options)
+                result = pipeline.segment(pictures)
             except (ValueError, TypeError) as e:
-                raise click.ClickException(_one_line(e)) from None
+                raise click.ClickException(one_line(e)) from None
             labels = result.labels if method == "dff" else result
             for f, picture, lab in zip(chunk, pictures, labels):
                 _write_outputs(out, f.stem, picture, lab, alpha=alpha, legend=legend)
                 bar.update(1)
     click.echo(f"wrote {3 * len(files)} files for {len(files)} image(s) to {out}")
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

@@ -186,10 +186,10 @@ class SlideSegmenter:
         dtype = None if dtype is None else jnp.dtype(dtype)
         model_desc = None
         if isinstance(model, (str, Path)):
-            from fseg_jax.hub import load_model
+            from fseg_jax.hub import resolve_model
 
             model_desc = str(model)
-            model = load_model(model, dtype=dtype)
+            model = resolve_model(model, dtype=dtype)
         elif dtype is not None:
             model = with_compute_dtype(model, dtype)
         config = model.config

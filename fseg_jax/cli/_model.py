@@ -1,0 +1,41 @@
+"""Model options shared by the subcommands that run a model (`segment`, `concepts build`)."""
+
+from __future__ import annotations
+
+import click
+
+
+def random_model_options(command):
+    """Add ``--random-init SEED`` and ``--depth N``: a random-weight model of a preset, built in memory."""
+    command = click.option(
+        "--depth", type=int, default=None,
+        help="With --random-init: keep only this many blocks (a quicker model for trying the pipeline).",
+    )(command)
+    return click.option(
+        "--random-init", "random_seed", type=int, default=None, metavar="SEED",
+        help="Random weights of the --model preset's architecture, drawn from SEED and built in memory (nothing "
+             "is downloaded or written). For trying the pipeline without the weights: its segmentations mean nothing.",
+    )(command)
+
+
+def model_from_options(spec: str | None, random_seed: int | None, depth: int | None):
+    """The model the options name: a random model, a loaded one (cached), or None (the bank's own)."""
+    from fseg_jax.convert.timm import ConversionError
+    from fseg_jax.hub import ModelAccessError, random_model, resolve_model
+
+    if depth is not None and random_seed is None:
+        raise click.UsageError("--depth applies to --random-init models only")
+    if spec is None:
+        if random_seed is not None:
+            raise click.UsageError("--random-init needs --model PRESET, the architecture to draw weights for")
+        return None
+    try:
+        if random_seed is not None:
+            return random_model(spec, seed=random_seed, depth=depth)
+        return resolve_model(spec)
+    except (ValueError, OSError, ConversionError, ModelAccessError) as e:
+        raise click.ClickException(f"cannot load model {spec}: {one_line(e)}") from None
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
