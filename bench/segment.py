@@ -88,7 +88,7 @@ def _time(fn, repeats: int = 1):
 def compile_times(args) -> dict:
     """Trace + lower, then compile (or load from the persistent cache in ``args.cache``), the pipeline's program
     for the benchmark image, as the first ``segment()`` call of a new process does."""
-    from fseg_jax.cli.segment import enable_compilation_cache
+    from fseg_jax.compilation import enable_compilation_cache
 
     enable_compilation_cache(args.cache)
     import jax.numpy as jnp

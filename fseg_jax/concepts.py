@@ -562,16 +562,16 @@ def _tile_features(
 
     ``keep`` (per-token mode) selects the rows of each tile's (h*w, D) block as soon as it is computed, so
     only the kept tokens are held while the remaining tiles stream through the model."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from fseg_jax.compilation import jit
     from fseg_jax.features import preprocess, token_features
 
     graphdef, state = nnx.split(model)
     layers = list(layer) if isinstance(layer, tuple) else layer
 
-    @jax.jit
+    @jit
     def features(state, tiles_bhw3):
         m = nnx.merge(graphdef, state)
         f_bhwd = token_features(m, preprocess(tiles_bhw3, m.config), layers)

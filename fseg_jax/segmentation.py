@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from fseg_jax import nmf as _nmf
+from fseg_jax.compilation import jit
 from fseg_jax.features import _layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
 from fseg_jax.models import with_compute_dtype
@@ -443,7 +444,7 @@ def _check_int(name: str, value) -> None:
 # --- the jitted program ---------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
+@jit(static_argnames=("graphdef", "options"))
 def segment_padded(graphdef, options: ProgramOptions, state, concepts_kd, images_bhw3):
     """The whole pipeline as one pure jitted program, for images already padded to the patch size.
 

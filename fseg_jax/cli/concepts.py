@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fseg_jax.cli._model import model_from_options, random_model_options
+from fseg_jax.cli.common import model_from_options, random_model_options
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from fseg_jax.cli._model import model_from_options, one_line, random_model_options
+from fseg_jax.cli.common import default_compilation_cache, model_from_options, one_line, random_model_options
+from fseg_jax.compilation import enable_compilation_cache
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 METHODS = ("project", "nearest", "factorize", "dff")
-
-
-def default_compilation_cache() -> Path:
-    """``$FSEG_JAX_CACHE/jax``, default ``~/.cache/fseg_jax/jax``."""
-    root = os.environ.get("FSEG_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fseg_jax")
-    return Path(root) / "jax"
-
-
-def enable_compilation_cache(directory: str | os.PathLike) -> None:
-    """Turn on JAX's persistent compilation cache in ``directory``: a later process running the same
-    programs (same shapes, same model architecture) loads them instead of compiling again."""
-    import jax
-
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:

@@ -51,7 +51,8 @@ def slide(slides, model, concepts, k, method, layer, mpp, slide_mpp, tile, margi
     if model is None or concepts is None or k is None:
         raise click.UsageError("--model, --concepts and --k are required (except with --merge)")
     if not no_compilation_cache:
-        from fseg_jax.cli.segment import default_compilation_cache, enable_compilation_cache
+        from fseg_jax.cli.common import default_compilation_cache
+        from fseg_jax.compilation import enable_compilation_cache
 
         enable_compilation_cache(compilation_cache or default_compilation_cache())
     if distributed:

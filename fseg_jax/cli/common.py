@@ -1,8 +1,25 @@
-"""Model options shared by the subcommands that run a model (`segment`, `concepts build`)."""
+"""What the subcommands share: model options, the compilation cache folder, one-line errors.
+
+The command line, not the library, reads the environment: ``$FSEG_JAX_CACHE`` is resolved here and passed on
+as a path.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import click
+
+
+def default_cache_root() -> Path:
+    """``$FSEG_JAX_CACHE``, default ``~/.cache/fseg_jax``: fseg_jax's own caches (compiled programs, banks)."""
+    return Path(os.environ.get("FSEG_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fseg_jax"))
+
+
+def default_compilation_cache() -> Path:
+    """``$FSEG_JAX_CACHE/jax``, default ``~/.cache/fseg_jax/jax``."""
+    return default_cache_root() / "jax"
 
 
 def random_model_options(command):
