@@ -150,6 +150,20 @@ def test_missing_mpp_is_a_clear_error_unless_given(slides):
         assert s.plan(0.5).level == 1
 
 
+@pytest.mark.parametrize("tile, size, unit", [(None, 0.499, "µm"), ((256, 256), 499.0, "nm")])
+def test_ome_tiff_pixel_size_comes_from_the_ome_xml(tmp_path, tile, size, unit):
+    """An OME-TIFF that records its pixel size only in the OME-XML (no resolution tags), stripped or tiled."""
+    import tifffile
+
+    image, _ = synthetic_he(640, 640)
+    metadata = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeY": size, "PhysicalSizeXUnit": unit,
+                "PhysicalSizeYUnit": unit}
+    tifffile.imwrite(tmp_path / "x.ome.tif", image, ome=True, tile=tile, metadata=metadata)
+    with open_slide(tmp_path / "x.ome.tif") as s:
+        assert s.mpp == pytest.approx(0.499) and s.dimensions == (640, 640)
+        np.testing.assert_array_equal(s.read(s.plan(0.5), 0, 0, 640, 640), image)
+
+
 def test_plain_image_reader(tmp_path):
     from PIL import Image
 
