@@ -298,6 +298,30 @@ def test_label_tiff_is_pyramidal_ome_with_physical_size(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_label_tiff_streams_from_a_memory_map(tmp_path):
+    """A 6000 x 6000 label map on disk becomes a TIFF while at most a few bands are in memory."""
+    import tracemalloc
+
+    import tifffile
+
+    from fseg_jax.wsi.outputs import array_sampler
+
+    labels = np.memmap(tmp_path / "labels.raw", dtype=np.uint8, mode="w+", shape=(6000, 6000))
+    labels[1000:5000:7, :] = 3
+    labels[:, 2500:2600] = 1
+    labels.flush()
+    tracemalloc.start()
+    try:
+        write_label_tiff(tmp_path / "l.ome.tif", array_sampler(labels), size=(6000, 6000), dtype=np.uint8, mpp=0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 36e6 / 4  # measured: about 9 MB (bands of 256 x 6000 and tifffile's buffers)
+    with tifffile.TiffFile(tmp_path / "l.ome.tif") as tif:
+        np.testing.assert_array_equal(tif.series[0].asarray(), labels)
+        assert tif.series[0].levels[3].shape == (750, 750)
+
+
 # --- the pipeline -------------------------------------------------------------------------------------
 
 
