@@ -587,8 +587,9 @@ def segment_slides(
 ) -> list[SlideResult | SlideFailure]:
     """Segment a slide, a folder of slides or a list of them into `out_root/<slide name>/` each.
 
-    A slide that fails (unreadable, no mpp, ...) becomes a SlideFailure in the returned list and the
-    batch goes on; `on_result` is called after each slide.
+    A slide that fails (unreadable, no mpp, settings that differ from a multi-process run's, ...) becomes a
+    SlideFailure in the returned list and the batch goes on; `on_result` is called after each slide.
+    part: (index, count) of a multi-process run, for every slide (see `SlideSegmenter.run`).
     """
     from tqdm.auto import tqdm
 
