@@ -280,3 +280,33 @@ def test_cli_folder_with_a_failing_slide(synthetic_slide, model, concepts, tmp_p
     # a second run finds the finished slide and does not recompute it
     again = CliRunner().invoke(main, args)
     assert "a_tissue.ome.tif:" in again.output and "already done" in again.output
+
+
+def test_cli_passes_every_model_option(synthetic_slide, model, concepts, tmp_path):
+    from click.testing import CliRunner
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+    from fseg_jax.hub import save_model
+
+    save_model(model, tmp_path / "model")
+    save_concepts(tmp_path / "bank.safetensors", ConceptBank({K: concepts, 3: concepts[:3]}, model="uni-tiny", layer=-1))
+    args = [
+        "slide", str(synthetic_slide), "--model", str(tmp_path / "model"), "--concepts", str(tmp_path / "bank.safetensors"),
+        "--mpp", "4", "--tile", "128", "--margin", "16", "--batch", "4", "--no-compilation-cache", "-o", str(tmp_path / "out"),
+    ]
+    unsure = CliRunner().invoke(main, args)
+    assert unsure.exit_code == 2 and "--k is required: the bank holds k in 3, 5" in unsure.output, unsure.output
+    options = ["--k", "3", "--method", "factorize", "--n-components", "4", "--seed", "2", "--solver", "mu",
+               "--tol", "0.001", "--max-iter", "30", "--labels", "token"]
+    result = CliRunner().invoke(main, [*args, *options])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "synthetic" / "summary.json").read_text())
+    expected = {"k": 3, "method": "factorize", "n_components": 4, "seed": 2, "solver": "mu", "tol": 0.001,
+                "max_iter": 30, "resolution": "token"}
+    assert {name: summary[name] for name in expected} == expected
+
+    from fseg_jax import nmf
+    from fseg_jax.cli import slide
+
+    assert slide.SOLVERS == nmf.SOLVERS  # the command's choices, named without importing JAX
