@@ -320,6 +320,16 @@ def test_label_tiff_streams_from_a_memory_map(tmp_path):
     with tifffile.TiffFile(tmp_path / "l.ome.tif") as tif:
         np.testing.assert_array_equal(tif.series[0].asarray(), labels)
         assert tif.series[0].levels[3].shape == (750, 750)
+    # a sparse sample (as the GeoJSON traces) reads a few rows at a time and gives the same pixels
+    ys, xs = np.arange(0, 6000, 16), np.arange(0, 6000, 16)
+    tracemalloc.start()
+    try:
+        sampled = array_sampler(labels, read_bytes=10 * 6000)(ys, xs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(sampled, np.asarray(labels)[::16, ::16])
+    assert peak < 375 * 6000  # under the 375 full rows the sample touches
 
 
 # --- the pipeline -------------------------------------------------------------------------------------

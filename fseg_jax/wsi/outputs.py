@@ -47,11 +47,20 @@ def token_sampler(labels_hw: np.ndarray, patch: int) -> LabelSampler:
     return sample
 
 
-def array_sampler(labels_hw: np.ndarray) -> LabelSampler:
-    """The pixels of a (height, width) label map, in memory or a memory map (only the rows asked for are read)."""
+def array_sampler(labels_hw: np.ndarray, *, read_bytes: int = 2**26) -> LabelSampler:
+    """The pixels of a (height, width) label map, in memory or a memory map.
+
+    Rows are read `read_bytes` at a time (whole rows, then the columns asked for are kept), so a sparse
+    sample of a memory-mapped map never holds more than that of the full-resolution rows.
+    """
+    row_bytes = labels_hw.shape[1] * labels_hw.dtype.itemsize
+    rows_per_read = max(1, read_bytes // row_bytes)
 
     def sample(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        return np.asarray(labels_hw[ys])[:, xs]
+        out = np.empty((len(ys), len(xs)), labels_hw.dtype)
+        for i in range(0, len(ys), rows_per_read):
+            out[i : i + rows_per_read] = np.asarray(labels_hw[ys[i : i + rows_per_read]])[:, xs]
+        return out
 
     return sample
 
