@@ -129,6 +129,7 @@ def main() -> None:
     import torch
     from flax import nnx
 
+    from fseg_jax.compilation import jit
     from fseg_jax.features import preprocess, token_features
     from fseg_jax.segmentation import segment, token_weights, upsample_argmax
     from segment_original import OriginalFSeg, input_tensor
@@ -151,14 +152,14 @@ def main() -> None:
     hp, wp = -(-h // 16) * 16, -(-w // 16) * 16
     padded = jnp.asarray(np.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge"))[None]
 
-    @jax.jit
+    @jit
     def forward(state, images):
         m = nnx.merge(graphdef, state)
         return token_features(m, preprocess(images, m.config), [-1])
 
     options, clipped = _project_program(model, concepts)
 
-    @jax.jit
+    @jit
     def after_vit(feats_bhwd, concepts_kd):
         def one(f):
             weights, _, _ = token_weights(f, concepts_kd, options)

@@ -71,13 +71,14 @@ def build_jax(args, k, torch_model=None):
         model, concepts_for(k, cfg.embed_dim, args.bank), method=args.method,
         dtype=None if args.dtype == "float32" else args.dtype,
         tile=args.tile, margin=args.margin, batch=args.batch, mpp=args.mpp, workers=args.workers,
+        resolution=args.labels,
     )
     return cfg, seg
 
 
 def run_pipeline(seg, slide_path):
     """End-to-end on the slide (compilation excluded); returns (tiles, seconds, summary)."""
-    seg.step(np.full((1, seg.tile, seg.tile, 3), 255, np.uint8))  # compile
+    seg.step(np.full((seg.step.batch, seg.tile, seg.tile, 3), 255, np.uint8))  # compile the full batch
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         result = seg.run(slide_path, Path(out) / "slide")
@@ -155,6 +156,9 @@ def paired_tiles(args, cfg, seg, loop, n_tiles):
                 a, b = run_torch(), run_jax()
             else:
                 b, a = run_jax(), run_torch()
+            if a.shape != b.shape:  # per-pixel labels: compare at the token centres
+                half = cfg.patch_size // 2
+                b = b[half :: cfg.patch_size, half :: cfg.patch_size]
             agree.append(float((a == b).mean()))
     return {"read": read_s, "jax": jax_s, "forward": forward_s, "nnls": nnls_s, "agree": agree}
 
@@ -208,6 +212,8 @@ def main():
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--method", choices=["project", "nearest"], default="project",
                     help="nearest (cosine, no solver) isolates the forward pass")
+    ap.add_argument("--labels", choices=["token", "pixel"], default="token",
+                    help="token: the argmax per token, the PyTorch loop's work; pixel: F-Seg's per-pixel labels")
     ap.add_argument("--depth", type=int, default=0, help="fewer blocks than UNI's 24 (0 = all)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--workers", type=int, default=None, help="reader threads (default: one per CPU core)")

@@ -46,6 +46,7 @@ from fseg_jax.compilation import jit
 from fseg_jax.features import _layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
 from fseg_jax.models import with_compute_dtype
+from fseg_jax.upsample import upsample, upsample_argmax  # noqa: F401 - upsample is re-exported here
 
 METHODS = ("project", "nearest", "factorize", "dff")
 _MODEL_HELP = "pass model= (a model, a preset name such as 'uni', or a converted model directory)"
@@ -510,82 +511,6 @@ def _unit_rows(a):
     """Rows scaled to unit L2 norm; all-zero rows stay zero (as scikit-learn's ``normalize`` does)."""
     norm = jnp.sqrt(jnp.sum(a * a, axis=-1, keepdims=True))
     return a / jnp.where(norm > 0, norm, 1.0)
-
-
-# --- bilinear upsampling + argmax -----------------------------------------------------------------------
-
-
-def _phase_taps(scale: int):
-    """Bilinear (align_corners=False) taps for an exact integer upscale, one per output phase t in [0, scale).
-
-    Output index q * scale + t samples the input at q + c_t, c_t = (t + 0.5) / scale - 0.5, which lies
-    between rows q - 1 and q (c_t < 0) or q and q + 1; in a copy of the input padded by one edge row on each
-    side this is rows q + off_t and q + off_t + 1 with weights (a_t, b_t). Edge padding reproduces the
-    clamping at the borders.
-    """
-    t = np.arange(scale, dtype=np.float64)
-    c = (t + 0.5) / scale - 0.5
-    off = np.where(c < 0, 0, 1)
-    frac = np.where(c < 0, 1.0 + c, c)
-    return off, (1.0 - frac).astype(np.float32), frac.astype(np.float32)
-
-
-def _upsample_axis(x, axis: int, scale: int):
-    """Bilinear upscale of ``x`` by an integer factor along ``axis`` (torch align_corners=False)."""
-    off, a, b = _phase_taps(scale)
-    x = jnp.moveaxis(x, axis, 0)
-    n = x.shape[0]
-    xp = jnp.concatenate([x[:1], x, x[n - 1 :]], axis=0)
-    prev, here, nxt = (xp[i : i + n][:, None] for i in range(3))  # (n, 1, ...)
-    bshape = (1, scale) + (1,) * (x.ndim - 1)
-    first = jnp.asarray(off == 0).reshape(bshape)
-    lo = jnp.where(first, prev, here)
-    hi = jnp.where(first, here, nxt)
-    out = jnp.asarray(a).reshape(bshape) * lo + jnp.asarray(b).reshape(bshape) * hi  # (n, scale, ...)
-    return jnp.moveaxis(out.reshape((n * scale,) + x.shape[1:]), 0, axis)
-
-
-def upsample(w_hwk, size: tuple[int, int]):
-    """Bilinear upsampling of (h, w, k) to (H, W, k) = (s h, t w, k), s and t integers.
-
-    Equal (to float rounding) to ``jax.image.resize(w, (H, W, k), method="linear")`` and to torch's
-    ``F.interpolate(mode="bilinear", align_corners=False)``. Holds the whole output: for label maps of large
-    images use :func:`upsample_argmax`.
-    """
-    sy, sx = _scales(w_hwk.shape, size)
-    return _upsample_axis(_upsample_axis(w_hwk, 1, sx), 0, sy)
-
-
-def upsample_argmax(w_hwk, size: tuple[int, int]):
-    """``argmax(upsample(w_hwk, size), -1)`` as int32 (H, W), without ever holding the (H, W, k) array.
-
-    Goes through the k channels one at a time: each channel is upsampled to an (H, W) plane and compared
-    with the running maximum, so memory is a few (H, W) planes whatever k is (and on CPU this is several
-    times faster than reducing over a minor axis of k). Ties go to the lowest index, as with ``argmax``;
-    the result equals the argmax of :func:`upsample` to float rounding.
-    """
-    h, w, k = w_hwk.shape
-    sy, sx = _scales(w_hwk.shape, size)
-    w_khw = jnp.moveaxis(w_hwk.astype(jnp.float32), -1, 0)
-
-    def step(c, carry):
-        best, index = carry
-        plane = _upsample_axis(_upsample_axis(w_khw[c], 1, sx), 0, sy)
-        better = plane > best
-        return jnp.where(better, plane, best), jnp.where(better, c, index)
-
-    init = (jnp.full((h * sy, w * sx), -jnp.inf, jnp.float32), jnp.zeros((h * sy, w * sx), jnp.int32))
-    return jax.lax.fori_loop(0, k, step, init)[1]
-
-
-def _scales(shape_hwk, size):
-    h, w, _ = shape_hwk
-    height, width = int(size[0]), int(size[1])
-    if height % h or width % w:
-        raise ValueError(
-            f"upsampling needs integer factors, got {h}x{w} -> {height}x{width}; pass a multiple of the grid size"
-        )
-    return height // h, width // w
 
 
 # --- host-side helpers -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fseg_jax.wsi import pipeline
-from fseg_jax.wsi.outputs import label_polygons, write_geojson, write_label_tiff
+from fseg_jax.wsi.outputs import label_polygons, token_sampler, write_geojson, write_label_tiff
 from fseg_jax.wsi.reader import SlideError, open_slide
 from fseg_jax.wsi.store import WorkDir
 from fseg_jax.wsi.tiling import TileGrid
@@ -150,6 +150,20 @@ def test_missing_mpp_is_a_clear_error_unless_given(slides):
         assert s.plan(0.5).level == 1
 
 
+@pytest.mark.parametrize("tile, size, unit", [(None, 0.499, "µm"), ((256, 256), 499.0, "nm")])
+def test_ome_tiff_pixel_size_comes_from_the_ome_xml(tmp_path, tile, size, unit):
+    """An OME-TIFF that records its pixel size only in the OME-XML (no resolution tags), stripped or tiled."""
+    import tifffile
+
+    image, _ = synthetic_he(640, 640)
+    metadata = {"axes": "YXS", "PhysicalSizeX": size, "PhysicalSizeY": size, "PhysicalSizeXUnit": unit,
+                "PhysicalSizeYUnit": unit}
+    tifffile.imwrite(tmp_path / "x.ome.tif", image, ome=True, tile=tile, metadata=metadata)
+    with open_slide(tmp_path / "x.ome.tif") as s:
+        assert s.mpp == pytest.approx(0.499) and s.dimensions == (640, 640)
+        np.testing.assert_array_equal(s.read(s.plan(0.5), 0, 0, 640, 640), image)
+
+
 def test_plain_image_reader(tmp_path):
     from PIL import Image
 
@@ -266,17 +280,56 @@ def test_label_tiff_is_pyramidal_ome_with_physical_size(tmp_path):
     import tifffile
 
     labels = np.random.default_rng(0).integers(0, 5, (40, 50)).astype(np.uint8)
-    write_label_tiff(tmp_path / "l.ome.tif", labels, patch=16, size=(795, 630), mpp=0.5, tile=128, min_level_side=150)
+    write_label_tiff(
+        tmp_path / "l.ome.tif", token_sampler(labels, 16), size=(795, 630), dtype=labels.dtype, mpp=0.5, tile=128,
+        min_level_side=150,
+    )
     with tifffile.TiffFile(tmp_path / "l.ome.tif") as tif:
         assert tif.is_ome
         series = tif.series[0]
         assert [lvl.shape for lvl in series.levels] == [(630, 795), (315, 398), (158, 199)]
         full = series.asarray()
         np.testing.assert_array_equal(full, np.repeat(np.repeat(labels, 16, 0), 16, 1)[:630, :795])
+        # reduced levels: the label at each block's top-left pixel
+        np.testing.assert_array_equal(series.levels[2].asarray(), full[::4, ::4])
         pixels = tif.ome_metadata
         assert 'PhysicalSizeX="0.5"' in pixels and 'PhysicalSizeXUnit="µm"' in pixels
         assert tif.pages[0].tags["XResolution"].value == (20000, 1)  # pixels per cm
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_label_tiff_streams_from_a_memory_map(tmp_path):
+    """A 6000 x 6000 label map on disk becomes a TIFF while at most a few bands are in memory."""
+    import tracemalloc
+
+    import tifffile
+
+    from fseg_jax.wsi.outputs import array_sampler
+
+    labels = np.memmap(tmp_path / "labels.raw", dtype=np.uint8, mode="w+", shape=(6000, 6000))
+    labels[1000:5000:7, :] = 3
+    labels[:, 2500:2600] = 1
+    labels.flush()
+    tracemalloc.start()
+    try:
+        write_label_tiff(tmp_path / "l.ome.tif", array_sampler(labels), size=(6000, 6000), dtype=np.uint8, mpp=0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 36e6 / 4  # measured: about 9 MB (bands of 256 x 6000 and tifffile's buffers)
+    with tifffile.TiffFile(tmp_path / "l.ome.tif") as tif:
+        np.testing.assert_array_equal(tif.series[0].asarray(), labels)
+        assert tif.series[0].levels[3].shape == (750, 750)
+    # a sparse sample (as the GeoJSON traces) reads a few rows at a time and gives the same pixels
+    ys, xs = np.arange(0, 6000, 16), np.arange(0, 6000, 16)
+    tracemalloc.start()
+    try:
+        sampled = array_sampler(labels, read_bytes=10 * 6000)(ys, xs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(sampled, np.asarray(labels)[::16, ::16])
+    assert peak < 375 * 6000  # under the 375 full rows the sample touches
 
 
 # --- the pipeline -------------------------------------------------------------------------------------
@@ -319,36 +372,77 @@ def test_slide_outputs(segmenter, slides, tmp_path):
         assert c["area_mm2"] == pytest.approx(counts[c["label"]] * 1e-6)
     assert sum(c["share_of_tissue"] for c in summary["concepts"]) == pytest.approx(1.0)
     assert summary["tissue_area_mm2"] == pytest.approx(counts[1:].sum() * 1e-6)
-    # GeoJSON polygons in level-0 pixels (0.5 um/px: 2 px per working px, 32 per token)
+    # GeoJSON polygons in level-0 pixels (0.5 um/px: 2 px per working px), traced from every pixel here
+    # and simplified by half a pixel
+    assert summary["resolution"] == "pixel" and summary["geojson"] == {"step_px": 1, "tolerance_px": 0.5}
     doc = json.loads((out / "labels.geojson").read_text())
-    present = {int(v) for v in np.unique(tokens) if v > 0}
+    present = {int(v) for v in np.unique(labels) if v > 0}
     assert {f["properties"]["label"] for f in doc["features"]} == present
     for f in doc["features"]:
         geom = shapely.geometry.shape(f["geometry"])
-        assert shapely.is_valid(geom)
-        assert geom.area == pytest.approx(counts[f["properties"]["label"]] * 2 * 2)  # clipped to the slide
+        assert shapely.is_valid(geom) and geom.geom_type in ("Polygon", "MultiPolygon")
+        label = f["properties"]["label"]
+        # simplification moves edges by at most half a pixel: the area changes by less than half the
+        # boundary's length (measured here: well under 1 %)
+        assert abs(geom.area - counts[label] * 2 * 2) <= 0.5 * 2 * geom.length / 2
+        assert geom.area == pytest.approx(counts[label] * 2 * 2, rel=0.02)
         minx, miny, maxx, maxy = geom.bounds
         assert 0 <= minx and maxx <= 800 and 0 <= miny and maxy <= 600
     weights = load_file(out / "weights.safetensors")
     assert weights["weights"].shape == (19, 25, K)
-    np.testing.assert_array_equal(weights["labels"], tokens)
+    np.testing.assert_array_equal(weights["labels"] > 0, tokens > 0)
     np.testing.assert_array_equal(weights["weights"][tokens == 0], 0)
-    np.testing.assert_array_equal(weights["weights"].argmax(-1)[tokens > 0] + 1, tokens[tokens > 0])
+    np.testing.assert_array_equal(weights["weights"].argmax(-1)[tokens > 0] + 1, weights["labels"][tokens > 0])
     # a second run finds the outputs and computes nothing
     again = segmenter.run(slides["tissue"], out)
     assert again.tiles_computed == 0 and again.summary == summary
 
 
 def test_labels_match_a_direct_computation(segmenter, slides, tmp_path):
-    """The stand-in is local, so tiling must reproduce it on the whole image exactly."""
+    """The stand-in is local, so tiling must reproduce it on the whole image exactly: per pixel, the
+    bilinear upsampling runs on across tile seams as on one image (read with a ring of glass tokens, which
+    the tiles at the slide's edge see in their margins)."""
+    from fseg_jax.upsample import upsample_argmax
+
     fn, params = standin_token_fn()
     segmenter.run(slides["tissue"], tmp_path / "t")
-    tokens = _read_labels(tmp_path / "t")[::PATCH, ::PATCH]
+    labels = _read_labels(tmp_path / "t")
     with open_slide(slides["tissue"]) as s:
-        whole = s.read(s.plan(1.0), 0, 0, 25 * PATCH, 19 * PATCH)
-    direct = np.asarray(fn(params, whole[None]))[0].argmax(-1) + 1
-    inside = tokens > 0
-    np.testing.assert_array_equal(tokens[inside], direct[inside])
+        whole = s.read(s.plan(1.0), -PATCH, -PATCH, 27 * PATCH, 21 * PATCH)
+    weights = fn(params, whole[None])[0]
+    direct = np.asarray(upsample_argmax(weights, (21 * PATCH, 27 * PATCH)))[PATCH : PATCH + 300, PATCH : PATCH + 400] + 1
+    inside = labels > 0
+    assert inside.sum() > 20000
+    np.testing.assert_array_equal(labels[inside], direct[inside])
+    # and in token resolution, the argmax per token
+    token_seg = pipeline.SlideSegmenter(
+        fn, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=2, mpp=1.0, resolution="token"
+    )
+    token_seg.run(slides["tissue"], tmp_path / "token")
+    tokens = _read_labels(tmp_path / "token")
+    per_token = np.repeat(np.repeat(np.asarray(weights).argmax(-1) + 1, PATCH, 0), PATCH, 1)[PATCH : PATCH + 300, PATCH : PATCH + 400]
+    np.testing.assert_array_equal(tokens[tokens > 0], per_token[tokens > 0])
+    np.testing.assert_array_equal(tokens > 0, inside)
+
+
+def test_token_resolution_outputs(slides, tmp_path):
+    """Token squares in the TIFF, and GeoJSON polygons along the token edges exactly."""
+    import shapely
+    from safetensors.numpy import load_file
+
+    fn, params = standin_token_fn()
+    seg = pipeline.SlideSegmenter(
+        fn, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=2, mpp=1.0, resolution="token", save_weights=True
+    )
+    summary = seg.run(slides["tissue"], tmp_path / "t").summary
+    assert summary["resolution"] == "token" and summary["geojson"] == {"step_px": PATCH, "tolerance_px": 0.0}
+    labels = _read_labels(tmp_path / "t")
+    tokens = load_file(tmp_path / "t" / "weights.safetensors")["labels"]
+    np.testing.assert_array_equal(labels, np.repeat(np.repeat(tokens, PATCH, 0), PATCH, 1)[:300, :400])
+    counts = np.bincount(labels.ravel(), minlength=K + 1)
+    for f in json.loads((tmp_path / "t" / "labels.geojson").read_text())["features"]:
+        geom = shapely.geometry.shape(f["geometry"])
+        assert shapely.is_valid(geom) and geom.area == pytest.approx(counts[f["properties"]["label"]] * 4)
 
 
 def test_blank_and_tiny_slides(segmenter, slides, tmp_path):
@@ -375,7 +469,8 @@ def test_resume_after_a_kill(segmenter, slides, tmp_path, monkeypatch):
     def dying_put(self, index, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:  # killed while the third batch is being written
-            with open(self.batch_path(index).with_name(f".{self.batch_path(index).name}.tmp"), "wb") as f:
+            path = self.batch_path(index, args[0])
+            with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
                 f.write(b"half")
             raise KeyboardInterrupt
         return real_put(self, index, *args, **kwargs)
@@ -385,7 +480,7 @@ def test_resume_after_a_kill(segmenter, slides, tmp_path, monkeypatch):
         segmenter.run(slides["tissue"], out)
     monkeypatch.setattr(WorkDir, "put", real_put)
     assert not any((out / name).exists() for name in pipeline.OUTPUT_FILES)
-    assert WorkDir(out).done() == {0, 1}
+    assert WorkDir(out).done(WorkDir(out).read_plan()["fingerprint"]) == {0, 1}
     (out / ".labels.ome.tif.4242.tmp").write_bytes(b"half")  # as a kill while writing outputs leaves it
 
     resumed = segmenter.run(slides["tissue"], out)
@@ -408,19 +503,29 @@ def test_changed_settings_start_afresh(slides, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(pipeline.OUTPUT_FILES)
 
 
-def test_one_compiled_step_for_every_batch_and_slide(slides, tmp_path):
-    fn, params = standin_token_fn()
-    traces = []
+def test_batches_compile_once_per_power_of_two(slides, tmp_path):
+    """A short batch runs at the next power of two, not padded to the full batch; each size compiles once."""
+    import chex
 
-    def counted(params, images):
-        traces.append(images.shape)
+    fn, params = standin_token_fn()
+    sizes = []
+
+    def recorded(params, images):
+        sizes.append(images.shape)
         return fn(params, images)
 
+    counted = chex.assert_max_traces(recorded, n=3)
     seg = pipeline.SlideSegmenter(counted, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=4, mpp=1.0)
     many = seg.run(slides["tissue"], tmp_path / "tissue")
-    tiny = seg.run(slides["tiny"], tmp_path / "tiny")  # one tile, padded at the slide's edge and in the batch
-    assert many.tiles % 4 and many.tiles > 4 and tiny.tiles == 1  # a last, partly padded batch
-    assert traces == [(4, 128, 128, 3)]
+    tiny = seg.run(slides["tiny"], tmp_path / "tiny")  # one tile, padded at the slide's edge, not in the batch
+    again = seg.run(slides["tissue"], tmp_path / "again")  # every size seen: no new compilation
+    assert many.tiles == again.tiles == 6 and tiny.tiles == 1  # batches of 4 and 2 tiles
+    assert sizes == [(4, 128, 128, 3), (2, 128, 128, 3), (1, 128, 128, 3)]
+
+    wide = pipeline.SlideSegmenter(fn, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=16, mpp=1.0)
+    assert [wide.step.padded_size(n) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    with pytest.raises(ValueError, match="exceeds"):
+        wide.step(np.zeros((17, 128, 128, 3), np.uint8))
 
 
 def test_prefetch_reads_ahead_in_order():

@@ -6,14 +6,27 @@ from pathlib import Path
 
 import click
 
+SOLVERS = ("admm", "hals", "mu")  # fseg_jax.nmf.SOLVERS, named here so that --help does not import JAX
+
 
 @click.command("slide")
 @click.argument("slides", type=click.Path(exists=True, path_type=Path))
 @click.option("--model", "model", help="Model preset (uni, gigapath, ...) or a converted-model folder.")
 @click.option("--concepts", "concepts", help="Concept bank: .safetensors file or preset (uni, gigapath, resnet50).")
-@click.option("--k", "k", type=int, help="Number of concepts (one of the bank's k).")
-@click.option("--method", type=click.Choice(["project", "nearest", "factorize"]), default="project", show_default=True)
+@click.option("--k", "k", type=int, help="Number of concepts (one of the bank's k; optional when it holds one).")
+@click.option("--method", type=click.Choice(["project", "nearest", "factorize"]), default="project", show_default=True,
+              help="project: NNLS onto the bank; nearest: most similar concept; factorize: NMF per tile, "
+                   "components mapped to the bank.")
 @click.option("--layer", type=int, default=-1, show_default=True, help="Block whose tokens are used.")
+@click.option("--n-components", type=int, default=20, show_default=True, help="Free NMF components (factorize).")
+@click.option("--seed", type=int, default=0, show_default=True, help="NMF initialisation seed (factorize).")
+@click.option("--solver", type=click.Choice(SOLVERS), default=None,
+              help="NMF solver [default: fseg_jax.nmf's; hals reproduces the original's iterates].")
+@click.option("--tol", type=float, default=None, help="Solver tolerance [default: the solver's].")
+@click.option("--max-iter", type=int, default=None, help="Solver iteration cap [default: the solver's].")
+@click.option("--labels", "resolution", type=click.Choice(["pixel", "token"]), default="pixel", show_default=True,
+              help="pixel: F-Seg's per-pixel argmax of the bilinearly upsampled weights; token: one label per "
+                   "token (faster).")
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Working microns per pixel (0.5 ~ 20x).")
 @click.option("--slide-mpp", type=float, help="The slides' own microns per pixel, for files that do not record it.")
 @click.option("--tile", type=int, default=1024, show_default=True, help="Tile side in working pixels (multiple of the patch).")
@@ -21,19 +34,29 @@ import click
 @click.option("--batch", type=int, default=16, show_default=True, help="Tiles per step, split over all local devices.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--save-weights", is_flag=True, help="Also write the token weights (weights.safetensors).")
-@click.option("--distributed", is_flag=True, help="Join a jax.distributed run: this process computes its share of tiles.")
+@click.option("--distributed", is_flag=True,
+              help="Join a jax.distributed run found by cluster auto-detection (SLURM, Open MPI, Cloud TPU, ...): "
+                   "this process computes its share of tiles.")
+@click.option("--coordinator", metavar="HOST:PORT",
+              help="Join a run of --num-processes processes whose process 0 serves at HOST:PORT (with --process-id).")
+@click.option("--num-processes", type=int, help="Processes in the run (with --coordinator).")
+@click.option("--process-id", type=int, help="This process's index, 0 .. N-1; process 0 runs the coordinator.")
+@click.option("--coordinator-timeout", type=int, default=300, show_default=True,
+              help="Seconds to wait for the coordinator and the other processes.")
 @click.option("--merge", "merge_only", is_flag=True, help="Only write the outputs of a finished multi-process run.")
 @click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
               help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
 @click.option("-o", "--out", "--output", "out_root", type=click.Path(path_type=Path), required=True, help="Output folder (one sub-folder per slide).")
-def slide(slides, model, concepts, k, method, layer, mpp, slide_mpp, tile, margin, batch, dtype, save_weights,
-          distributed, merge_only, compilation_cache, no_compilation_cache, out_root):
+def slide(slides, model, concepts, k, method, layer, n_components, seed, solver, tol, max_iter, resolution, mpp,
+          slide_mpp, tile, margin, batch, dtype, save_weights, distributed, coordinator, num_processes, process_id,
+          coordinator_timeout, merge_only, compilation_cache, no_compilation_cache, out_root):
     """Segment SLIDES (a slide, an image, or a folder of them) into OUT/<slide name>/.
 
     Writes labels.ome.tif (0 = background, i+1 = concept i), labels.geojson (QuPath annotations),
     overlay.png and summary.json per slide. A re-run resumes an interrupted one; a slide that fails is
-    reported and skipped.
+    reported and skipped. Several processes (one per host) share the tiles of each slide with
+    --coordinator/--num-processes/--process-id (or --distributed); then run --merge once.
     """
     from fseg_jax.wsi.pipeline import SlideFailure, find_slides, slide_folder_name, merge_slide, segment_slides
 
@@ -48,24 +71,57 @@ def slide(slides, model, concepts, k, method, layer, mpp, slide_mpp, tile, margi
                 click.echo(f"{path.name}: {err}", err=True)
         raise SystemExit(1 if failed else 0)
 
-    if model is None or concepts is None or k is None:
-        raise click.UsageError("--model, --concepts and --k are required (except with --merge)")
+    if model is None or concepts is None:
+        raise click.UsageError("--model and --concepts are required (except with --merge)")
+    if k is None:
+        from fseg_jax.concepts import resolve_concepts
+
+        try:
+            ks = resolve_concepts(concepts).ks
+        except (ValueError, TypeError, OSError) as err:
+            raise click.ClickException(f"cannot load concepts {concepts!r}: {err}") from None
+        if len(ks) > 1:
+            raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, ks))}")
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit) and any(v is None for v in explicit):
+        raise click.UsageError("--coordinator, --num-processes and --process-id go together")
+    if num_processes is not None:
+        if num_processes < 1:
+            raise click.BadParameter(f"must be >= 1, got {num_processes}", param_hint="--num-processes")
+        if not 0 <= process_id < num_processes:
+            raise click.BadParameter(
+                f"{process_id} is out of range for {num_processes} processes (0 .. {num_processes - 1})",
+                param_hint="--process-id",
+            )
     if not no_compilation_cache:
         from fseg_jax.cli.common import default_compilation_cache
         from fseg_jax.compilation import enable_compilation_cache
 
         enable_compilation_cache(compilation_cache or default_compilation_cache())
-    if distributed:
+    part = None
+    if coordinator is not None or distributed:
         import jax
 
-        jax.distributed.initialize()
+        if coordinator is not None:
+            _check_coordinator(coordinator, process_id, coordinator_timeout)
+            jax.distributed.initialize(
+                coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                initialization_timeout=coordinator_timeout,
+            )
+        else:
+            jax.distributed.initialize(initialization_timeout=coordinator_timeout)
+        part = (jax.process_index(), jax.process_count())
 
     from fseg_jax.wsi.pipeline import SlideSegmenter
 
-    segmenter = SlideSegmenter.from_model(
-        model, concepts, k=k, method=method, layer=layer, dtype=None if dtype == "float32" else dtype,
-        tile=tile, margin=margin, batch=batch, mpp=mpp, save_weights=save_weights,
-    )
+    try:
+        segmenter = SlideSegmenter.from_model(
+            model, concepts, k=k, method=method, layer=layer, dtype=None if dtype == "float32" else dtype,
+            n_components=n_components, seed=seed, solver=solver, tol=tol, max_iter=max_iter, tile=tile,
+            margin=margin, batch=batch, mpp=mpp, resolution=resolution, save_weights=save_weights,
+        )
+    except (ValueError, TypeError, OSError, RuntimeError) as err:  # an unknown model or bank, a k the bank lacks, ...
+        raise click.ClickException(str(err)) from None
 
     def report(result) -> None:
         if isinstance(result, SlideFailure):
@@ -76,8 +132,43 @@ def slide(slides, model, concepts, k, method, layer, mpp, slide_mpp, tile, margi
             note = "already done" if result.tiles_computed == 0 and result.tiles else f"{result.tiles_computed} tiles computed"
             click.echo(f"{result.slide.name}: {result.tiles} tissue tiles, {note}, {result.seconds:.1f} s -> {result.out_dir}")
 
-    results = segment_slides(slides, out_root, segmenter, slide_mpp=slide_mpp, progress=True, on_result=report)
+    results = segment_slides(slides, out_root, segmenter, slide_mpp=slide_mpp, part=part, progress=True, on_result=report)
     failures = [r for r in results if isinstance(r, SlideFailure)]
     if failures:
         click.echo(f"{len(failures)} of {len(results)} slides failed", err=True)
         raise SystemExit(1)
+
+
+def _check_coordinator(address: str, process_id: int, timeout: float) -> None:
+    """Fail with one clear message where jax.distributed.initialize would abort the process.
+
+    Process 0 serves the coordinator: its port must be free to bind. The others connect to it: they wait
+    (process 0 may start later) up to `timeout` seconds for the address to accept a connection.
+    """
+    import socket
+    import time
+
+    host, sep, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit():
+        raise click.BadParameter(f"expected HOST:PORT, got {address!r}", param_hint="--coordinator")
+    port = int(port_text)
+    if process_id == 0:
+        try:
+            with socket.create_server(("", port)):
+                pass
+        except OSError as err:
+            raise click.ClickException(f"process 0 cannot serve the coordinator on port {port}: {err}") from None
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, max(0.1, timeout))):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise click.ClickException(
+                    f"cannot reach the coordinator at {address} within {timeout} s ({err}); start process 0 "
+                    "there, or check the address"
+                ) from None
+            time.sleep(0.5)

@@ -8,6 +8,7 @@ on many (`segment_slides` for a folder); `merge_slide` writes the outputs of a m
 from fseg_jax.wsi.pipeline import (
     SlideFailure,
     SlideResult,
+    SlideRunMismatch,
     SlideSegmenter,
     merge_slide,
     segment_slide,
@@ -20,6 +21,7 @@ __all__ = [
     "SlideError",
     "SlideFailure",
     "SlideResult",
+    "SlideRunMismatch",
     "SlideSegmenter",
     "merge_slide",
     "open_slide",

@@ -12,13 +12,23 @@ import numpy as np
 TokenFn = Callable[[object, object], object]
 
 
+RESOLUTIONS = ("pixel", "token")
+
+
 class TileStep:
-    """One compiled function for every batch of tiles: token weights, margins cropped, argmax labels.
+    """One compiled function for batches of tiles: token weights, margins cropped, labels.
+
+    resolution "pixel" (F-Seg's rule): each tile's weights are upsampled bilinearly by the patch size and
+    argmaxed per pixel, using one context token beyond the core on each side so that neighbouring cores
+    meet without a seam (`fseg_jax.upsample.upsample_argmax_core`); "token": the argmax per token.
 
     The batch axis is sharded over a 1-D mesh of `devices` (all local devices by default) and the
-    parameters are replicated; batches are padded to `batch` (rounded up to a multiple of the device
-    count) so that every call has the same static shape. Calling it with a (n, tile, tile, 3) uint8 array
-    returns (labels (n, c, c) int32, weights (n, c, c, k) float32 or None), with c the core tokens a side.
+    parameters are replicated. A batch of n tiles is padded to the next power of two of tiles per device
+    (times the device count), at most `batch` (rounded up to a multiple of the device count): a few static
+    shapes, so a few compilations, and a slide of 3 tiles is not computed as 16. Calling it with a
+    (n, tile, tile, 3) uint8 array returns (labels, weights): labels (n, c p, c p) ("pixel") or (n, c, c)
+    ("token"), concept indices in `label_dtype`, c the core tokens a side and p the patch; weights
+    (n, c, c, k) float32 or None.
     """
 
     def __init__(
@@ -27,14 +37,23 @@ class TileStep:
         params,
         *,
         batch: int,
+        patch: int,
         margin_tokens: int,
         core_tokens: int,
+        label_dtype,
+        resolution: str = "pixel",
         with_weights: bool = False,
         devices: Sequence | None = None,
     ):
         import jax
+        import jax.numpy as jnp
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+        from fseg_jax.compilation import compiler_options
+        from fseg_jax.upsample import upsample_argmax_core
+
+        if resolution not in RESOLUTIONS:
+            raise ValueError(f"unknown resolution {resolution!r}; choose one of {', '.join(RESOLUTIONS)}")
         devices = list(jax.local_devices() if devices is None else devices)
         n_dev = len(devices)
         self.devices = devices
@@ -44,14 +63,29 @@ class TileStep:
         replicated = NamedSharding(mesh, PartitionSpec())
         self._params = jax.device_put(params, replicated)
         m, c = margin_tokens, core_tokens
+        out_dtype = jnp.dtype(label_dtype)
 
         def step(params, images):
-            w = fn(params, images)[:, m : m + c, m : m + c, :]
-            labels = w.argmax(axis=-1).astype("int32")
-            return (labels, w) if with_weights else (labels,)
+            w = fn(params, images)
+            core = w[:, m : m + c, m : m + c, :]
+            if resolution == "pixel":
+                labels = jax.vmap(lambda w_hwk: upsample_argmax_core(w_hwk, patch, m))(w)
+            else:
+                labels = core.argmax(axis=-1)
+            labels = labels.astype(out_dtype)
+            return (labels, core) if with_weights else (labels,)
 
-        self._step = jax.jit(step, in_shardings=(replicated, self._in_sharding), out_shardings=self._in_sharding)
+        self._step = jax.jit(step, in_shardings=(replicated, self._in_sharding), out_shardings=self._in_sharding,
+                             compiler_options=compiler_options())
         self.with_weights = with_weights
+
+    def padded_size(self, n: int) -> int:
+        """The batch size `n` tiles are computed as: the next power of two per device, times the device count."""
+        n_dev = len(self.devices)
+        per_device = 1
+        while per_device * n_dev < n:
+            per_device *= 2
+        return min(per_device * n_dev, self.batch)
 
     def dispatch(self, images: np.ndarray):
         """Start the step on one batch without waiting; `collect` turns the handle into numpy arrays."""
@@ -60,8 +94,9 @@ class TileStep:
         n = images.shape[0]
         if n > self.batch:
             raise ValueError(f"batch of {n} tiles exceeds the step's batch size {self.batch}")
-        if n < self.batch:
-            pad = np.full((self.batch - n, *images.shape[1:]), 255, images.dtype)
+        size = self.padded_size(n)
+        if n < size:
+            pad = np.full((size - n, *images.shape[1:]), 255, images.dtype)
             images = np.concatenate([images, pad])
         return n, self._step(self._params, jax.device_put(images, self._in_sharding))
 

@@ -1,6 +1,7 @@
 """Files a slide run writes, each atomically (a temporary name in the same folder, then os.replace).
 
-- `write_label_tiff`: pyramidal tiled OME-TIFF of a token-resolution label map, upsampled while writing;
+- `write_label_tiff`: pyramidal tiled OME-TIFF of a label map given by a sampling function (see
+  `LabelSampler`), generated band by band while writing, so that it never needs to be in memory whole;
 - `label_polygons` / `write_geojson`: QuPath annotations, one (multi)polygon per label, in level-0 pixels;
 - `write_json`, `write_weights` (safetensors).
 """
@@ -8,7 +9,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,21 +33,54 @@ def label_dtype(n_labels: int) -> np.dtype:
     return np.dtype(np.uint8) if n_labels <= 256 else np.dtype(np.uint16)
 
 
+# sample(ys, xs) -> (len(ys), len(xs)) labels at rows ys and columns xs (1-D int arrays) of a label map
+LabelSampler = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def token_sampler(labels_hw: np.ndarray, patch: int) -> LabelSampler:
+    """The pixels of a token-resolution label map, each token a `patch` x `patch` square."""
+    h_tok, w_tok = labels_hw.shape
+
+    def sample(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        return labels_hw[np.minimum(ys // patch, h_tok - 1)[:, None], np.minimum(xs // patch, w_tok - 1)[None, :]]
+
+    return sample
+
+
+def array_sampler(labels_hw: np.ndarray, *, read_bytes: int = 2**26) -> LabelSampler:
+    """The pixels of a (height, width) label map, in memory or a memory map.
+
+    Rows are read `read_bytes` at a time (whole rows, then the columns asked for are kept), so a sparse
+    sample of a memory-mapped map never holds more than that of the full-resolution rows.
+    """
+    row_bytes = labels_hw.shape[1] * labels_hw.dtype.itemsize
+    rows_per_read = max(1, read_bytes // row_bytes)
+
+    def sample(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        out = np.empty((len(ys), len(xs)), labels_hw.dtype)
+        for i in range(0, len(ys), rows_per_read):
+            out[i : i + rows_per_read] = np.asarray(labels_hw[ys[i : i + rows_per_read]])[:, xs]
+        return out
+
+    return sample
+
+
 def write_label_tiff(
     path: str | Path,
-    labels_hw: np.ndarray,
+    sample: LabelSampler,
     *,
-    patch: int,
     size: tuple[int, int],
+    dtype,
     mpp: float,
     tile: int = 256,
     min_level_side: int = 512,
 ) -> None:
-    """A pyramidal OME-TIFF of `size` = (width, height) pixels at `mpp` microns, each label a patch square.
+    """A pyramidal OME-TIFF of `size` = (width, height) pixels at `mpp` microns per pixel.
 
-    `labels_hw` holds one label per token (patch x patch pixels); the pixels are generated tile by tile
-    while writing, so the full-resolution image never exists in memory. Reduced levels (halving, nearest
-    label) live in SubIFDs, as QuPath, napari (tifffile) and Bio-Formats expect of OME-TIFF.
+    `sample(ys, xs)` gives the labels (of `dtype`) at rows ys and columns xs of the full-resolution map;
+    the file is written one band of `tile` rows at a time, so memory is a band, never the whole map.
+    Reduced levels (halving, the label at each block's top-left pixel) live in SubIFDs, as QuPath, napari
+    (tifffile) and Bio-Formats expect of OME-TIFF.
     """
     import tifffile
 
@@ -54,16 +88,17 @@ def write_label_tiff(
     n_levels = 1
     while max(-(-width // 2**n_levels), -(-height // 2**n_levels)) >= min_level_side and n_levels < 12:
         n_levels += 1
-    h_tok, w_tok = labels_hw.shape
 
     def tiles(level: int) -> Iterator[np.ndarray]:
         f = 2**level
         lh, lw = -(-height // f), -(-width // f)
+        xs = np.arange(lw) * f
         for ty in range(0, lh, tile):
-            ys = np.minimum(np.arange(ty, ty + tile) * f // patch, h_tok - 1)
+            band = np.zeros((tile, -(-lw // tile) * tile), dtype)
+            rows = np.arange(ty, min(ty + tile, lh)) * f
+            band[: len(rows), :lw] = sample(rows, xs)
             for tx in range(0, lw, tile):
-                xs = np.minimum(np.arange(tx, tx + tile) * f // patch, w_tok - 1)
-                yield labels_hw[ys[:, None], xs[None, :]]
+                yield band[:, tx : tx + tile]
 
     res = 1e4 / mpp  # pixels per centimetre
     metadata = {
@@ -74,7 +109,7 @@ def write_label_tiff(
         "PhysicalSizeXUnit": "µm",
         "PhysicalSizeYUnit": "µm",
     }
-    common = dict(dtype=labels_hw.dtype, tile=(tile, tile), compression="zlib", resolutionunit="CENTIMETER")
+    common = dict(dtype=np.dtype(dtype), tile=(tile, tile), compression="zlib", resolutionunit="CENTIMETER")
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
             tif.write(
@@ -148,12 +183,14 @@ def write_geojson(
     colors: np.ndarray,
     scale: tuple[float, float],
     bounds: tuple[float, float] | None = None,
+    tolerance: float = 0.0,
 ) -> int:
     """A QuPath FeatureCollection with one annotation per label value >= 1 present in `labels_hw`.
 
-    names[v] and colors[v] (uint8 RGB) describe label v; `scale` = (x, y) level-0 pixels per token;
-    `bounds` = (width, height) of level 0, to which polygons are clipped (the last token row and column
-    may overhang the slide). Returns the number of features written.
+    names[v] and colors[v] (uint8 RGB) describe label v; `scale` = (x, y) level-0 pixels per cell of
+    `labels_hw`; `bounds` = (width, height) of level 0, to which polygons are clipped (the last row and
+    column of cells may overhang the slide). tolerance: Douglas-Peucker simplification of the cell-edge
+    polygons, in cells (0: exact; polygons stay valid either way). Returns the number of features written.
     """
     import shapely
 
@@ -163,11 +200,13 @@ def write_geojson(
         geom = label_polygons(labels_hw, value)
         if geom is None:
             continue
+        if tolerance > 0:
+            geom = _valid_polygons(shapely.simplify(geom, tolerance, preserve_topology=True))
         geom = shapely.transform(geom, lambda xy: np.round(xy * np.array([sx, sy]), 3))
         if bounds is not None:
-            geom = shapely.clip_by_rect(geom, 0.0, 0.0, float(bounds[0]), float(bounds[1]))
-            if geom.is_empty:
-                continue
+            geom = _valid_polygons(shapely.clip_by_rect(geom, 0.0, 0.0, float(bounds[0]), float(bounds[1])))
+        if geom.is_empty:
+            continue
         features.append(
             {
                 "type": "Feature",
@@ -184,6 +223,17 @@ def write_geojson(
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return len(features)
+
+
+def _valid_polygons(geom):
+    """`geom` as a valid (Multi)Polygon: repaired (make_valid) when needed, lines and points it degenerates to dropped."""
+    import shapely
+
+    if shapely.is_valid(geom) and shapely.get_type_id(geom) in (3, 6):
+        return geom
+    parts = shapely.get_parts(shapely.get_parts(shapely.make_valid(geom)))
+    polys = parts[shapely.get_type_id(parts) == 3]
+    return shapely.orient_polygons(shapely.MultiPolygon(list(polys)))
 
 
 def write_weights(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:

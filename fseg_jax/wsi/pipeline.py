@@ -5,15 +5,19 @@ For each slide, at a working resolution of `mpp` microns per pixel:
 1. a thumbnail is read and its tissue found (Otsu on saturation); the tissue mask is resampled to the
    slide's token grid (one token per patch);
 2. the tiles whose core holds tissue are read in a background thread pool, a few batches ahead, and run
-   through one compiled step (the model, the concept weights per token, margins cropped, argmax), the
-   batch sharded over every local device; each finished batch is saved in the work folder;
-3. once every batch is there, the token label map is assembled (label 0 = background, label i+1 =
-   concept i) and written: labels.ome.tif, labels.geojson, overlay.png, summary.json and, on request,
-   weights.safetensors; then the work folder is removed.
+   through one compiled step (the model, the concept weights per token, then F-Seg's rule: the weights
+   upsampled bilinearly by the patch size and argmaxed per pixel, with one context token beyond each core
+   so that the interpolation runs on across tile seams; or, with resolution="token", the argmax per
+   token), the batch sharded over every local device; each finished batch is saved in the work folder;
+3. once every batch is there, the label map (label 0 = background, i.e. pixels of tokens without tissue;
+   label i+1 = concept i) is assembled on disk at the working resolution, one tile core at a time, and
+   written: labels.ome.tif (its full-resolution level is that map, written band by band), labels.geojson
+   (traced from it, see `merge_slide`), overlay.png, summary.json and, on request, weights.safetensors;
+   then the work folder is removed.
 
-A killed run picks up from its finished batches. With several JAX processes (`jax.distributed`), each
-takes every `count`-th batch and writes it to the shared output folder; `merge_slide` then writes the
-outputs.
+A killed run picks up from its finished batches. With several processes (one per host), each takes every
+`count`-th batch of `part=(index, count)` and writes it to the shared output folder; `merge_slide` then
+writes the outputs.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 
 from fseg_jax.wsi.compute import TileStep, TokenFn, prefetch_batches
 from fseg_jax.wsi.outputs import (
+    array_sampler,
     atomic_path,
     label_dtype,
     remove_stale_temporaries,
@@ -123,9 +128,11 @@ class SlideSegmenter:
     uint8) -> (B, T/p, T/p, k) concept weights; `from_model` builds one from a model and a concept bank.
     patch_size: the model's patch (token) size p in pixels. tile: tile side in working pixels (a multiple
     of p); margin: context discarded on each side (a multiple of p; default tile/16); batch: tiles per step
-    (rounded up to a multiple of the device count); mpp: working microns per pixel; save_weights: also
-    keep the (h, w, k) token weights; devices: the devices to shard the batch over (default: all local);
-    workers: reader threads (default: one per CPU core, at most 32); info: what to record in summary.json about the model and bank.
+    (rounded up to a multiple of the device count; smaller batches are computed at the next power of two);
+    mpp: working microns per pixel; resolution: "pixel" (labels per pixel by F-Seg's rule, the default) or
+    "token" (one label per token, faster); save_weights: also keep the (h, w, k) token weights; devices:
+    the devices to shard the batch over (default: all local); workers: reader threads (default: one per
+    CPU core, at most 32); info: what to record in summary.json about the model and bank.
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class SlideSegmenter:
         margin: int | None = None,
         batch: int = 16,
         mpp: float = 0.5,
+        resolution: str = "pixel",
         save_weights: bool = False,
         devices: Sequence | None = None,
         workers: int | None = None,
@@ -151,11 +159,13 @@ class SlideSegmenter:
         self.tile = grid.tile
         self.margin = grid.margin
         self.mpp = float(mpp)
+        self.resolution = resolution
         self.save_weights = bool(save_weights)
         self.workers = int(workers or min(32, os.cpu_count() or 4))
         self.info = dict(info or {})
         self.step = TileStep(
-            fn, params, batch=batch, margin_tokens=grid.margin_tokens, core_tokens=grid.core_tokens,
+            fn, params, batch=batch, patch=grid.patch, margin_tokens=grid.margin_tokens,
+            core_tokens=grid.core_tokens, label_dtype=label_dtype(self.k + 1), resolution=resolution,
             with_weights=save_weights, devices=devices,
         )
         self._digest = _params_digest(params)
@@ -170,17 +180,24 @@ class SlideSegmenter:
         method: str = "project",
         layer: int | Sequence[int] = -1,
         dtype=None,
+        n_components: int = 20,
+        seed: int = 0,
+        solver: str | None = None,
+        tol: float | None = None,
+        max_iter: int | None = None,
         **kwargs,
     ) -> SlideSegmenter:
         """From a model (object, preset name or folder) and concepts (ConceptBank, path, preset or (k, d) array).
 
-        dtype: compute dtype of the forward pass, e.g. "bfloat16" (default: the model's own, float32); the
-        model computes in it (matmuls and attention) while its parameters and LayerNorm statistics stay float32.
-        Other keyword arguments as for the constructor.
+        k, method, layer, dtype, n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment` (k may
+        be left out when the bank holds one k), all passed to `make_token_fn`. dtype: compute dtype of the
+        forward pass, e.g. "bfloat16" (default: the model's own, float32). Other keyword arguments as for
+        the constructor. For method "factorize" the tile step upsamples each concept's largest component
+        weight (`make_token_fn`'s scores), where `segment` upsamples the component weights and maps the
+        argmax, so labels between token centres may differ from `segment`'s.
         """
         import jax.numpy as jnp
 
-        from fseg_jax.models import with_compute_dtype
         from fseg_jax.segmentation import make_token_fn
 
         dtype = None if dtype is None else jnp.dtype(dtype)
@@ -189,17 +206,20 @@ class SlideSegmenter:
             from fseg_jax.hub import resolve_model
 
             model_desc = str(model)
-            model = resolve_model(model, dtype=dtype)
-        elif dtype is not None:
-            model = with_compute_dtype(model, dtype)
+            model = resolve_model(model)
         config = model.config
         model_desc = model_desc or getattr(config, "name", type(model).__name__)
         # make_token_fn resolves and checks the bank (path, preset, ConceptBank or array) against the model
-        fn, params = make_token_fn(model, concepts, k=k, method=method, layer=layer)
+        options = dict(
+            k=k, method=method, layer=layer, dtype=dtype, n_components=n_components, seed=seed, solver=solver,
+            tol=tol, max_iter=max_iter,
+        )
+        fn, params = make_token_fn(model, concepts, **options)
         k = int(params["concepts"].shape[0])
         info = {
             "model": model_desc, "bank": _describe_concepts(concepts), "method": method, "layer": layer,
-            "dtype": "float32" if dtype is None else dtype.name,
+            "dtype": "float32" if dtype is None else dtype.name, "n_components": n_components, "seed": seed,
+            "solver": solver, "tol": tol, "max_iter": max_iter,
         }
         return cls(fn, params, patch_size=config.patch_size, k=k, info=info, **kwargs)
 
@@ -216,13 +236,14 @@ class SlideSegmenter:
     ) -> SlideResult:
         """Segment one slide into `out_dir` (the slide's own folder), resuming whatever is already there.
 
-        part: (index, count) of a multi-process run: this process computes batches index, index+count, ...
-        and, when count > 1, leaves the outputs to `merge_slide`. Default: jax.process_index/process_count.
+        part: (index, count) of a multi-process run (e.g. jax.process_index(), jax.process_count()): this
+        process computes batches index, index+count, ... and, when count > 1, leaves the outputs to
+        `merge_slide`. Default (0, 1): every batch, then the outputs. In a multi-process run a work folder
+        holding a run with other settings is an error (`SlideRunMismatch`), not replaced: the processes
+        must agree, and a batch computed under other settings never counts as done.
         """
-        import jax
-
         t_start = time.perf_counter()
-        index, count = part if part is not None else (jax.process_index(), jax.process_count())
+        index, count = part if part is not None else (0, 1)
         if not 0 <= index < count:
             raise ValueError(f"part {index} of {count} does not exist")
         out_dir = Path(out_dir)
@@ -241,6 +262,8 @@ class SlideSegmenter:
             out_dir.mkdir(parents=True, exist_ok=True)
             work = WorkDir(out_dir)
             old = work.read_plan()
+            if old is not None and old["fingerprint"] != plan["fingerprint"] and count > 1:
+                raise SlideRunMismatch(_mismatch(work, old, plan))
             if old is None or old["fingerprint"] != plan["fingerprint"]:
                 t0 = time.perf_counter()
                 thumb, tissue_tokens = detect_tissue(reader, size=tuple(plan["size"]), patch=self.patch_size)
@@ -256,6 +279,9 @@ class SlideSegmenter:
                 reader.close()
         n_tiles = sum(len(b) for b in plan["batches"])
         if count > 1:
+            now = work.read_plan()
+            if now is None or now["fingerprint"] != plan["fingerprint"]:  # another process replaced the plan
+                raise SlideRunMismatch(_mismatch(work, now or {}, plan))
             return SlideResult(reader.path, out_dir, False, n_tiles, computed, time.perf_counter() - t_start)
         summary = merge_slide(out_dir)
         return SlideResult(reader.path, out_dir, True, n_tiles, computed, time.perf_counter() - t_start, summary)
@@ -277,6 +303,7 @@ class SlideSegmenter:
             "margin": self.margin,
             "batch": self.step.batch,
             "k": self.k,
+            "resolution": self.resolution,
             "save_weights": self.save_weights,
             "info": self.info,
             "params": self._digest,
@@ -294,7 +321,7 @@ class SlideSegmenter:
 
         grid = _grid(plan)
         rp = reader.plan(self.mpp)
-        done = work.done()
+        done = work.done(plan["fingerprint"])
         batches = plan["batches"]
         mine = list(range(index, len(batches), count))
         todo = [b for b in mine if b not in done]
@@ -319,7 +346,7 @@ class SlideSegmenter:
             b, ids, handle, t0, waited = entry
             labels, weights = self.step.collect(handle)
             now = time.perf_counter()
-            work.put(b, ids, labels, weights, seconds=now - max(t0, last), read_wait=waited)
+            work.put(b, plan["fingerprint"], ids, labels, weights, seconds=now - max(t0, last), read_wait=waited)
             last = time.perf_counter()
             computed += len(ids)
             bar.update(len(ids))
@@ -339,6 +366,18 @@ class SlideSegmenter:
         return computed
 
 
+class SlideRunMismatch(ValueError):
+    """The processes of a multi-process run (or a run and the work folder it found) disagree on settings."""
+
+
+def _mismatch(work: WorkDir, old: dict, plan: dict) -> str:
+    keys = sorted(k for k in set(old) | set(plan) if k not in ("batches", "tissue_seconds", "fingerprint", "slide_path"))
+    differ = [f"{k}: {old.get(k)!r} there, {plan.get(k)!r} here" for k in keys if old.get(k) != plan.get(k)]
+    return (
+        f"{work.path} holds a slide run with other settings ({'; '.join(differ) or 'other model parameters'}): "
+        "every process of a multi-process run must use the same settings (remove that folder to start afresh)"
+    )
+
 
 def _grid(plan: dict) -> TileGrid:
     return TileGrid(
@@ -353,8 +392,18 @@ def _describe_concepts(concepts) -> str:
     return "array" if hasattr(concepts, "__array__") else repr(concepts)
 
 
-def merge_slide(out_dir: str | Path) -> dict:
+def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     """Write a slide's outputs from its finished work folder; return the summary (see the module docstring).
+
+    The label map is assembled at the working resolution in a memory map in the work folder and read back
+    one band at a time, so memory stays bounded by a band of rows and one batch, whatever the slide's size.
+    labels.geojson is traced from the label map sampled every `step` pixels (the top-left pixel of each
+    step x step cell; the cells are the pixels of pyramid level log2(step) of labels.ome.tif): at token
+    resolution step is the patch size and the polygons are the token edges exactly; at pixel resolution
+    step is the smallest power of two that keeps the traced grid within `max_trace_pixels` cells (1 for
+    slides up to 8192 x 8192 working pixels), and the cell-edge polygons are simplified (Douglas-Peucker,
+    topology kept, valid) with a tolerance of half a cell, so every boundary lies within 1.5 x step working
+    pixels of the label map's. summary.json records step and tolerance in working pixels.
 
     Raises ValueError naming the missing batches when some process has not finished its share.
     """
@@ -367,51 +416,68 @@ def merge_slide(out_dir: str | Path) -> dict:
         if summary_path.is_file():
             return json.loads(summary_path.read_text())
         raise ValueError(f"{out_dir}: no slide run to merge (no {work.plan_path.relative_to(out_dir)})")
+    fingerprint = plan["fingerprint"]
     batches = plan["batches"]
-    missing = sorted(set(range(len(batches))) - work.done())
+    missing = sorted(set(range(len(batches))) - work.done(fingerprint))
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise ValueError(f"{out_dir}: {len(missing)} of {len(batches)} batches not computed yet ({shown})")
 
     grid = _grid(plan)
+    p = grid.patch
     k = plan["k"]
-    thumb, tissue_tokens = work.tissue()
-    labels = np.zeros(grid.tokens_hw, label_dtype(k + 1))
+    pixel = plan["resolution"] == "pixel"
+    width, height = plan["size"]
+    dtype = label_dtype(k + 1)
+    thumb, tissue_tokens = work.tissue(fingerprint)
+    labels = work.label_map((height, width), dtype)
     weights = np.zeros((*grid.tokens_hw, k), np.float32) if plan["save_weights"] else None
     compute_s = read_wait_s = 0.0
     for b in range(len(batches)):
-        chunk = work.get(b)
+        chunk = work.get(b, fingerprint)
         compute_s += float(chunk["seconds"])
         read_wait_s += float(chunk["read_wait"])
         for j, t in enumerate(chunk["tiles"].tolist()):
             rs, cs = grid.core_slices(t)
-            hh, ww = rs.stop - rs.start, cs.stop - cs.start
-            labels[rs, cs] = chunk["labels"][j, :hh, :ww] + 1
+            y0, x0 = rs.start * p, cs.start * p
+            y1, x1 = min(rs.stop * p, height), min(cs.stop * p, width)
+            tile_labels = chunk["labels"][j] if pixel else _expand(chunk["labels"][j], p)
+            tissue = _expand(tissue_tokens[rs, cs], p)[: y1 - y0, : x1 - x0]
+            labels[y0:y1, x0:x1] = np.where(tissue, tile_labels[: y1 - y0, : x1 - x0] + 1, 0)
             if weights is not None:
+                hh, ww = rs.stop - rs.start, cs.stop - cs.start
                 weights[rs, cs] = chunk["weights"][j, :hh, :ww]
-    labels[~tissue_tokens] = 0
+    labels.flush()
+    sample = array_sampler(labels)
     if weights is not None:
         weights[~tissue_tokens] = 0.0
 
     names = _concept_names(k)
     colors = _palette(k + 1)
     mpp = plan["mpp"]
-    width, height = plan["size"]
-    # level-0 pixels per token along x and y
-    level0 = (plan["slide_dimensions"][0] / width * grid.patch, plan["slide_dimensions"][1] / height * grid.patch)
+    if pixel:
+        step = 1
+        while -(-height // step) * -(-width // step) > max_trace_pixels:
+            step *= 2
+        tolerance = 0.5
+    else:
+        step, tolerance = p, 0.0
+    # level-0 pixels per traced cell along x and y
+    level0 = (plan["slide_dimensions"][0] / width * step, plan["slide_dimensions"][1] / height * step)
     outputs = {
-        "labels.ome.tif": lambda p: write_label_tiff(p, labels, patch=grid.patch, size=(width, height), mpp=mpp),
-        "labels.geojson": lambda p: write_geojson(
-            p, labels, names=names, colors=colors, scale=level0, bounds=plan["slide_dimensions"]
+        "labels.ome.tif": lambda path: write_label_tiff(path, sample, size=(width, height), dtype=dtype, mpp=mpp),
+        "labels.geojson": lambda path: write_geojson(
+            path, sample(np.arange(0, height, step), np.arange(0, width, step)), names=names, colors=colors,
+            scale=level0, bounds=plan["slide_dimensions"], tolerance=tolerance,
         ),
-        "overlay.png": lambda p: _write_overlay(
-            p, thumb, labels, size=(width, height), patch=grid.patch, names=names, colors=colors
-        ),
+        "overlay.png": lambda path: _write_overlay(path, thumb, sample, size=(width, height), names=names, colors=colors),
     }
     if weights is not None:
-        outputs[WEIGHTS_FILE] = lambda p: write_weights(
-            p, {"weights": weights, "labels": labels.astype(np.int32)},
-            {"mpp": str(mpp), "patch": str(grid.patch), "layout": "(h_tokens, w_tokens, k); labels 0 = background"},
+        token_labels = np.where(tissue_tokens, weights.argmax(-1) + 1, 0).astype(np.int32)
+        outputs[WEIGHTS_FILE] = lambda path: write_weights(
+            path, {"weights": weights, "labels": token_labels},
+            {"mpp": str(mpp), "patch": str(p), "layout": "(h_tokens, w_tokens, k); labels 0 = background, "
+             "else 1 + the argmax of the token's weights"},
         )
     # a kill while writing outputs leaves temporaries; a run with other settings may have left weights
     remove_stale_temporaries(out_dir, [*outputs, "summary.json"])
@@ -420,14 +486,12 @@ def merge_slide(out_dir: str | Path) -> dict:
     for name, write in outputs.items():
         write(out_dir / name)
 
-    # areas count the part of each token inside the slide (the last row and column may overhang it)
-    h_tok, w_tok = grid.tokens_hw
-    inside_y = np.clip(height - np.arange(h_tok) * grid.patch, 0, grid.patch) / grid.patch
-    inside_x = np.clip(width - np.arange(w_tok) * grid.patch, 0, grid.patch) / grid.patch
-    inside = np.outer(inside_y, inside_x)
-    token_mm2 = (grid.patch * mpp) ** 2 / 1e6
-    counts = np.bincount(labels.ravel(), weights=inside.ravel(), minlength=k + 1)
-    tissue = float(inside[tissue_tokens].sum())
+    counts = np.zeros(k + 1, np.int64)
+    for y in range(0, height, 256):
+        counts += np.bincount(np.asarray(labels[y : y + 256]).ravel(), minlength=k + 1)
+    del labels, sample  # the memory map's file goes with the work folder
+    pixel_mm2 = mpp**2 / 1e6
+    tissue = int(counts[1:].sum())
     summary = {
         "slide": plan["slide_path"],
         "backend": plan["backend"],
@@ -439,12 +503,14 @@ def merge_slide(out_dir: str | Path) -> dict:
         "size": plan["size"],
         **plan["info"],
         "k": k,
-        "patch": grid.patch,
+        "resolution": plan["resolution"],
+        "patch": p,
         "tile": grid.tile,
         "margin": grid.margin,
         "tokens": list(grid.tokens_hw),
         "tiles": {"grid": len(grid), "tissue": sum(len(b) for b in batches)},
-        "tissue_area_mm2": tissue * token_mm2,
+        "geojson": {"step_px": step, "tolerance_px": tolerance * step},
+        "tissue_area_mm2": tissue * pixel_mm2,
         "labels": {str(v): n for v, n in enumerate(names)},
         "concepts": [
             {
@@ -452,7 +518,7 @@ def merge_slide(out_dir: str | Path) -> dict:
                 "concept": i,
                 "name": names[i + 1],
                 "color": [int(c) for c in colors[i + 1]],
-                "area_mm2": float(counts[i + 1] * token_mm2),
+                "area_mm2": float(counts[i + 1] * pixel_mm2),
                 "share_of_tissue": float(counts[i + 1] / tissue) if tissue else 0.0,
             }
             for i in range(k)
@@ -465,32 +531,33 @@ def merge_slide(out_dir: str | Path) -> dict:
         },
         "versions": _versions(),
         "outputs": sorted([*outputs, "summary.json"]),
-        "fingerprint": plan["fingerprint"],
+        "fingerprint": fingerprint,
     }
     write_json(out_dir / "summary.json", summary)
     work.clear()
     return summary
 
 
-def _write_overlay(
-    path: Path, thumb: np.ndarray, labels_hw: np.ndarray, *, size: tuple[int, int], patch: int, names, colors
-) -> None:
+def _expand(tokens_hw: np.ndarray, patch: int) -> np.ndarray:
+    """Each token as a patch x patch square of pixels."""
+    return np.repeat(np.repeat(tokens_hw, patch, axis=0), patch, axis=1)
+
+
+def _write_overlay(path: Path, thumb: np.ndarray, sample, *, size: tuple[int, int], names, colors) -> None:
     """The thumbnail with the labels blended in (background left as it is) and a legend of the labels present.
 
-    The thumbnail spans the slide's `size` = (width, height) working pixels; labels_hw has one label per
-    `patch` x `patch` working pixels (its grid overhangs the slide by under one token).
+    The thumbnail spans the slide's `size` = (width, height) working pixels; each thumbnail pixel shows the
+    label at the working pixel under its centre, from `sample(ys, xs)`.
     """
     from PIL import Image
 
     from fseg_jax.visualize import overlay
 
-    # thumbnail pixel centre -> working pixel -> token
     th, tw = thumb.shape[:2]
-    h_tok, w_tok = labels_hw.shape
     width, height = size
-    ys = np.minimum((np.arange(th) + 0.5) * height / th // patch, h_tok - 1).astype(np.intp)
-    xs = np.minimum((np.arange(tw) + 0.5) * width / tw // patch, w_tok - 1).astype(np.intp)
-    labels_thumb = labels_hw[ys[:, None], xs[None, :]]
+    ys = np.minimum((np.arange(th) + 0.5) * height / th, height - 1).astype(np.intp)
+    xs = np.minimum((np.arange(tw) + 0.5) * width / tw, width - 1).astype(np.intp)
+    labels_thumb = sample(ys, xs)
     image = overlay(thumb, labels_thumb, legend=True, palette=colors, names=names)
     background = labels_thumb == 0
     image[:th][background] = thumb[background]
@@ -520,8 +587,9 @@ def segment_slides(
 ) -> list[SlideResult | SlideFailure]:
     """Segment a slide, a folder of slides or a list of them into `out_root/<slide name>/` each.
 
-    A slide that fails (unreadable, no mpp, ...) becomes a SlideFailure in the returned list and the
-    batch goes on; `on_result` is called after each slide.
+    A slide that fails (unreadable, no mpp, settings that differ from a multi-process run's, ...) becomes a
+    SlideFailure in the returned list and the batch goes on; `on_result` is called after each slide.
+    part: (index, count) of a multi-process run, for every slide (see `SlideSegmenter.run`).
     """
     from tqdm.auto import tqdm
 
@@ -566,6 +634,12 @@ def segment_slide(
     margin: int | None = None,
     batch: int = 16,
     dtype=None,
+    resolution: str = "pixel",
+    n_components: int = 20,
+    seed: int = 0,
+    solver: str | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
     save_weights: bool = False,
     devices: Sequence | None = None,
     part: tuple[int, int] | None = None,
@@ -574,20 +648,25 @@ def segment_slide(
     """Segment one whole slide (or plain image) with F-Seg and write its outputs into `out_dir`.
 
     model: a model object (VisionTransformer, ResNet50), a preset name or a converted-model folder.
-    concepts: a ConceptBank, a bank path or preset name (then `k` picks the matrix), or a (k, d) array.
+    concepts: a ConceptBank, a bank path or preset name (then `k` picks the matrix; it may be left out when
+    the bank holds one), or a (k, d) array.
     mpp: working resolution in microns per pixel (0.5 ~ 20x; a pyramid level within 2 % of it is used
     as it is, at its own resolution, which summary.json records); slide_mpp: the slide's own level-0
     resolution when its file does not record it (or records it wrongly). tile: tile side in working
     pixels, a multiple of the patch size; margin: context computed then discarded on each side (default
     tile/16). batch: tiles per compiled step, sharded over `devices` (default: all local devices).
-    dtype: "bfloat16" for a bfloat16 forward pass. save_weights: also write the (h, w, k) token weights.
+    dtype: "bfloat16" for a bfloat16 forward pass. resolution: "pixel" (F-Seg's per-pixel argmax of the
+    bilinearly upsampled weights, continuous across tiles) or "token" (one label per token, faster).
+    n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment`. save_weights: also write the
+    (h, w, k) token weights. part: (index, count) of a multi-process run (see `SlideSegmenter.run`).
 
     Outputs in `out_dir`: labels.ome.tif (label 0 = background, i+1 = concept i, pyramidal, physical pixel
     size set), labels.geojson (QuPath annotations in level-0 pixels), overlay.png, summary.json (and
     weights.safetensors). Re-running resumes a killed run; finished outputs are not recomputed.
     """
     segmenter = SlideSegmenter.from_model(
-        model, concepts, k=k, method=method, layer=layer, dtype=dtype, tile=tile, margin=margin, batch=batch,
-        mpp=mpp, save_weights=save_weights, devices=devices,
+        model, concepts, k=k, method=method, layer=layer, dtype=dtype, n_components=n_components, seed=seed,
+        solver=solver, tol=tol, max_iter=max_iter, tile=tile, margin=margin, batch=batch, mpp=mpp,
+        resolution=resolution, save_weights=save_weights, devices=devices,
     )
     return segmenter.run(slide, out_dir, slide_mpp=slide_mpp, part=part, progress=progress)

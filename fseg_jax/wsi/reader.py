@@ -58,8 +58,8 @@ class ReadPlan:
 class Slide:
     """An open slide: level geometry, microns per pixel, and region reads as (h, w, 3) uint8 RGB.
 
-    Level-0 microns per pixel come from the file's metadata, or from `slide_mpp` when given (which
-    overrides the metadata). Reads outside the slide are filled with white (glass).
+    Level-0 microns per pixel come from the file's metadata (the backend's, then an OME-TIFF's OME-XML
+    PhysicalSizeX), or from `slide_mpp` when given (which overrides the metadata). Reads outside the slide are filled with white (glass).
     """
 
     backend: str = ""
@@ -180,13 +180,42 @@ def _float_or_none(value) -> float | None:
     return v if math.isfinite(v) and v > 0 else None
 
 
+# OME UnitsLength symbols -> microns
+_OME_MICRONS = {
+    "pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4, "dm": 1e5, "m": 1e6,
+}
+
+
+def _ome_mpp(path: Path) -> float | None:
+    """Microns per pixel from an OME-TIFF's OME-XML (the first image's PhysicalSizeX and its unit, µm by
+    default), or None when the file has no OME-XML, no physical size or a unit that is not a length."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            xml = tif.ome_metadata
+        if not xml:
+            return None
+        root = ET.fromstring(xml)
+    except (OSError, ValueError, ET.ParseError, tifffile.TiffFileError):
+        return None
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    size = _float_or_none(pixels.get("PhysicalSizeX"))
+    factor = _OME_MICRONS.get(pixels.get("PhysicalSizeXUnit", "µm"))
+    return None if size is None or factor is None else size * factor
+
+
 class OpenSlideSlide(Slide):
     backend = "openslide"
 
     def __init__(self, path: Path, handle, slide_mpp: float | None):
         import openslide
 
-        mpp = slide_mpp or _float_or_none(handle.properties.get(openslide.PROPERTY_NAME_MPP_X))
+        mpp = slide_mpp or _float_or_none(handle.properties.get(openslide.PROPERTY_NAME_MPP_X)) or _ome_mpp(path)
         super().__init__(path, handle.level_dimensions, handle.level_downsamples, mpp)
         self._handle = handle
 
@@ -206,7 +235,7 @@ class TiffSlideSlide(Slide):
     backend = "tiffslide"
 
     def __init__(self, path: Path, handle, slide_mpp: float | None):
-        mpp = slide_mpp or _float_or_none(handle.properties.get("tiffslide.mpp-x"))
+        mpp = slide_mpp or _float_or_none(handle.properties.get("tiffslide.mpp-x")) or _ome_mpp(path)
         super().__init__(path, handle.level_dimensions, handle.level_downsamples, mpp)
         self._handle = handle
 

@@ -1,13 +1,18 @@
 """The work folder of a slide run: its plan and finished batches, so that a killed run resumes.
 
-Layout of `<slide out dir>/.fseg-work/`:
-    plan.json         what is being computed (settings, fingerprint, tile grid, the batches of tiles)
-    tissue.npz        thumbnail (h, w, 3) uint8 and token tissue mask (h_tok, w_tok) bool
-    batch-000042.npz  tiles (n,) int64, labels (n, c, c) int32, optional weights (n, c, c, k) float32,
-                      seconds (dispatch to results of the batch), read_wait (seconds spent waiting on reads)
+Layout of `<slide out dir>/.fseg-work/`, F the first 12 hex digits of the plan's settings fingerprint:
+    plan.json           what is being computed (settings, fingerprint, tile grid, the batches of tiles)
+    tissue.F.npz        thumbnail (h, w, 3) uint8 and token tissue mask (h_tok, w_tok) bool
+    batch-000042.F.npz  compressed: tiles (n,) int64, labels (n, c p, c p) or (n, c, c) (pixel or token
+                        resolution; concept indices, uint8 or uint16), optional weights (n, c, c, k)
+                        float32, seconds (dispatch to results of the batch), read_wait (seconds spent
+                        waiting on reads)
+    labels.raw          the slide's label map at pixel resolution, (height, width), filled from the batches
+                        while the outputs are written (a memory map: never held in memory whole)
 Every file is written atomically, so a batch file that exists is complete (a kill may leave a temporary
 beside it, which the folder's removal at the end takes away). Several processes (one per host) may fill
-the same folder, each writing its own batches.
+the same folder, each writing its own batches; a batch counts as done only for the settings its name
+carries, so a process started with other settings can never complete another's run.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from fseg_jax.wsi.outputs import atomic_path, write_json
 
 WORK_DIR_NAME = ".fseg-work"
-_BATCH_RE = re.compile(r"^batch-(\d{6})\.npz$")
+_BATCH_RE = re.compile(r"^batch-(\d{6})\.([0-9a-f]{12})\.npz$")
 
 
 class WorkDir:
@@ -46,7 +51,8 @@ class WorkDir:
 
         Processes of one multi-process run compute the same plan; whichever writes it first, the content is
         the same, and a folder without a plan is never emptied (another process may be filling it). Nor are
-        temporaries removed here: they may be another process's batches being written.
+        temporaries removed here: they may be another process's batches being written. The caller decides
+        whether a different plan may replace the one on disk (see `SlideSegmenter.run`).
         """
         old = self.read_plan()
         if old is not None and old.get("fingerprint") == plan["fingerprint"]:
@@ -54,25 +60,43 @@ class WorkDir:
         if old is not None:
             self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path / "tissue.npz") as tmp:
+        with atomic_path(self._tissue_path(plan["fingerprint"])) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, thumbnail=thumbnail, tissue_tokens=tissue_tokens)
         write_json(self.plan_path, plan)  # last: a plan on disk means the folder is usable
 
-    def tissue(self) -> tuple[np.ndarray, np.ndarray]:
-        with np.load(self.path / "tissue.npz") as z:
+    def _tissue_path(self, fingerprint: str) -> Path:
+        return self.path / f"tissue.{fingerprint[:12]}.npz"
+
+    def tissue(self, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self._tissue_path(fingerprint)) as z:
             return z["thumbnail"], z["tissue_tokens"]
 
-    def done(self) -> set[int]:
+    def done(self, fingerprint: str) -> set[int]:
+        """Indices of the batches finished under the settings with this fingerprint."""
         if not self.path.is_dir():
             return set()
-        return {int(m.group(1)) for p in self.path.iterdir() if (m := _BATCH_RE.match(p.name))}
+        tag = fingerprint[:12]
+        return {int(m.group(1)) for p in self.path.iterdir() if (m := _BATCH_RE.match(p.name)) and m.group(2) == tag}
 
-    def batch_path(self, index: int) -> Path:
-        return self.path / f"batch-{index:06d}.npz"
+    def batch_path(self, index: int, fingerprint: str) -> Path:
+        return self.path / f"batch-{index:06d}.{fingerprint[:12]}.npz"
+
+    def label_map(self, shape: tuple[int, int], dtype) -> np.memmap:
+        """A new zero-filled (height, width) label map on disk, replacing any earlier one."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return np.memmap(self.path / "labels.raw", dtype=dtype, mode="w+", shape=shape)
 
     def put(
-        self, index: int, tiles, labels: np.ndarray, weights: np.ndarray | None, *, seconds: float, read_wait: float
+        self,
+        index: int,
+        fingerprint: str,
+        tiles,
+        labels: np.ndarray,
+        weights: np.ndarray | None,
+        *,
+        seconds: float,
+        read_wait: float,
     ) -> None:
         arrays = {
             "tiles": np.asarray(tiles, np.int64),
@@ -82,12 +106,12 @@ class WorkDir:
         }
         if weights is not None:
             arrays["weights"] = weights
-        with atomic_path(self.batch_path(index)) as tmp:
+        with atomic_path(self.batch_path(index, fingerprint)) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez_compressed(f, **arrays)
 
-    def get(self, index: int) -> dict[str, np.ndarray]:
-        with np.load(self.batch_path(index)) as z:
+    def get(self, index: int, fingerprint: str) -> dict[str, np.ndarray]:
+        with np.load(self.batch_path(index, fingerprint)) as z:
             return {k: z[k] for k in z.files}
 
     def clear(self) -> None:
