@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fseg_jax import nmf as _nmf
 from fseg_jax.compilation import jit
@@ -261,14 +263,21 @@ class Pipeline:
         """The model computing in ``dtype`` (parameters shared with ``model``)."""
         return self.model if self.dtype is None else with_compute_dtype(self.model, self.dtype)
 
-    def segment(self, images, *, return_weights: bool = False):
-        """Label maps of ``images`` (as :func:`segment` takes and returns them)."""
+    def segment(self, images, *, return_weights: bool = False, devices: Sequence | None = None):
+        """Label maps of ``images`` (as :func:`segment` takes and returns them).
+
+        ``devices`` (default: every local device): each batch is split over them along the batch axis, the
+        parameters replicated; a batch is padded to a multiple of their number.
+        """
         images_list, kind = collect_images(images)
         model = self.compute_model
         patch = model.config.patch_size
         graphdef, state = nnx.split(model)
         options = self.options
-        concepts_j = jnp.asarray(self.program_concepts)
+        devices = list(jax.local_devices() if devices is None else devices)
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        state, concepts_j = jax.device_put((state, jnp.asarray(self.program_concepts)), NamedSharding(mesh, P()))
+        batch_sharding = NamedSharding(mesh, P("batch"))
 
         # group by padded size and dtype: one compiled program per group shape
         groups: dict[tuple, list[int]] = {}
@@ -280,11 +289,12 @@ class Pipeline:
         for (hp, wp, _), members in groups.items():
             for start in range(0, len(members), self.batch_size):
                 idx = members[start : start + self.batch_size]
-                padded_b = _next_pow2(len(idx), self.batch_size)
+                padded_b = -(-_next_pow2(len(idx), self.batch_size) // len(devices)) * len(devices)
                 batch = np.stack([_pad_edge(images_list[i], hp, wp) for i in idx])
                 if padded_b > len(idx):
                     batch = np.concatenate([batch, np.repeat(batch[-1:], padded_b - len(idx), axis=0)])
-                out = jax.device_get(segment_padded(graphdef, options, state, concepts_j, jnp.asarray(batch)))
+                batch = jax.device_put(batch, batch_sharding)
+                out = jax.device_get(segment_padded(graphdef, options, state, concepts_j, batch))
                 for j, i in enumerate(idx):
                     h, w = images_list[i].shape[:2]
                     labels_j, weights_j, components_j, mapping_j = (None if o is None else o[j] for o in out)
@@ -337,6 +347,7 @@ def segment(
     solver: str | None = None,
     tol: float | None = None,
     max_iter: int | None = None,
+    devices: Sequence | None = None,
 ):
     """Segment one image or many into concepts.
 
@@ -369,6 +380,8 @@ def segment(
         dtype: compute dtype of the model's forward pass, e.g. ``jnp.bfloat16`` on GPU/TPU (parameters stay
             float32; the NMF and everything after the model run in float32). None: the model's own (float32).
         solver, tol, max_iter: passed to the NMF core (``fseg_jax.nmf``) when given; its defaults otherwise.
+        devices: the devices a batch is split over (default: every local device, e.g. all GPUs of a host);
+            the labels are the same whatever the split.
 
     Returns:
         int32 labels: (H, W) for one image, (B, H, W) for a batch array, a list of (H, W) for a list input.
@@ -378,7 +391,7 @@ def segment(
         concepts, model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
         solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch_size=batch_size,
     )
-    return pipeline.segment(images, return_weights=return_weights)
+    return pipeline.segment(images, return_weights=return_weights, devices=devices)
 
 
 def make_token_fn(
