@@ -35,6 +35,9 @@ _EXPORTS = {
     "import_joblib_concepts": "fseg_jax.concepts",
     "build_concepts": "fseg_jax.concepts",
     "overlay": "fseg_jax.visualize",
+    # evaluation against annotations
+    "evaluate": "fseg_jax.evaluation",
+    "EvaluationResult": "fseg_jax.evaluation",
     # whole slides
     "segment_slide": "fseg_jax.wsi.pipeline",
 }
@@ -65,5 +68,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fseg_jax.models.vit import VisionTransformer
     from fseg_jax.nmf import factorize, nmf_from, nnls, project
     from fseg_jax.segmentation import Pipeline, SegmentResult, make_token_fn, segment
+    from fseg_jax.evaluation import EvaluationResult, evaluate
     from fseg_jax.visualize import overlay
     from fseg_jax.wsi.pipeline import segment_slide

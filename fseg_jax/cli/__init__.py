@@ -15,6 +15,7 @@ _COMMANDS = {
     "segment": "fseg_jax.cli.segment:segment",
     "concepts": "fseg_jax.cli.concepts:concepts",
     "slide": "fseg_jax.cli.slide:slide",
+    "evaluate": "fseg_jax.cli.evaluate:evaluate",
 }
 
 
