@@ -38,6 +38,7 @@ _EXPORTS = {
     # evaluation against annotations
     "evaluate": "fseg_jax.evaluation",
     "EvaluationResult": "fseg_jax.evaluation",
+    "concept_atlas": "fseg_jax.atlas",
     # whole slides
     "segment_slide": "fseg_jax.wsi.pipeline",
 }
@@ -68,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fseg_jax.models.vit import VisionTransformer
     from fseg_jax.nmf import factorize, nmf_from, nnls, project
     from fseg_jax.segmentation import Pipeline, SegmentResult, make_token_fn, segment
+    from fseg_jax.atlas import concept_atlas
     from fseg_jax.evaluation import EvaluationResult, evaluate
     from fseg_jax.visualize import overlay
     from fseg_jax.wsi.pipeline import segment_slide

@@ -1,0 +1,74 @@
+"""The concept atlas keeps, image by image, exactly the strongest tokens a look at every image at once finds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_models import tiny_vit
+
+import fseg_jax
+from fseg_jax.atlas import concept_atlas, save_atlas
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    model = tiny_vit()
+    bank = rng.uniform(0, 1, (5, 32)).astype(np.float32)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(40, 56, 3), (24, 32, 3), (48, 40, 3)]]
+    return model, bank, images
+
+
+def test_streamed_atlas_equals_the_top_tokens_over_all_images(setup):
+    model, bank, images = setup
+    n = 4
+    atlas = concept_atlas(iter(images), bank, model=model, n=n, patch=16)  # a one-pass iterator is enough
+    weights = [fseg_jax.segment(im, bank, model=model, return_weights=True).weights for im in images]
+    every = [(float(w[y, x, c]), i, y, x, c) for i, w in enumerate(weights)
+             for y in range(w.shape[0]) for x in range(w.shape[1]) for c in range(w.shape[2])]
+    checked = 0
+    for c in range(bank.shape[0]):
+        ranked = sorted((e for e in every if e[4] == c and e[0] > 0), key=lambda e: -e[0])[:n]
+        np.testing.assert_allclose(atlas.weights[c, : len(ranked)], [e[0] for e in ranked], rtol=1e-6)
+        assert [tuple(s) for s in atlas.sources[c, : len(ranked)]] == [e[1:4] for e in ranked]
+        for slot, (_, i, y, x, _) in enumerate(ranked):
+            top, left = 8 * y - 4, 8 * x - 4  # a 16 px crop centred on the token's centre (8y + 4, 8x + 4)
+            height, width = images[i].shape[:2]
+            if top >= 0 and left >= 0 and top + 16 <= height and left + 16 <= width:
+                np.testing.assert_array_equal(atlas.patches[c, slot], images[i][top : top + 16, left : left + 16])
+                checked += 1
+    assert checked > 0
+    flat = np.concatenate([w.reshape(-1, w.shape[-1]) for w in weights])
+    assert atlas.tokens == flat.shape[0]
+    np.testing.assert_allclose(atlas.share, np.bincount(flat.argmax(1), minlength=5) / flat.shape[0])
+    np.testing.assert_allclose(atlas.mean_weight, flat.mean(0), rtol=1e-5)
+    assert atlas.share.sum() == pytest.approx(1.0)
+
+
+def test_crops_beyond_the_image_are_white(setup):
+    model, bank, images = setup
+    atlas = concept_atlas(images[:1], bank, model=model, n=40, patch=24)
+    corner = [(c, j) for c in range(5) for j in range(40) if tuple(atlas.sources[c, j][1:]) == (0, 0)]
+    assert corner, "the top-left token is among the 40 strongest of some concept"
+    c, j = corner[0]
+    assert (atlas.patches[c, j, :8] == 255).all() and (atlas.patches[c, j, :, :8] == 255).all()
+    np.testing.assert_array_equal(atlas.patches[c, j, 8:, 8:], images[0][:16, :16])
+
+
+def test_save_writes_the_picture_and_its_numbers(setup, tmp_path):
+    model, bank, images = setup
+    atlas = concept_atlas(images, bank, model=model, n=3, patch=16)
+    png, numbers = save_atlas(tmp_path / "atlas.png", atlas)
+    picture = np.asarray(Image.open(png))
+    assert picture.shape == (5 * 18 + 2, 40 + 3 * 18 + 2, 3)
+    summary = json.loads(numbers.read_text())
+    assert [c["index"] for c in summary["concepts"]] == list(range(5))
+    assert summary["tokens"] == atlas.tokens
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.json", "atlas.png"]  # no temporaries left
+    with pytest.raises(ValueError, match="no images"):
+        concept_atlas([], bank, model=model)
+    with pytest.raises(ValueError, match="n and patch must be positive"):
+        concept_atlas(images, bank, model=model, n=0)
