@@ -41,3 +41,27 @@ def test_segment_splits_batches_over_devices_with_identical_labels():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+
+
+LEARN = textwrap.dedent(
+    """
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    import numpy as np
+    from fseg_jax.learning import learn_dictionary
+
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(0.2, 1.0, (600, 12)), 0).astype(np.float32)
+    four = learn_dictionary(x, 4, steps=10, batch_tokens=128, seed=1)
+    one = learn_dictionary(x, 4, steps=10, batch_tokens=128, seed=1, devices=jax.local_devices()[:1])
+    # the same batches; the 4-way split sums the gradient in another order (float32 rounding only)
+    np.testing.assert_allclose(four.concepts, one.concepts, rtol=1e-4, atol=1e-5)
+    print("OK")
+    """
+)
+
+
+def test_learning_a_bank_splits_batches_over_devices():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    run = subprocess.run([sys.executable, "-c", LEARN], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
