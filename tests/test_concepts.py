@@ -10,7 +10,6 @@ import joblib
 import numpy as np
 import pytest
 
-from fseg_jax import concepts as C
 from fseg_jax.concepts import (
     ConceptBank,
     build_concepts,
@@ -19,6 +18,7 @@ from fseg_jax.concepts import (
     load_concepts,
     resolve_concepts,
     save_concepts,
+    upstream,
 )
 
 
@@ -197,7 +197,7 @@ def test_preset_fetched_once_checked_and_cached(served, shared_data):
     shutil.copy(shared_data / "concepts" / "resnet.joblib", served / "resnet.joblib")
     bank = resolve_concepts("resnet50", model_config=config_from_preset("resnet50"))
     assert bank.model == "resnet50" and bank.ks == (16, 32, 64, 128, 256) and bank.feature_dim == 1024
-    cached = list(C.cache_dir().iterdir())
+    cached = list(upstream.cache_dir().iterdir())
     assert [p.name for p in cached] == ["resnet50-d8fe4411715f.safetensors"]
     (served / "resnet.joblib").unlink()  # no second download: the cache answers
     assert resolve_concepts("resnet") == bank
@@ -207,10 +207,10 @@ def test_preset_fetched_once_checked_and_cached(served, shared_data):
 
 def test_preset_with_wrong_hash_is_not_unpickled(served, shared_data, monkeypatch):
     shutil.copy(shared_data / "concepts" / "uni.joblib", served / "prov_gigapath.joblib")
-    monkeypatch.setattr(C, "import_joblib_concepts", lambda *a, **k: pytest.fail("unpickled a mismatching file"))
+    monkeypatch.setattr(upstream, "import_joblib_concepts", lambda *a, **k: pytest.fail("unpickled a mismatching file"))
     with pytest.raises(ValueError, match="does not match the pinned sha256"):
         resolve_concepts("gigapath")
-    assert not C.cache_dir().exists() or not any(C.cache_dir().iterdir())
+    assert not upstream.cache_dir().exists() or not any(upstream.cache_dir().iterdir())
 
 
 def test_preset_download_failure_is_clear(served):
