@@ -13,7 +13,7 @@ from fseg_jax.concepts.build import DEFAULT_KS, build_concepts
 from fseg_jax.concepts.upstream import (
     UPSTREAM_BANKS,
     UPSTREAM_URL,
-    cache_dir,
+    default_cache_dir,
     import_joblib_concepts,
     resolve_concepts,
 )
@@ -26,8 +26,8 @@ __all__ = [
     "UPSTREAM_URL",
     "ConceptBank",
     "build_concepts",
-    "cache_dir",
     "check_compatible",
+    "default_cache_dir",
     "import_joblib_concepts",
     "load_concepts",
     "resolve_concepts",

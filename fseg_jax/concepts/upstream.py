@@ -9,9 +9,8 @@ acceptable: only the exact bytes that were published (and inspected) are ever un
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,21 +84,27 @@ def _preset_feature_dim(name: str) -> int | None:
         return None
 
 
-def cache_dir() -> Path:
-    """Where fetched banks are cached: ``$FSEG_JAX_CACHE/concepts``, default ``~/.cache/fseg_jax/concepts``."""
-    root = os.environ.get("FSEG_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fseg_jax")
-    return Path(root) / "concepts"
+def default_cache_dir() -> Path:
+    """Where :func:`resolve_concepts` caches banks unless told otherwise: ``~/.cache/fseg_jax/concepts``."""
+    return Path.home() / ".cache" / "fseg_jax" / "concepts"
 
 
-def resolve_concepts(spec: Any, *, model_config: Any = None) -> ConceptBank:
+def resolve_concepts(
+    spec: Any,
+    *,
+    model_config: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    base_url: str = UPSTREAM_URL,
+) -> ConceptBank:
     """A :class:`ConceptBank` from a bank, a path to a ``.safetensors`` bank or an upstream preset name.
 
     Presets: ``"uni"``, ``"gigapath"`` (alias ``"prov_gigapath"``), ``"resnet50"`` (alias ``"resnet"``). The first
-    use downloads the upstream joblib file from the deepathology/fseg repository (base URL overridable with
-    ``$FSEG_JAX_CONCEPTS_URL``, e.g. a ``file://`` folder of the same files), checks its pinned sha256,
-    unpickles it (acceptable because only those exact published bytes are unpickled), and caches the
-    converted safetensors bank in :func:`cache_dir`; later uses read the cache. An existing file path wins over
-    a preset name. With `model_config` (a model's ``.config``), the bank is checked with :func:`check_compatible`.
+    use downloads the upstream joblib file from `base_url` (the deepathology/fseg repository; a mirror of the
+    same files, ``https://`` or a ``file://`` folder, works as well), checks its pinned sha256, unpickles it
+    (acceptable because only those exact published bytes are unpickled), and caches the download and the
+    converted safetensors bank in `cache_dir` (default :func:`default_cache_dir`); later uses read the cache.
+    An existing file path wins over a preset name. With `model_config` (a model's ``.config``), the bank is
+    checked with :func:`check_compatible`.
     """
     if isinstance(spec, ConceptBank):
         bank = spec
@@ -109,7 +114,8 @@ def resolve_concepts(spec: Any, *, model_config: Any = None) -> ConceptBank:
         if Path(text).expanduser().is_file():
             bank = load_concepts(Path(text).expanduser())
         elif preset in UPSTREAM_BANKS:
-            bank = _fetch_preset(preset)
+            folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+            bank = _fetch_preset(preset, folder, base_url)
         else:
             raise ValueError(
                 f"concept bank {text!r}: no such file, and not a preset ({', '.join(UPSTREAM_BANKS)})"
@@ -125,47 +131,45 @@ def resolve_concepts(spec: Any, *, model_config: Any = None) -> ConceptBank:
     return bank
 
 
-def _fetch_preset(preset: str) -> ConceptBank:
+def _fetch_preset(preset: str, folder: Path, base_url: str) -> ConceptBank:
+    """The converted bank of `preset` from `folder`, else downloaded (hash-checked by pooch), converted and cached."""
     file_name, sha256 = UPSTREAM_BANKS[preset]
-    folder = cache_dir()
     cached = folder / f"{preset}-{sha256[:12]}.safetensors"
     if cached.is_file():
         try:
             return load_concepts(cached)
         except ValueError:
-            pass  # a damaged cache entry is fetched again and overwritten
-    folder.mkdir(parents=True, exist_ok=True)
-    url = (os.environ.get("FSEG_JAX_CONCEPTS_URL") or UPSTREAM_URL).rstrip("/") + "/" + file_name
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{file_name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        digest = _download(url, Path(tmp))
-        if digest != sha256:
-            raise ValueError(
-                f"{url} does not match the pinned sha256 of the {preset} concept bank (got {digest}, expected "
-                f"{sha256}); not unpickling it"
-            )
-        bank = import_joblib_concepts(tmp, trust_pickle=True, model=preset, layer=-1)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+            pass  # a damaged cache entry is converted again and overwritten
+    download = _download(base_url.rstrip("/") + "/" + file_name, sha256, folder / "downloads", preset)
+    bank = import_joblib_concepts(download, trust_pickle=True, model=preset, layer=-1)
     save_concepts(cached, bank)
     return bank
 
 
-def _download(url: str, dest: Path) -> str:
-    """Stream `url` into `dest`; return the sha256 hex digest of what was written."""
-    import urllib.error
-    import urllib.request
+def _download(url: str, sha256: str, folder: Path, preset: str) -> Path:
+    """`url` as a file in `folder` whose sha256 pooch has checked: a cached copy is checked before it is reused,
+    a download before it is kept (a mismatching one is deleted)."""
+    import pooch
 
-    h = hashlib.sha256()
+    downloader = _copy_file_url if url.startswith("file:") else pooch.downloaders.choose_downloader(url)
+    fname = url.rsplit("/", 1)[-1]
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
-            while chunk := response.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-    except (urllib.error.URLError, OSError) as e:
+        return Path(pooch.retrieve(url, known_hash=f"sha256:{sha256}", fname=fname, path=folder,
+                                   downloader=downloader))
+    except ValueError:  # pooch's hash check
+        raise ValueError(
+            f"{url} does not match the pinned sha256 {sha256} of the {preset} concept bank, so it was not unpickled"
+        ) from None
+    except OSError as e:  # requests' errors are OSErrors too
         raise OSError(
             f"could not download {url} ({e}); fetch the file by hand and convert it with "
             "`fseg-jax concepts import FILE --trust-pickle -o BANK.safetensors`"
         ) from None
-    return h.hexdigest()
+
+
+def _copy_file_url(url: str, output_file: str, pooch: Any) -> None:
+    """A pooch downloader for ``file://`` URLs: a local mirror of the upstream folder."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    shutil.copyfile(url2pathname(urlparse(url).path), output_file)
