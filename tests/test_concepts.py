@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import types
 import warnings
 from pathlib import Path
@@ -178,6 +179,12 @@ def test_import_validates_content(tmp_path):
         import_joblib_concepts(tmp_path / "junk.joblib", trust_pickle=True)
     with pytest.raises(FileNotFoundError):
         import_joblib_concepts(tmp_path / "missing.joblib", trust_pickle=True)
+
+
+def test_import_without_joblib_names_the_extra(shared_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "joblib", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"needs joblib: pip install 'fseg_jax\[pickle\]'"):
+        import_joblib_concepts(shared_data / "concepts" / "uni.joblib", trust_pickle=True)
 
 
 # ------------------------------------------------------------------------------------------- presets

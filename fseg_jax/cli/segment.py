@@ -126,7 +126,7 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
     if method != "dff":
         try:
             concepts = resolve_concepts_option(concepts_spec)
-        except (ValueError, TypeError, OSError) as e:
+        except (ValueError, TypeError, OSError, ImportError) as e:
             raise click.ClickException(f"cannot load concepts {concepts_spec!r}: {one_line(e)}") from None
         if k is None and len(concepts.ks) > 1:
             raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, concepts.ks))}")

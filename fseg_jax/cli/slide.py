@@ -77,7 +77,7 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
 
     try:
         bank = resolve_concepts_option(concepts)
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         raise click.ClickException(f"cannot load concepts {concepts!r}: {err}") from None
     if k is None and len(bank.ks) > 1:
         raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, bank.ks))}")

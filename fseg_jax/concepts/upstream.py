@@ -46,7 +46,7 @@ def import_joblib_concepts(
     files from a source you trust (the deepathology/fseg repository), then save the result with
     :func:`save_concepts` and use that safe file from then on. `model` names the model the bank belongs to
     (checked against that preset's feature width when fseg_jax knows the preset); `layer` is the block the
-    features came from (upstream banks: the last, -1). Needs joblib.
+    features came from (upstream banks: the last, -1). Needs joblib (the ``pickle`` extra).
     """
     path = Path(path)
     if not path.is_file():
@@ -59,7 +59,7 @@ def import_joblib_concepts(
     try:
         import joblib
     except ImportError:
-        raise ImportError("reading joblib concept banks needs joblib: pip install joblib") from None
+        raise ImportError("reading joblib concept banks needs joblib: pip install 'fseg_jax[pickle]'") from None
     try:
         content = joblib.load(path)
     except Exception as e:  # any failure to unpickle is reported as a bad file, whatever its type
@@ -103,6 +103,7 @@ def resolve_concepts(
     same files, ``https://`` or a ``file://`` folder, works as well), checks its pinned sha256, unpickles it
     (acceptable because only those exact published bytes are unpickled), and caches the download and the
     converted safetensors bank in `cache_dir` (default :func:`default_cache_dir`); later uses read the cache.
+    Converting needs joblib (the ``pickle`` extra).
     An existing file path wins over a preset name. With `model_config` (a model's ``.config``), the bank is
     checked with :func:`check_compatible`.
     """
