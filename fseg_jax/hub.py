@@ -3,8 +3,12 @@
 A converted model is a directory with ``model.safetensors`` (float32 parameters under their dotted NNX
 paths) and ``config.json`` (``{"format": "fseg_jax", "format_version": 1, "model_type": "vit" | "resnet",
 "config": {...}}``). ``load_model("uni")`` downloads the checkpoint named in ``weights/uni.json`` at the
-revision pinned there, converts it once and keeps the converted files in the hub cache
-(``$HF_HUB_CACHE/fseg_jax/<preset>/<commit>/``), so later loads skip both download and conversion.
+revision pinned there, converts it once and keeps the converted files in huggingface_hub's assets cache
+(``cached_assets_path("fseg_jax", <preset>, <commit>)``, by default
+``~/.cache/huggingface/assets/fseg_jax/<preset>/<commit>/``), so later loads skip both download and conversion,
+and a new revision is converted again. Where the hub keeps
+its files and whether it is offline is huggingface_hub's to say (its ``constants``, set from ``HF_HOME``,
+``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` ... when it is imported); this module reads no environment variables.
 
 :func:`resolve_model` is what the segmentation front ends call: it takes a model, a preset name or a
 directory, keeps the last few loaded models in memory (a notebook loop does not reload a gigabyte per call)
@@ -16,8 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
@@ -114,19 +116,19 @@ def load_converted(directory: str | Path, **model_kwargs):
     return model
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, read from the environment at call time (HF_HUB_CACHE, then HF_HOME)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.path.expanduser(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HF_HOME"):
-        return Path(os.path.expanduser(os.environ["HF_HOME"])) / "hub"
+    """The Hugging Face hub cache, as huggingface_hub resolved it (``huggingface_hub.constants.HF_HUB_CACHE``)."""
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
+
+
+def assets_cache_dir() -> Path:
+    """huggingface_hub's cache of library assets (``huggingface_hub.constants.HF_ASSETS_CACHE``), where converted
+    presets are kept."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_ASSETS_CACHE)
 
 
 def _login_help(repo: str, license_name: str) -> str:
@@ -139,8 +141,9 @@ def _login_help(repo: str, license_name: str) -> str:
 
 def download_checkpoint(preset: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
                         token: str | bool | None = None) -> Path:
-    """The local path of a preset's hub checkpoint (downloaded if needed; offline mode uses the cache only)."""
-    from huggingface_hub import hf_hub_download
+    """The local path of a preset's hub checkpoint (downloaded if needed; huggingface_hub's offline mode uses the
+    cache only)."""
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -151,7 +154,7 @@ def download_checkpoint(preset: str, *, revision: str | None = None, cache_dir: 
     manifest = read_manifest(preset)
     repo, filename = manifest["hf_repo"], manifest["filename"]
     revision = revision or manifest["revision"]
-    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+    offline = constants.is_offline_mode()
     try:
         return Path(hf_hub_download(repo, filename, revision=revision, cache_dir=str(cache_dir or hub_cache_dir()),
                                     token=token, local_files_only=offline))
@@ -173,7 +176,7 @@ def download_checkpoint(preset: str, *, revision: str | None = None, cache_dir: 
 
 
 def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
-               token: str | bool | None = None, **model_kwargs):
+               assets_dir: str | Path | None = None, token: str | bool | None = None, **model_kwargs):
     """A model ready to use: ``VisionTransformer`` or ``ResNet50`` with converted weights.
 
     Args:
@@ -181,7 +184,9 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
             (``uni``, ``uni2_h``, ``gigapath``, ``virchow``, ``virchow2``, ``h_optimus_0``, ``h_optimus_1``,
             ``h0_mini``, ``resnet50``).
         revision: hub revision overriding the manifest's pinned one (presets only).
-        cache_dir: hub cache (default: HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub, read at call time).
+        cache_dir: hub cache (default: :func:`hub_cache_dir`, ``~/.cache/huggingface/hub`` unless configured).
+        assets_dir: where converted presets are kept, under ``fseg_jax/<preset>/<commit>`` (default:
+            :func:`assets_cache_dir`, ``~/.cache/huggingface/assets`` unless configured).
         token: hub token (default: the logged-in one / HF_TOKEN).
         **model_kwargs: ``dtype``, ``attention_impl`` for ViTs.
 
@@ -192,6 +197,8 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
     path = Path(name_or_dir)
     if path.is_dir():
         return load_converted(path, **model_kwargs)
+    from huggingface_hub import cached_assets_path
+
     name = str(name_or_dir)
     if name not in preset_names():
         raise ValueError(
@@ -199,12 +206,13 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
         )
     checkpoint = download_checkpoint(name, revision=revision, cache_dir=cache_dir, token=token)
     commit = checkpoint.parent.name  # hub cache layout: .../snapshots/<commit>/<filename>
-    converted = Path(cache_dir or hub_cache_dir()) / "fseg_jax" / name / commit
+    converted = cached_assets_path("fseg_jax", namespace=name, subfolder=commit,
+                                   assets_dir=assets_dir or assets_cache_dir())
     if (converted / WEIGHTS_FILE).is_file() and (converted / CONFIG_FILE).is_file():
         model = load_converted(converted, **model_kwargs)
     else:
         model = convert_checkpoint(checkpoint, config_from_preset(name), **model_kwargs)
-        _save_atomically(model, converted)
+        save_model(model, converted)  # file by file, atomically, the config last: no half-written cache entry
     _SOURCES[model] = name
     return model
 
@@ -221,9 +229,9 @@ def resolve_model(spec, *, dtype=None, **model_kwargs):
     """The model a segmentation call means: a model object as it is, or a preset name / converted directory.
 
     Names and directories are loaded with :func:`load_model` and kept in memory: the last
-    ``MODEL_CACHE_SIZE`` loads (keyed by preset and hub cache, or by directory and the weights file's size and
-    modification time, and by ``model_kwargs`` such as ``attention_impl``) are reused, so calling ``segment`` in a loop loads
-    the weights once. A returned model is shared between callers: do not modify it in place.
+    ``MODEL_CACHE_SIZE`` loads (keyed by preset and the hub and assets caches, or by directory and the weights
+    file's size and modification time, and by ``model_kwargs`` such as ``attention_impl``) are reused, so calling
+    ``segment`` in a loop loads the weights once. A returned model is shared between callers: do not modify it in place.
 
     Args:
         spec: a ``VisionTransformer`` / ``ResNet50``, a preset name, or a directory written by ``save_model``.
@@ -254,7 +262,7 @@ def _cache_key(spec: str | os.PathLike) -> tuple:
         weights = path / WEIGHTS_FILE
         stamp = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else None
         return ("dir", str(path.resolve()), stamp)
-    return ("preset", os.fspath(spec), str(hub_cache_dir()))
+    return ("preset", os.fspath(spec), str(hub_cache_dir()), str(assets_cache_dir()))
 
 
 @functools.lru_cache(maxsize=MODEL_CACHE_SIZE)
@@ -282,22 +290,6 @@ def random_model(preset: str, *, seed: int = 0, depth: int | None = None):
             raise ValueError(f"depth must be in [1, {config.depth}] for {preset}, got {depth}")
         changes["depth"] = int(depth)
     return build_model(dataclasses.replace(config, **changes), rngs=nnx.Rngs(int(seed)))
-
-
-def _save_atomically(model, directory: Path) -> None:
-    """``save_model`` into a temporary sibling, then rename: a concurrent or interrupted run never leaves a
-    half-written cache entry."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
-        save_model(model, tmp)
-        try:
-            tmp.rename(directory)
-        except OSError:
-            if not (directory / WEIGHTS_FILE).is_file():  # not a concurrent writer that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_summary(model) -> dict[str, Any]:

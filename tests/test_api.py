@@ -145,15 +145,13 @@ def test_segment_with_a_folder_loads_it_once(model_dir, image, concepts, monkeyp
 
 
 def test_model_as_a_preset_name_through_the_hub_cache(image, tmp_path, monkeypatch):
-    from test_hub import fake_hub_cache
+    from test_hub import fake_hub_cache, use_hf_home
     from timm_models import fseg_config, make_timm_model, save_hub_files
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    hub_cache = use_hf_home(monkeypatch, tmp_path / "hf")
     monkeypatch.setattr(hub, "config_from_preset", lambda name: fseg_config(name, depth=1))
     files = save_hub_files(make_timm_model("h0_mini", depth=1), tmp_path / "src")
-    fake_hub_cache(tmp_path / "hf" / "hub", "h0_mini", files["bin"])  # the file the hub ships
+    fake_hub_cache(hub_cache, "h0_mini", files["bin"])  # the file the hub ships
 
     c = np.abs(np.random.default_rng(0).standard_normal((4, 768))).astype(np.float32)
     expected = segment(image, c, model=load_model("h0_mini"))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
+import types
 import warnings
+from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
 
-from fseg_jax import concepts as C
 from fseg_jax.concepts import (
     ConceptBank,
     build_concepts,
@@ -19,6 +21,7 @@ from fseg_jax.concepts import (
     load_concepts,
     resolve_concepts,
     save_concepts,
+    upstream,
 )
 
 
@@ -178,44 +181,72 @@ def test_import_validates_content(tmp_path):
         import_joblib_concepts(tmp_path / "missing.joblib", trust_pickle=True)
 
 
+def test_import_without_joblib_names_the_extra(shared_data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "joblib", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"needs joblib: pip install 'fseg_jax\[pickle\]'"):
+        import_joblib_concepts(shared_data / "concepts" / "uni.joblib", trust_pickle=True)
+
+
 # ------------------------------------------------------------------------------------------- presets
 
 
 @pytest.fixture
-def served(tmp_path, monkeypatch, shared_data):
-    """The upstream files served from a local folder (file:// URL) in place of GitHub, and a fresh cache."""
+def served(tmp_path):
+    """A local folder standing in for the upstream one (a file:// mirror), and where to cache."""
     www = tmp_path / "www"
     www.mkdir()
-    monkeypatch.setenv("FSEG_JAX_CONCEPTS_URL", www.as_uri())
-    monkeypatch.setenv("FSEG_JAX_CACHE", str(tmp_path / "cache"))
-    return www
+    return types.SimpleNamespace(www=www, options=dict(base_url=www.as_uri(), cache_dir=tmp_path / "cache"),
+                                 cache=tmp_path / "cache")
 
 
 def test_preset_fetched_once_checked_and_cached(served, shared_data):
     from fseg_jax.models.config import config_from_preset
 
-    shutil.copy(shared_data / "concepts" / "resnet.joblib", served / "resnet.joblib")
-    bank = resolve_concepts("resnet50", model_config=config_from_preset("resnet50"))
+    shutil.copy(shared_data / "concepts" / "resnet.joblib", served.www / "resnet.joblib")
+    bank = resolve_concepts("resnet50", model_config=config_from_preset("resnet50"), **served.options)
     assert bank.model == "resnet50" and bank.ks == (16, 32, 64, 128, 256) and bank.feature_dim == 1024
-    cached = list(C.cache_dir().iterdir())
-    assert [p.name for p in cached] == ["resnet50-d8fe4411715f.safetensors"]
-    (served / "resnet.joblib").unlink()  # no second download: the cache answers
-    assert resolve_concepts("resnet") == bank
+    assert sorted(str(p.relative_to(served.cache)) for p in served.cache.rglob("*")) == [
+        "downloads", "downloads/resnet.joblib", "resnet50-d8fe4411715f.safetensors",
+    ]
+    (served.www / "resnet.joblib").unlink()  # no second download: the cache answers
+    assert resolve_concepts("resnet", **served.options) == bank
+    (served.cache / "resnet50-d8fe4411715f.safetensors").write_bytes(b"damaged")
+    assert resolve_concepts("resnet", **served.options) == bank  # converted again from the checked download
     with pytest.raises(ValueError, match="feature dimension 1024, but model gigapath gives 1536"):
-        resolve_concepts("resnet50", model_config=config_from_preset("gigapath"))
+        resolve_concepts("resnet50", model_config=config_from_preset("gigapath"), **served.options)
 
 
 def test_preset_with_wrong_hash_is_not_unpickled(served, shared_data, monkeypatch):
-    shutil.copy(shared_data / "concepts" / "uni.joblib", served / "prov_gigapath.joblib")
-    monkeypatch.setattr(C, "import_joblib_concepts", lambda *a, **k: pytest.fail("unpickled a mismatching file"))
-    with pytest.raises(ValueError, match="does not match the pinned sha256"):
-        resolve_concepts("gigapath")
-    assert not C.cache_dir().exists() or not any(C.cache_dir().iterdir())
+    shutil.copy(shared_data / "concepts" / "uni.joblib", served.www / "prov_gigapath.joblib")
+    monkeypatch.setattr(upstream, "import_joblib_concepts", lambda *a, **k: pytest.fail("unpickled a mismatching file"))
+    with pytest.raises(ValueError, match=r"prov_gigapath.joblib does not match the pinned sha256 82f3cf7c\w+ of the "
+                                         "gigapath concept bank, so it was not unpickled"):
+        resolve_concepts("gigapath", **served.options)
+    assert not any(p.is_file() for p in served.cache.rglob("*"))  # the mismatching download is deleted
+
+
+def test_tampered_cached_download_is_fetched_again(served, shared_data):
+    downloads = served.cache / "downloads"
+    downloads.mkdir(parents=True)
+    (downloads / "resnet.joblib").write_bytes(b"\x80 tampered")
+    with pytest.raises(OSError, match="could not download .*resnet.joblib"):  # checked, and not found upstream
+        resolve_concepts("resnet50", **served.options)
+    shutil.copy(shared_data / "concepts" / "resnet.joblib", served.www / "resnet.joblib")
+    assert resolve_concepts("resnet50", **served.options).ks == (16, 32, 64, 128, 256)
+    assert (downloads / "resnet.joblib").read_bytes() == (served.www / "resnet.joblib").read_bytes()
 
 
 def test_preset_download_failure_is_clear(served):
     with pytest.raises(OSError, match="could not download .*uni.joblib"):
-        resolve_concepts("uni")
+        resolve_concepts("uni", **served.options)
+    # an https mirror that refuses the connection (nothing listens on port 1 of this machine)
+    with pytest.raises(OSError, match=r"could not download https://127.0.0.1:1/uni.joblib \(.*\); fetch the file"):
+        resolve_concepts("uni", base_url="https://127.0.0.1:1/", cache_dir=served.cache)
+
+
+def test_default_cache_ignores_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FSEG_JAX_CACHE", str(tmp_path))
+    assert upstream.default_cache_dir() == Path.home() / ".cache" / "fseg_jax" / "concepts"
 
 
 def test_resolve_paths_and_bad_specs(tmp_path):

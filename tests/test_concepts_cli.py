@@ -85,3 +85,17 @@ def test_random_model_options(tmp_path):
 def test_group_is_listed():
     result = CliRunner().invoke(main, ["concepts", "--help"])
     assert result.exit_code == 0 and "import" in result.output and "build" in result.output
+
+
+def test_concepts_option_takes_cache_and_mirror_from_the_environment(shared_data, tmp_path, monkeypatch):
+    import shutil
+
+    from fseg_jax.cli.common import resolve_concepts_option
+
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(shared_data / "concepts" / "resnet.joblib", www / "resnet.joblib")
+    monkeypatch.setenv("FSEG_JAX_CONCEPTS_URL", www.as_uri())
+    monkeypatch.setenv("FSEG_JAX_CACHE", str(tmp_path / "cache"))
+    assert resolve_concepts_option("resnet50").ks == (16, 32, 64, 128, 256)
+    assert (tmp_path / "cache" / "concepts" / "resnet50-d8fe4411715f.safetensors").is_file()

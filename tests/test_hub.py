@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from flax import nnx
+from huggingface_hub import constants as hf_constants
 from timm_models import fseg_config, make_timm_model, random_input, relative_error, save_hub_files, timm_intermediates
 
 import fseg_jax.hub as hub
@@ -44,15 +45,20 @@ def fake_hub_cache(root, preset, source, revision_dir=COMMIT):
     return root
 
 
+def use_hf_home(monkeypatch, root, *, offline=True):
+    """huggingface_hub's settings as ``HF_HOME=root`` and ``HF_HUB_OFFLINE`` give them when it is imported;
+    returns the hub cache."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(root / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_ASSETS_CACHE", str(root / "assets"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", offline)
+    return root / "hub"
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    cache = tmp_path / "hf" / "hub"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     # presets are reduced to one block so the test checkpoint stays small
     monkeypatch.setattr(hub, "config_from_preset", lambda name: fseg_config(name, depth=1))
-    return cache
+    return use_hf_home(monkeypatch, tmp_path / "hf")
 
 
 def test_save_and_load_directory_round_trip(tmp_path):
@@ -74,8 +80,10 @@ def test_load_preset_from_offline_hub_cache_converts_once(offline, h0_one_block,
     x = random_input(28, 42)
     ref, _ = timm_intermediates(timm_model, x)
     assert relative_error(model.forward_intermediates(x)[-1], ref[-1]) <= 1e-4
-    converted = offline / "fseg_jax" / "h0_mini" / COMMIT
-    assert (converted / "model.safetensors").is_file() and (converted / "config.json").is_file()
+    # converted into huggingface_hub's assets cache, not into its hub cache
+    converted = offline.parent / "assets" / "fseg_jax" / "h0_mini" / COMMIT
+    assert sorted(p.name for p in converted.iterdir()) == ["config.json", "model.safetensors"]
+    assert not (offline / "fseg_jax").exists()
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("the converted cache should have been used")
@@ -84,6 +92,26 @@ def test_load_preset_from_offline_hub_cache_converts_once(offline, h0_one_block,
     again = load_model("h0_mini")
     np.testing.assert_array_equal(np.asarray(again.forward_intermediates(x)[-1]),
                                   np.asarray(model.forward_intermediates(x)[-1]))
+
+
+def test_explicit_cache_folders_and_a_new_revision_converted_again(h0_one_block, tmp_path, monkeypatch):
+    _, paths = h0_one_block
+    use_hf_home(monkeypatch, tmp_path / "default")
+    monkeypatch.setattr(hub, "config_from_preset", lambda name: fseg_config(name, depth=1))
+    conversions = []
+    convert = hub.convert_checkpoint
+    monkeypatch.setattr(hub, "convert_checkpoint", lambda *a, **kw: conversions.append(a) or convert(*a, **kw))
+    hub_dir = fake_hub_cache(tmp_path / "hub", "h0_mini", paths["bin"])
+    other = "f" * 40
+    snapshot = next(hub_dir.glob("models--*")) / "snapshots" / other
+    snapshot.mkdir()
+    shutil.copy(paths["bin"], snapshot / read_manifest("h0_mini")["filename"])
+    folders = dict(cache_dir=tmp_path / "hub", assets_dir=tmp_path / "assets")
+    for revision in (None, None, other):
+        load_model("h0_mini", revision=revision, **folders)
+    assert len(conversions) == 2  # once per commit
+    assert sorted(p.name for p in (tmp_path / "assets" / "fseg_jax" / "h0_mini").iterdir()) == [COMMIT, other]
+    assert not (tmp_path / "default").exists()
 
 
 def test_offline_without_cached_checkpoint_says_so(offline):
@@ -100,7 +128,7 @@ def test_gated_repository_explains_login(monkeypatch, tmp_path):
         raise GatedRepoError("401 Client Error: access to model MahmoodLab/uni is restricted", response=response)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(ModelAccessError) as err:
         load_model("uni", cache_dir=tmp_path)
     message = str(err.value)

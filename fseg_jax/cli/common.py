@@ -1,7 +1,7 @@
 """What the subcommands share: model options, the compilation cache folder, one-line errors.
 
-The command line, not the library, reads the environment: ``$FSEG_JAX_CACHE`` is resolved here and passed on
-as a path.
+The command line, not the library, reads the environment: ``$FSEG_JAX_CACHE`` and ``$FSEG_JAX_CONCEPTS_URL``
+are resolved here and passed on as arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +20,19 @@ def default_cache_root() -> Path:
 def default_compilation_cache() -> Path:
     """``$FSEG_JAX_CACHE/jax``, default ``~/.cache/fseg_jax/jax``."""
     return default_cache_root() / "jax"
+
+
+def resolve_concepts_option(spec: str):
+    """The bank ``--concepts`` names: a ``.safetensors`` file, or a preset cached in ``$FSEG_JAX_CACHE/concepts``
+    (default ``~/.cache/fseg_jax/concepts``) and fetched on first use from ``$FSEG_JAX_CONCEPTS_URL`` (a mirror
+    of the upstream folder, ``https://`` or ``file://``), default the upstream F-Seg repository."""
+    from fseg_jax.concepts import UPSTREAM_URL, resolve_concepts
+
+    return resolve_concepts(
+        spec,
+        cache_dir=default_cache_root() / "concepts",
+        base_url=os.environ.get("FSEG_JAX_CONCEPTS_URL") or UPSTREAM_URL,
+    )
 
 
 def random_model_options(command):

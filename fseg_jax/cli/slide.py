@@ -73,15 +73,16 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
 
     if model is None or concepts is None:
         raise click.UsageError("--model and --concepts are required (except with --merge)")
-    if k is None:
-        from fseg_jax.concepts import resolve_concepts
+    from fseg_jax.cli.common import resolve_concepts_option
 
-        try:
-            ks = resolve_concepts(concepts).ks
-        except (ValueError, TypeError, OSError) as err:
-            raise click.ClickException(f"cannot load concepts {concepts!r}: {err}") from None
-        if len(ks) > 1:
-            raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, ks))}")
+    try:
+        bank = resolve_concepts_option(concepts)
+    except (ValueError, TypeError, OSError, ImportError) as err:
+        raise click.ClickException(f"cannot load concepts {concepts!r}: {err}") from None
+    if k is None and len(bank.ks) > 1:
+        raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, bank.ks))}")
+    if not Path(concepts).expanduser().is_file():
+        concepts = bank  # a preset, fetched into the command line's cache; a file goes on as its path
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         raise click.UsageError("--coordinator, --num-processes and --process-id go together")

@@ -1,0 +1,187 @@
+"""Building a concept bank for any model: k-means over the features of image tiles, as F-Seg prescribes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from fseg_jax.concepts.bank import ConceptBank, normalise_layer
+
+DEFAULT_KS = (8, 16, 32, 64, 128, 256)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def build_concepts(
+    model: Any,
+    images_or_folder: Any,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    layer: int | Sequence[int] = -1,
+    tile: int = 224,
+    per_token: bool = False,
+    tokens_per_tile: int | None = None,
+    tile_filter: Callable[[np.ndarray], bool] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    n_init: int = 3,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+) -> ConceptBank:
+    """Build a bank for `model` as F-Seg prescribes: k-means over tile features, one centre matrix per k.
+
+    Args:
+        model: a model with ``.config`` and ``forward_intermediates`` (``VisionTransformer``, ``ResNet50``), a
+            preset name or a converted model directory (loaded through ``fseg_jax.hub.resolve_model``).
+        images_or_folder: a folder (its image files, sorted by name, not recursive), an image path, an
+            ``(H, W, 3)`` image, a ``(B, H, W, 3)`` batch, or a list of any of these. Images are read one at a
+            time, so memory holds one image and the per-tile features.
+        ks: the k values of the bank.
+        layer: block index (negative from the end), or a list of blocks whose features are concatenated.
+        tile: side of the square tiles cut from each image on a non-overlapping grid (a multiple of the
+            model's patch size); the border that does not fill a whole tile is left out.
+        per_token: cluster every patch token instead of one spatial mean per tile.
+        tokens_per_tile: with `per_token`, keep only this many randomly chosen tokens of each tile.
+        tile_filter: keep a tile only when ``tile_filter(tile_hw3_uint8)`` is true (e.g. a tissue test).
+        batch_size: tiles per model call.
+        seed, n_init, max_iter, tol: k-means settings (see :func:`fseg_jax.kmeans.kmeans`); one seed gives
+            one bank.
+
+    Returns:
+        ConceptBank with `layer` and ``model``: the preset name or absolute directory the model was loaded from
+        (so that ``fseg_jax.segment(images, bank)`` finds it again), else ``model.config.name``. ValueError when
+        fewer samples than the largest k are found, or for a bad tile size.
+    """
+    from fseg_jax.hub import model_source, resolve_model
+    from fseg_jax.kmeans import kmeans
+
+    model = resolve_model(model)
+
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    config = model.config
+    patch = int(config.patch_size)
+    if tile < patch or tile % patch:
+        raise ValueError(f"tile must be a positive multiple of the model's patch size {patch}, got {tile}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokens_per_tile is not None and (not per_token or tokens_per_tile < 1):
+        raise ValueError("tokens_per_tile needs per_token=True and a value >= 1")
+    layer = normalise_layer(layer)
+
+    keep = None
+    if per_token and tokens_per_tile is not None:
+        rng = np.random.default_rng(seed)
+
+        def keep(f_td: np.ndarray) -> np.ndarray:
+            return f_td[np.sort(rng.choice(len(f_td), size=min(tokens_per_tile, len(f_td)), replace=False))]
+
+    tiles = _iter_tiles(images_or_folder, tile, tile_filter)
+    feats = _tile_features(model, tiles, layer, tile, batch_size, per_token, keep)
+    x_nd = np.concatenate(feats, axis=0) if feats else np.zeros((0, 0), np.float32)
+    if x_nd.shape[0] < ks[-1]:
+        what = "tokens" if per_token else "tiles"
+        raise ValueError(
+            f"found {x_nd.shape[0]} {what} of {tile}x{tile} px, fewer than the largest k ({ks[-1]}); "
+            "give more or larger images, a smaller tile, or smaller k"
+        )
+    centres = {
+        k: kmeans(x_nd, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol).centers for k in ks
+    }
+    return ConceptBank(centres, model=model_source(model) or getattr(config, "name", None), layer=layer)
+
+
+def _iter_images(images_or_folder: Any) -> Iterator[tuple[str, Any]]:
+    """(name, image-like) pairs; files are yielded as paths and read by the consumer, one at a time."""
+    if isinstance(images_or_folder, (str, os.PathLike)):
+        path = Path(images_or_folder)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+            if not files:
+                raise ValueError(f"no image files ({', '.join(_IMAGE_SUFFIXES)}) in folder {path}")
+            for p in files:
+                yield str(p), p
+            return
+        yield str(path), path
+        return
+    if isinstance(images_or_folder, (list, tuple)):
+        if not images_or_folder:
+            raise ValueError("images: empty list")
+        for i, item in enumerate(images_or_folder):
+            if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+                yield from _iter_images(item)
+            else:
+                yield f"images[{i}]", item
+        return
+    if hasattr(images_or_folder, "shape") and np.ndim(images_or_folder) == 4:
+        for i in range(images_or_folder.shape[0]):
+            yield f"images[{i}]", images_or_folder[i]
+        return
+    yield "image", images_or_folder
+
+
+def _iter_tiles(images_or_folder: Any, tile: int, tile_filter: Callable | None) -> Iterator[np.ndarray]:
+    from fseg_jax.io.images import as_rgb, to_uint8
+
+    for name, item in _iter_images(images_or_folder):
+        image = to_uint8(as_rgb(item, name=name))
+        h, w = image.shape[:2]
+        for y in range(0, h - tile + 1, tile):
+            for x in range(0, w - tile + 1, tile):
+                t = image[y : y + tile, x : x + tile]
+                if tile_filter is None or tile_filter(t):
+                    yield t
+
+
+def _tile_features(
+    model: Any,
+    tiles: Iterable[np.ndarray],
+    layer: Any,
+    tile: int,
+    batch_size: int,
+    per_token: bool,
+    keep: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Per tile, the spatial mean (1, D) or the tokens (h*w, D) of the ReLU'd features, in tile order.
+
+    ``keep`` (per-token mode) selects the rows of each tile's (h*w, D) block as soon as it is computed, so
+    only the kept tokens are held while the remaining tiles stream through the model."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from fseg_jax.compilation import jit
+    from fseg_jax.features import preprocess, token_features
+
+    graphdef, state = nnx.split(model)
+    layers = list(layer) if isinstance(layer, tuple) else layer
+
+    @jit
+    def features(state, tiles_bhw3):
+        m = nnx.merge(graphdef, state)
+        f_bhwd = token_features(m, preprocess(tiles_bhw3, m.config), layers)
+        if per_token:
+            return f_bhwd.reshape(f_bhwd.shape[0], -1, f_bhwd.shape[-1])
+        return jnp.mean(f_bhwd, axis=(1, 2))[:, None, :]
+
+    out: list[np.ndarray] = []
+    batch = np.zeros((batch_size, tile, tile, 3), np.uint8)
+
+    def flush(n):
+        f = np.asarray(features(state, batch))
+        out.extend(f[i] if keep is None else keep(f[i]) for i in range(n))
+
+    n = 0
+    for t in tiles:
+        batch[n] = t
+        n += 1
+        if n == batch_size:
+            flush(n)
+            n = 0
+    if n:
+        batch[n:] = 0
+        flush(n)
+    return out
+
