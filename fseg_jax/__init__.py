@@ -39,6 +39,7 @@ _EXPORTS = {
     "evaluate": "fseg_jax.evaluation",
     "EvaluationResult": "fseg_jax.evaluation",
     "concept_atlas": "fseg_jax.atlas",
+    "learn_concepts": "fseg_jax.learning",
     # whole slides
     "segment_slide": "fseg_jax.wsi.pipeline",
 }
@@ -71,5 +72,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fseg_jax.segmentation import Pipeline, SegmentResult, make_token_fn, segment
     from fseg_jax.atlas import concept_atlas
     from fseg_jax.evaluation import EvaluationResult, evaluate
+    from fseg_jax.learning import learn_concepts
     from fseg_jax.visualize import overlay
     from fseg_jax.wsi.pipeline import segment_slide

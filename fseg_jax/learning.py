@@ -11,7 +11,8 @@ banks do, so the two are directly comparable.
 Each step is one jitted program; with several devices the batch is split over them (the parameters
 replicated), and the gradient is summed across them by XLA. Batches are drawn by a seeded permutation, so a
 seed gives one bank; with ``checkpoint=`` the state (bank, optimiser state, step) is saved atomically every
-``checkpoint_every`` steps and a run resumes from it.
+``checkpoint_every`` steps and a run resumes from it. :func:`learn_concepts` does all of this from images,
+gathering the tokens as ``build_concepts`` does.
 """
 
 from __future__ import annotations
@@ -137,6 +138,55 @@ def learn_dictionary(
             _save(checkpoint, {"concepts": np.asarray(concepts_j), "opt_state": jax.device_get(opt_state),
                                "step": step + 1, "losses": np.asarray(losses, np.float32), "seed": seed})
     return LearnedBank(np.asarray(concepts_j), np.asarray(losses, np.float32), max(steps, start))
+
+
+def learn_concepts(
+    model: Any,
+    images_or_folder: Any,
+    ks: Sequence[int] = (8, 16, 32),
+    *,
+    layer: int | Sequence[int] = -1,
+    tile: int = 224,
+    tokens_per_tile: int | None = None,
+    tile_filter=None,
+    batch_size: int = 8,
+    seed: int = 0,
+    steps: int = 300,
+    batch_tokens: int = 2048,
+    optimizer=None,
+    checkpoint_dir: str | Path | None = None,
+    devices: Sequence | None = None,
+):
+    """A concept bank learned for NNLS projection of ``model``'s tokens over ``images_or_folder``.
+
+    The tokens are gathered as :func:`fseg_jax.build_concepts` gathers them with ``per_token=True`` (same
+    ``layer``, ``tile``, ``tokens_per_tile``, ``tile_filter``, ``batch_size``, ``seed``), then one bank per k is
+    learned by :func:`learn_dictionary` (``steps``, ``batch_tokens``, ``optimizer``, ``seed``, ``devices``);
+    with ``checkpoint_dir`` each k checkpoints to ``k<k>.safetensors`` there and a rerun resumes.
+
+    Returns:
+        A ``ConceptBank`` recording the model and layer, like ``build_concepts``' banks.
+    """
+    from fseg_jax.concepts import ConceptBank, collect_features
+    from fseg_jax.hub import model_source
+
+    ks = tuple(sorted({int(k) for k in ks}))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    model, layer, x_nd = collect_features(
+        model, images_or_folder, layer=layer, tile=tile, per_token=True, tokens_per_tile=tokens_per_tile,
+        tile_filter=tile_filter, batch_size=batch_size, seed=seed, at_least=ks[-1],
+    )
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    concepts = {
+        k: learn_dictionary(
+            x_nd, k, steps=steps, batch_tokens=batch_tokens, optimizer=optimizer, seed=seed, devices=devices,
+            checkpoint=None if checkpoint_dir is None else Path(checkpoint_dir) / f"k{k}.safetensors",
+        ).concepts
+        for k in ks
+    }
+    return ConceptBank(concepts, model=model_source(model) or getattr(model.config, "name", None), layer=layer)
 
 
 def _make_step(optimizer, nnls_max_iter: int):

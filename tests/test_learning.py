@@ -57,3 +57,32 @@ def test_one_seed_one_bank_and_a_resumed_run_finishes_the_same(tmp_path):
 def test_bad_input_is_refused(x, k, message):
     with pytest.raises(ValueError, match=message):
         learn_dictionary(x, k, steps=2)
+
+
+def test_learn_concepts_from_images_and_the_cli(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+    from tiny_models import tiny_vit
+
+    import fseg_jax
+    from fseg_jax.cli import main
+    from fseg_jax.hub import save_model
+
+    model_dir = save_model(tiny_vit(), tmp_path / "model")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 80, 3), dtype=np.uint8) for _ in range(3)]
+    bank = fseg_jax.learn_concepts(str(model_dir), images, ks=(3, 5), tile=32, steps=5, batch_tokens=32)
+    assert bank.ks == (3, 5) and bank[5].shape == (5, 32) and (bank[5] >= 0).all()
+    assert bank.model == str(model_dir.resolve()) and bank.layer == -1
+    labels = fseg_jax.segment(images[0], bank, k=5)  # the bank finds its model again
+    assert labels.shape == (64, 80)
+
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"im{i}.png")
+    out = tmp_path / "learned.safetensors"
+    args = ["concepts", "learn", str(model_dir), *(str(tmp_path / f"im{i}.png") for i in range(3)), "--k", "4",
+            "--tile", "32", "--steps", "4", "--batch-tokens", "32", "--checkpoint-dir", str(tmp_path / "ck"),
+            "-o", str(out)]
+    run = CliRunner().invoke(main, args)
+    assert run.exit_code == 0, run.output
+    assert fseg_jax.load_concepts(out).ks == (4,) and (tmp_path / "ck" / "k4.safetensors").is_file()

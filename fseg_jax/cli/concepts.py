@@ -1,4 +1,4 @@
-"""`fseg-jax concepts import|build`: make safetensors concept banks."""
+"""`fseg-jax concepts import|build|learn`: make safetensors concept banks."""
 
 from __future__ import annotations
 
@@ -81,6 +81,50 @@ def build(model_spec, images, sample, random_seed, depth, output, ks, layer, til
     try:
         bank = build_concepts(
             model, list(images), ks, layer=layer, tile=tile, per_token=per_token, batch_size=batch_size, seed=seed
+        )
+        path = save_concepts(output, bank)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
+
+
+@concepts.command("learn")
+@click.argument("model_spec", metavar="MODEL")
+@click.argument("images", nargs=-1, type=click.Path(exists=True))
+@click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax.")
+@random_model_options
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
+@click.option("--k", "ks", default="8,16,32", show_default=True, help="Comma-separated k values.")
+@click.option("--layer", default=-1, show_default=True, type=int, help="Block whose tokens are used.")
+@click.option("--tile", default=224, show_default=True, type=int, help="Tile side in pixels.")
+@click.option("--tokens-per-tile", default=None, type=int, help="Tokens drawn per tile (default: all).")
+@click.option("--steps", default=300, show_default=True, type=int, help="Optimiser steps per k.")
+@click.option("--batch-tokens", default=2048, show_default=True, type=int, help="Tokens per step.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the start and the batches.")
+@click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
+              help="Save each k's state here as it learns; a rerun with the same folder resumes.")
+def learn(model_spec, images, sample, random_seed, depth, output, ks, layer, tile, tokens_per_tile, steps,
+          batch_tokens, seed, checkpoint_dir):
+    """Learn a bank for NNLS projection of MODEL's tokens over IMAGES (files or folders of them).
+
+    Starts from k-means++ seeds of the tokens and improves the bank for what segmentation does with it:
+    non-negative least squares (see fseg_jax.learning). The bank records MODEL, as `concepts build` does.
+    """
+    ks = _parse_ks(ks)
+    if not images and not sample:
+        raise click.UsageError("give IMAGE... to learn from, or --sample")
+    if sample:
+        from fseg_jax.data import sample_image_path
+
+        images = (str(sample_image_path()), *images)
+    from fseg_jax.concepts import save_concepts
+    from fseg_jax.learning import learn_concepts
+
+    model = model_from_options(model_spec, random_seed, depth)
+    try:
+        bank = learn_concepts(
+            model, list(images), ks, layer=layer, tile=tile, tokens_per_tile=tokens_per_tile, seed=seed,
+            steps=steps, batch_tokens=batch_tokens, checkpoint_dir=checkpoint_dir,
         )
         path = save_concepts(output, bank)
     except (ValueError, OSError) as e:

@@ -9,7 +9,7 @@ are the public ones, importable from ``fseg_jax.concepts``.
 from __future__ import annotations
 
 from fseg_jax.concepts.bank import FORMAT, FORMAT_VERSION, ConceptBank, check_compatible, load_concepts, save_concepts
-from fseg_jax.concepts.build import DEFAULT_KS, build_concepts
+from fseg_jax.concepts.build import DEFAULT_KS, build_concepts, collect_features
 from fseg_jax.concepts.upstream import (
     UPSTREAM_BANKS,
     UPSTREAM_URL,
@@ -26,6 +26,7 @@ __all__ = [
     "UPSTREAM_URL",
     "ConceptBank",
     "build_concepts",
+    "collect_features",
     "check_compatible",
     "default_cache_dir",
     "import_joblib_concepts",

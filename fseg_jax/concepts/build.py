@@ -54,16 +54,45 @@ def build_concepts(
         (so that ``fseg_jax.segment(images, bank)`` finds it again), else ``model.config.name``. ValueError when
         fewer samples than the largest k are found, or for a bad tile size.
     """
-    from fseg_jax.hub import model_source, resolve_model
+    from fseg_jax.hub import model_source
     from fseg_jax.kmeans import kmeans
-
-    model = resolve_model(model)
 
     ks = tuple(sorted({int(k) for k in ks}))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
-    config = model.config
-    patch = int(config.patch_size)
+    model, layer, x_nd = collect_features(
+        model, images_or_folder, layer=layer, tile=tile, per_token=per_token, tokens_per_tile=tokens_per_tile,
+        tile_filter=tile_filter, batch_size=batch_size, seed=seed, at_least=ks[-1],
+    )
+    centres = {
+        k: kmeans(x_nd, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol).centers for k in ks
+    }
+    return ConceptBank(centres, model=model_source(model) or getattr(model.config, "name", None), layer=layer)
+
+
+def collect_features(
+    model: Any,
+    images_or_folder: Any,
+    *,
+    layer: int | Sequence[int] = -1,
+    tile: int = 224,
+    per_token: bool = False,
+    tokens_per_tile: int | None = None,
+    tile_filter: Callable[[np.ndarray], bool] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    at_least: int = 1,
+) -> tuple[Any, int | tuple[int, ...], np.ndarray]:
+    """The samples banks are made from: ``(model, layer, x_nd)`` with x_nd (n, D) float32 ReLU'd features.
+
+    One row per tile (its spatial mean) or, with ``per_token``, per token (``tokens_per_tile`` of them drawn
+    per tile with ``seed``); arguments as for :func:`build_concepts`, the model resolved and the layer
+    normalised. ValueError when fewer than ``at_least`` samples are found, or for a bad tile size.
+    """
+    from fseg_jax.hub import resolve_model
+
+    model = resolve_model(model)
+    patch = int(model.config.patch_size)
     if tile < patch or tile % patch:
         raise ValueError(f"tile must be a positive multiple of the model's patch size {patch}, got {tile}")
     if batch_size < 1:
@@ -82,16 +111,13 @@ def build_concepts(
     tiles = _iter_tiles(images_or_folder, tile, tile_filter)
     feats = _tile_features(model, tiles, layer, tile, batch_size, per_token, keep)
     x_nd = np.concatenate(feats, axis=0) if feats else np.zeros((0, 0), np.float32)
-    if x_nd.shape[0] < ks[-1]:
+    if x_nd.shape[0] < at_least:
         what = "tokens" if per_token else "tiles"
         raise ValueError(
-            f"found {x_nd.shape[0]} {what} of {tile}x{tile} px, fewer than the largest k ({ks[-1]}); "
+            f"found {x_nd.shape[0]} {what} of {tile}x{tile} px, fewer than the largest k ({at_least}); "
             "give more or larger images, a smaller tile, or smaller k"
         )
-    centres = {
-        k: kmeans(x_nd, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol).centers for k in ks
-    }
-    return ConceptBank(centres, model=model_source(model) or getattr(config, "name", None), layer=layer)
+    return model, layer, x_nd
 
 
 def _iter_images(images_or_folder: Any) -> Iterator[tuple[str, Any]]:
