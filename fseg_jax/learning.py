@@ -168,11 +168,10 @@ def learn_concepts(
         A ``ConceptBank`` recording the model and layer, like ``build_concepts``' banks.
     """
     from fseg_jax.concepts import ConceptBank, collect_features
+    from fseg_jax.concepts.build import sorted_ks
     from fseg_jax.hub import model_source
 
-    ks = tuple(sorted({int(k) for k in ks}))
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+    ks = sorted_ks(ks)
     model, layer, x_nd = collect_features(
         model, images_or_folder, layer=layer, tile=tile, per_token=True, tokens_per_tile=tokens_per_tile,
         tile_filter=tile_filter, batch_size=batch_size, seed=seed, at_least=ks[-1],

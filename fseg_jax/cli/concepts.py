@@ -48,12 +48,40 @@ def import_(source, output, preset, layer, trust_pickle):
     click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
 
 
+def _bank_from_images(command):
+    """The inputs `build` and `learn` share: MODEL, IMAGE..., --sample, --random-init/--depth, -o."""
+    for option in reversed([
+        click.argument("model_spec", metavar="MODEL"),
+        click.argument("images", nargs=-1, type=click.Path(exists=True)),
+        click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax."),
+        random_model_options,
+        click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),
+                     help="Bank to write (.safetensors)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _write_bank(make, model_spec, random_seed, depth, images, sample, output) -> None:
+    """Resolve the model and the images (with --sample), ``make(model, images)`` a bank, save it, report."""
+    from fseg_jax.concepts import save_concepts
+
+    if not images and not sample:
+        raise click.UsageError("give IMAGE... (files or folders), or --sample")
+    if sample:
+        from fseg_jax.data import sample_image_path
+
+        images = (str(sample_image_path()), *images)
+    model = model_from_options(model_spec, random_seed, depth)
+    try:
+        path = save_concepts(output, bank := make(model, list(images)))
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
+
+
 @concepts.command("build")
-@click.argument("model_spec", metavar="MODEL")
-@click.argument("images", nargs=-1, type=click.Path(exists=True))
-@click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax.")
-@random_model_options
-@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
+@_bank_from_images
 @click.option("--k", "ks", default="8,16,32,64,128,256", show_default=True, help="Comma-separated k values.")
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block whose features are clustered.")
 @click.option("--tile", default=224, show_default=True, type=int, help="Tile side in pixels.")
@@ -68,32 +96,18 @@ def build(model_spec, images, sample, random_seed, depth, output, ks, layer, til
     `fseg_jax.segment` find the model from the bank alone; a --random-init model is recorded as
     `<preset>-random`, which names no weights.
     """
+    from fseg_jax.concepts import build_concepts
+
     ks = _parse_ks(ks)
-    if not images and not sample:
-        raise click.UsageError("give IMAGE... to cluster, or --sample")
-    if sample:
-        from fseg_jax.data import sample_image_path
-
-        images = (str(sample_image_path()), *images)
-    from fseg_jax.concepts import build_concepts, save_concepts
-
-    model = model_from_options(model_spec, random_seed, depth)
-    try:
-        bank = build_concepts(
-            model, list(images), ks, layer=layer, tile=tile, per_token=per_token, batch_size=batch_size, seed=seed
-        )
-        path = save_concepts(output, bank)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
+    _write_bank(
+        lambda model, files: build_concepts(model, files, ks, layer=layer, tile=tile, per_token=per_token,
+                                            batch_size=batch_size, seed=seed),
+        model_spec, random_seed, depth, images, sample, output,
+    )
 
 
 @concepts.command("learn")
-@click.argument("model_spec", metavar="MODEL")
-@click.argument("images", nargs=-1, type=click.Path(exists=True))
-@click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax.")
-@random_model_options
-@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
+@_bank_from_images
 @click.option("--k", "ks", default="8,16,32", show_default=True, help="Comma-separated k values.")
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block whose tokens are used.")
 @click.option("--tile", default=224, show_default=True, type=int, help="Tile side in pixels.")
@@ -110,23 +124,12 @@ def learn(model_spec, images, sample, random_seed, depth, output, ks, layer, til
     Starts from k-means++ seeds of the tokens and improves the bank for what segmentation does with it:
     non-negative least squares (see fseg_jax.learning). The bank records MODEL, as `concepts build` does.
     """
-    ks = _parse_ks(ks)
-    if not images and not sample:
-        raise click.UsageError("give IMAGE... to learn from, or --sample")
-    if sample:
-        from fseg_jax.data import sample_image_path
-
-        images = (str(sample_image_path()), *images)
-    from fseg_jax.concepts import save_concepts
     from fseg_jax.learning import learn_concepts
 
-    model = model_from_options(model_spec, random_seed, depth)
-    try:
-        bank = learn_concepts(
-            model, list(images), ks, layer=layer, tile=tile, tokens_per_tile=tokens_per_tile, seed=seed,
-            steps=steps, batch_tokens=batch_tokens, checkpoint_dir=checkpoint_dir,
-        )
-        path = save_concepts(output, bank)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
+    ks = _parse_ks(ks)
+    _write_bank(
+        lambda model, files: learn_concepts(model, files, ks, layer=layer, tile=tile, tokens_per_tile=tokens_per_tile,
+                                            seed=seed, steps=steps, batch_tokens=batch_tokens,
+                                            checkpoint_dir=checkpoint_dir),
+        model_spec, random_seed, depth, images, sample, output,
+    )

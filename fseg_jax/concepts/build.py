@@ -57,9 +57,7 @@ def build_concepts(
     from fseg_jax.hub import model_source
     from fseg_jax.kmeans import kmeans
 
-    ks = tuple(sorted({int(k) for k in ks}))
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+    ks = sorted_ks(ks)
     model, layer, x_nd = collect_features(
         model, images_or_folder, layer=layer, tile=tile, per_token=per_token, tokens_per_tile=tokens_per_tile,
         tile_filter=tile_filter, batch_size=batch_size, seed=seed, at_least=ks[-1],
@@ -68,6 +66,14 @@ def build_concepts(
         k: kmeans(x_nd, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol).centers for k in ks
     }
     return ConceptBank(centres, model=model_source(model) or getattr(model.config, "name", None), layer=layer)
+
+
+def sorted_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """The distinct k values of a bank to make, ascending; ValueError unless all are positive integers."""
+    out = tuple(sorted({int(k) for k in ks}))
+    if not out or out[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {tuple(ks)}")
+    return out
 
 
 def collect_features(
