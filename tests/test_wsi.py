@@ -176,6 +176,24 @@ def test_plain_image_reader(tmp_path):
         np.testing.assert_array_equal(s.read(s.plan(0.5), 0, 0, 80, 60), image)
 
 
+@pytest.mark.parametrize(
+    "unit, per_unit, mpp", [("CENTIMETER", 20_000.0, 0.5), ("INCH", 101_600.0, 0.25), ("NONE", 1.0, None)]
+)
+def test_image_mpp_from_tiff_resolution_tags(tmp_path, unit, per_unit, mpp):
+    """A TIFF read as a plain image (by a name no slide library claims) takes its mpp from XResolution."""
+    import tifffile
+
+    image, _ = synthetic_he(60, 80)
+    tifffile.imwrite(tmp_path / "scan.img", image, resolution=(per_unit, per_unit), resolutionunit=unit)
+    with open_slide(tmp_path / "scan.img", slide_mpp=None) as s:
+        assert s.backend == "image"
+        if mpp is None:
+            with pytest.raises(SlideError, match="microns per pixel"):
+                s.mpp
+        else:
+            assert s.mpp == pytest.approx(mpp)
+            np.testing.assert_array_equal(s.read(s.plan(mpp), 0, 0, 80, 60), image)
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("name, content", [("broken.svs", b"\x00garbage" * 100), ("notes.txt", b"hello"),
                                            ("trunc.tif", b"II*\x00\x08\x00\x00\x00")])
