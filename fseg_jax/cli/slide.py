@@ -58,7 +58,7 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
     reported and skipped. Several processes (one per host) share the tiles of each slide with
     --coordinator/--num-processes/--process-id (or --distributed); then run --merge once.
     """
-    from fseg_jax.wsi.pipeline import SlideFailure, find_slides, slide_folder_name, merge_slide, segment_slides
+    from fseg_jax.wsi.pipeline import SlideFailure, find_slides, merge_slide, segment_slides, slide_folder_name
 
     if merge_only:
         failed = 0

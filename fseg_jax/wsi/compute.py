@@ -102,13 +102,11 @@ class TileStep:
 
     @staticmethod
     def collect(handle) -> tuple[np.ndarray, np.ndarray | None]:
+        """(labels, weights) of a batch started by `dispatch`, waiting for it; see the class docstring."""
         n, out = handle
         labels = np.asarray(out[0])[:n]
         weights = np.asarray(out[1])[:n] if len(out) > 1 else None
         return labels, weights
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.collect(self.dispatch(images))
 
 
 def prefetch_batches(
