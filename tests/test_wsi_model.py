@@ -310,3 +310,28 @@ def test_cli_passes_every_model_option(synthetic_slide, model, concepts, tmp_pat
 
     assert slide.SOLVERS == nmf.SOLVERS  # the command's choices, named without importing JAX
 
+
+def test_models_that_differ_in_one_parameter_do_not_share_batches(synthetic_slide, model, concepts, tmp_path):
+    """The resume fingerprint hashes every parameter value: a model that differs from another in one value
+    of the patch embedding (49152 values, of which a strided sample of every 12th would see only one in
+    twelve) recomputes the slide, where the same weights resume it."""
+    from fseg_jax.hub import load_converted, save_model
+    from fseg_jax.wsi.plan import model_digest
+
+    other = tiny_vit(uni_tiny_config())
+    other.patch_embed.kernel[...] = other.patch_embed.kernel[...].at[0, 0, 0, 5].add(0.5)
+    options = dict(tile=128, margin=16, batch=4, mpp=4.0)
+    out = tmp_path / "run"
+    runs = [
+        pipeline.SlideSegmenter.from_model(m, concepts, **options).run(synthetic_slide, out)
+        for m in (model, tiny_vit(uni_tiny_config()), other)
+    ]
+    first, same, changed = runs
+    assert first.tiles_computed == first.tiles > 0
+    assert same.tiles_computed == 0
+    assert changed.tiles_computed == changed.tiles == first.tiles
+
+    # a model loaded from a folder is known by its files' hashes
+    a, b = save_model(model, tmp_path / "a"), save_model(other, tmp_path / "b")
+    assert model_digest(load_converted(a)) == model_digest(load_converted(a)) != model_digest(load_converted(b))
+

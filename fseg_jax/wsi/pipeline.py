@@ -45,10 +45,11 @@ from fseg_jax.wsi.plan import (
     batches_to_do,
     check_unchanged,
     finished_summary,
-    params_digest,
+    model_digest,
     plan_grid,
     plan_slide,
     start_or_resume,
+    tree_digest,
 )
 from fseg_jax.wsi.reader import Slide, SlideError, open_slide
 from fseg_jax.wsi.store import WorkDir
@@ -106,7 +107,9 @@ class SlideSegmenter:
     mpp: working microns per pixel; resolution: "pixel" (labels per pixel by F-Seg's rule, the default) or
     "token" (one label per token, faster); save_weights: also keep the (h, w, k) token weights; devices:
     the devices to shard the batch over (default: all local); workers: reader threads (default: one per
-    CPU core, at most 32); info: what to record in summary.json about the model and bank.
+    CPU core, at most 32); info: what to record in summary.json about the model and bank; params_id: what
+    identifies `params` in the resume fingerprint (`from_model` gives a digest of the model's checkpoint and
+    of the concepts; default: `fseg_jax.wsi.plan.tree_digest` of every parameter value).
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class SlideSegmenter:
         devices: Sequence | None = None,
         workers: int | None = None,
         info: dict[str, Any] | None = None,
+        params_id: str | None = None,
     ):
         # one tile's grid: checks tile and margin against the patch size and settles the default margin
         grid = TileGrid.for_slide((tile, tile), patch=int(patch_size), tile=int(tile), margin=margin)
@@ -142,7 +146,7 @@ class SlideSegmenter:
             core_tokens=grid.core_tokens, label_dtype=label_dtype(self.k + 1), resolution=resolution,
             with_weights=save_weights, devices=devices,
         )
-        self.params_id = params_digest(params)
+        self.params_id = params_id or tree_digest(params)
 
     @classmethod
     def from_model(
@@ -190,12 +194,13 @@ class SlideSegmenter:
         )
         fn, params = make_token_fn(model, concepts, **options)
         k = int(params["concepts"].shape[0])
+        params_id = f"model {model_digest(model)}, concepts {tree_digest(params['concepts'])}"
         info = {
             "model": model_desc, "bank": _describe_concepts(concepts), "method": method, "layer": layer,
             "dtype": "float32" if dtype is None else dtype.name, "n_components": n_components, "seed": seed,
             "solver": solver, "tol": tol, "max_iter": max_iter,
         }
-        return cls(fn, params, patch_size=config.patch_size, k=k, info=info, **kwargs)
+        return cls(fn, params, patch_size=config.patch_size, k=k, info=info, params_id=params_id, **kwargs)
 
     # -- one slide ---------------------------------------------------------------------------------
     def run(

@@ -3,7 +3,9 @@
 A run's plan (plan.json in the work folder, see `fseg_jax.wsi.store`) records every setting that changes
 its outputs, the slide's geometry and the batches of tiles with tissue; its fingerprint is the hash of the
 settings. A batch file counts only for the fingerprint its name carries, so a run resumes exactly the work
-done under its own settings; the parameters enter the settings as a digest (`params_digest`).
+done under its own settings. The model and the concepts enter the settings as digests of what is computed
+with: the converted model's files (for a model loaded from a folder) or every parameter value, and the
+concept matrix actually used.
 """
 
 from __future__ import annotations
@@ -29,16 +31,34 @@ class SlideRunMismatch(ValueError):
     """The processes of a multi-process run (or a run and the work folder it found) disagree on settings."""
 
 
-def params_digest(params) -> str:
-    """A cheap fingerprint of a parameter tree: every leaf's shape, dtype and a strided sample of its values."""
+def tree_digest(tree) -> str:
+    """sha256 of a tree of arrays: every leaf's path, shape, dtype and every one of its values."""
     import jax
 
     h = hashlib.sha256()
-    for leaf in jax.tree.leaves(params):
-        a = np.asarray(leaf)
-        h.update(f"{a.shape}{a.dtype}".encode())
-        flat = a.reshape(-1)
-        h.update(np.ascontiguousarray(flat[:: max(1, flat.size // 4096)]).tobytes())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}{a.shape}{a.dtype}".encode())
+        h.update(a.view(np.uint8).reshape(-1).data)
+    return h.hexdigest()
+
+
+def model_digest(model) -> str:
+    """What a model computes with: the sha256 of its converted files when it was loaded from a folder
+    (`fseg_jax.hub.model_source`), else `tree_digest` of its parameters (each value hashed once). A preset
+    is hashed by its parameters: its recorded source names no hub revision."""
+    from flax import nnx
+
+    from fseg_jax.hub import CONFIG_FILE, WEIGHTS_FILE, model_source
+
+    source = model_source(model)
+    files = [Path(source) / name for name in (CONFIG_FILE, WEIGHTS_FILE)] if source is not None else []
+    if not files or not all(f.is_file() for f in files):  # a preset (any revision) or a folder since removed
+        return tree_digest(nnx.state(model))
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            h.update(f"{path.name}:{hashlib.file_digest(f, 'sha256').hexdigest()}".encode())
     return h.hexdigest()
 
 
