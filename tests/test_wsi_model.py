@@ -335,3 +335,51 @@ def test_models_that_differ_in_one_parameter_do_not_share_batches(synthetic_slid
     a, b = save_model(model, tmp_path / "a"), save_model(other, tmp_path / "b")
     assert model_digest(load_converted(a)) == model_digest(load_converted(a)) != model_digest(load_converted(b))
 
+
+def test_out_of_device_memory_says_which_batch_to_try(synthetic_slide, model, concepts, tmp_path, monkeypatch):
+    from jax.errors import JaxRuntimeError
+
+    from fseg_jax.wsi import DeviceMemoryError
+
+    seg = pipeline.SlideSegmenter.from_model(model, concepts, tile=128, margin=16, batch=4, mpp=4.0)
+
+    def exhausted(images):
+        raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12582912 bytes.")
+
+    monkeypatch.setattr(seg.step, "dispatch", exhausted)
+    expected = r"memory computing a batch of 4 tiles of 128 px: try half the batch, --batch 2 \(batch=2\)"
+    with pytest.raises(DeviceMemoryError, match=expected):
+        seg.run(synthetic_slide, tmp_path / "a")
+    # every slide of a folder would fail alike: the error ends the batch instead of failing each slide
+    with pytest.raises(DeviceMemoryError):
+        pipeline.segment_slides([synthetic_slide, synthetic_slide], tmp_path / "b", seg)
+
+    def failing(images):
+        raise JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(seg.step, "dispatch", failing)
+    with pytest.raises(JaxRuntimeError, match="something else"):  # other XLA errors pass as they are
+        seg.run(synthetic_slide, tmp_path / "d")
+
+    one = pipeline.SlideSegmenter.from_model(model, concepts, tile=128, margin=16, batch=1, mpp=4.0)
+    monkeypatch.setattr(one.step, "dispatch", exhausted)
+    with pytest.raises(DeviceMemoryError, match=r"try a smaller tile, e\.g\. --tile 64"):
+        one.run(synthetic_slide, tmp_path / "c")
+
+    # the command says it in one line and stops
+    from click.testing import CliRunner
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+    from fseg_jax.hub import save_model
+    from fseg_jax.wsi.compute import TileStep
+
+    save_model(model, tmp_path / "model")
+    save_concepts(tmp_path / "bank.safetensors", ConceptBank({K: concepts}, model="uni-tiny", layer=-1))
+    monkeypatch.setattr(TileStep, "dispatch", lambda self, images: exhausted(images))
+    args = ["slide", str(synthetic_slide), "--model", str(tmp_path / "model"), "--concepts",
+            str(tmp_path / "bank.safetensors"), "--mpp", "4", "--tile", "128", "--margin", "16", "--batch", "4",
+            "--no-compilation-cache", "-o", str(tmp_path / "cli")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "Error: the device ran out of memory computing a batch of 4 tiles of 128 px" in result.output

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from fseg_jax.wsi.compute import TileStep, TokenFn, prefetch_batches
+from fseg_jax.wsi.compute import DeviceMemoryError, TileStep, TokenFn, explain_out_of_memory, prefetch_batches
 from fseg_jax.wsi.discovery import find_slides, slide_folder_name
 from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide
 from fseg_jax.wsi.outputs import label_dtype
@@ -58,6 +58,7 @@ from fseg_jax.wsi.tiling import TileGrid
 __all__ = [
     "OUTPUT_FILES",
     "WEIGHTS_FILE",
+    "DeviceMemoryError",
     "SlideFailure",
     "SlideResult",
     "SlideRunMismatch",
@@ -219,7 +220,8 @@ class SlideSegmenter:
         process computes batches index, index+count, ... and, when count > 1, leaves the outputs to
         `merge_slide`. Default (0, 1): every batch, then the outputs. In a multi-process run a work folder
         holding a run with other settings is an error (`SlideRunMismatch`), not replaced: the processes
-        must agree, and a batch computed under other settings never counts as done.
+        must agree, and a batch computed under other settings never counts as done. A device without the
+        memory for a batch raises `DeviceMemoryError`, which says which smaller batch or tile to try.
         """
         t_start = time.perf_counter()
         index, count = part if part is not None else (0, 1)
@@ -300,15 +302,16 @@ class SlideSegmenter:
             bar.update(len(ids))
 
         try:
-            stream = prefetch_batches((batches[b] for b in todo), read, workers=self.workers)
-            for b, (ids, images, waited) in zip(todo, stream):
-                t0 = time.perf_counter()
-                entry = (b, ids, self.step.dispatch(images), t0, waited)
+            with explain_out_of_memory(self.step.batch, self.tile, len(self.step.devices)):
+                stream = prefetch_batches((batches[b] for b in todo), read, workers=self.workers)
+                for b, (ids, images, waited) in zip(todo, stream):
+                    t0 = time.perf_counter()
+                    entry = (b, ids, self.step.dispatch(images), t0, waited)
+                    if pending is not None:
+                        finish(pending)
+                    pending = entry
                 if pending is not None:
                     finish(pending)
-                pending = entry
-            if pending is not None:
-                finish(pending)
         finally:
             bar.close()
         return computed
@@ -334,7 +337,8 @@ def segment_slides(
     """Segment a slide, a folder of slides or a list of them into `out_root/<slide name>/` each.
 
     A slide that fails (unreadable, no mpp, settings that differ from a multi-process run's, ...) becomes a
-    SlideFailure in the returned list and the batch goes on; `on_result` is called after each slide.
+    SlideFailure in the returned list and the batch goes on; `on_result` is called after each slide. A
+    `DeviceMemoryError` ends the batch: every slide would meet it.
     part: (index, count) of a multi-process run, for every slide (see `SlideSegmenter.run`).
     """
     from tqdm.auto import tqdm
@@ -348,6 +352,8 @@ def segment_slides(
                 path, out_root / slide_folder_name(path), slide_mpp=slide_mpp, part=part, progress=progress,
                 progress_position=1 if len(paths) > 1 else 0,
             )
+        except DeviceMemoryError:  # every slide would fail alike: the settings must change
+            raise
         except Exception as err:  # noqa: BLE001 - one bad slide must not end the batch; reported to the caller
             result = SlideFailure(path, f"{type(err).__name__}: {err}" if not isinstance(err, SlideError) else str(err))
         results.append(result)
