@@ -78,7 +78,8 @@ def build_jax(args, k, torch_model=None):
 
 def run_pipeline(seg, slide_path):
     """End-to-end on the slide (compilation excluded); returns (tiles, seconds, summary)."""
-    seg.step(np.full((seg.step.batch, seg.tile, seg.tile, 3), 255, np.uint8))  # compile the full batch
+    glass = np.full((seg.step.batch, seg.tile, seg.tile, 3), 255, np.uint8)
+    seg.step.collect(seg.step.dispatch(glass))  # compile the full batch
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         result = seg.run(slide_path, Path(out) / "slide")
@@ -130,7 +131,7 @@ def paired_tiles(args, cfg, seg, loop, n_tiles):
     from fseg_jax.wsi.reader import open_slide
     from fseg_jax.wsi.tiling import TileGrid
 
-    seg.step(np.full((1, args.tile, args.tile, 3), 255, np.uint8))  # compile
+    seg.step.collect(seg.step.dispatch(np.full((1, args.tile, args.tile, 3), 255, np.uint8)))  # compile
     read_s, jax_s, forward_s, nnls_s, agree = [], [], [], [], []
     with open_slide(args.slide) as slide:
         plan = slide.plan(args.mpp)
@@ -142,7 +143,7 @@ def paired_tiles(args, cfg, seg, loop, n_tiles):
 
             def run_jax():
                 t0 = time.perf_counter()
-                labels, _ = seg.step(image[None])
+                labels, _ = seg.step.collect(seg.step.dispatch(image[None]))
                 jax_s.append(time.perf_counter() - t0)
                 return labels[0]
 
@@ -192,7 +193,7 @@ def read_throughput(seg, slide_path, n: int):
 
 def compute_throughput(seg, n_batches: int):
     images = np.random.default_rng(0).integers(0, 256, (seg.step.batch, seg.tile, seg.tile, 3), dtype=np.uint8)
-    seg.step(images)  # compile
+    seg.step.collect(seg.step.dispatch(images))  # compile
     t0 = time.perf_counter()
     handles = [seg.step.dispatch(images) for _ in range(n_batches)]
     for h in handles:

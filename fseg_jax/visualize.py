@@ -9,6 +9,9 @@ import colorsys
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
+
+from fseg_jax.io import as_rgb, to_uint8
 
 # Index 0 is a neutral grey (slides use label 0 for background); 1..19 are distinct, saturated colours
 # (Sasha Trubetskoy's "20 simple, distinct colours" without white and black).
@@ -38,9 +41,6 @@ def palette(n: int) -> np.ndarray:
     return np.asarray(colours, dtype=np.uint8).reshape(n, 3)
 
 
-_default_palette = palette  # `overlay` takes a `palette` argument that shadows the function
-
-
 def overlay(
     image: Any,
     labels: Any,
@@ -53,7 +53,8 @@ def overlay(
     """Blend a label map over an image.
 
     Args:
-        image: (H, W, 3) uint8 RGB array or a PIL image (converted to RGB).
+        image: (H, W, 3) uint8 RGB array or a PIL image (converted by :func:`fseg_jax.io.as_rgb`: alpha
+            composited over white, 16-bit scaled to uint8).
         labels: (H, W) integer label map; values index the palette (0 <= label < len(palette)).
         alpha: opacity of the colours, 0 (image only) to 1 (colours only).
         legend: append a white strip under the picture with one entry per label present: its colour, its
@@ -64,7 +65,7 @@ def overlay(
     Returns:
         A new (H, W, 3) uint8 array, or (H + strip, W, 3) with `legend`. The inputs are never modified.
     """
-    rgb = _as_rgb_uint8(image)
+    rgb = to_uint8(as_rgb(image if isinstance(image, Image.Image) else _rgb_uint8_array(image)))
     lab = np.asarray(labels)
     if lab.ndim != 2:
         raise ValueError(f"labels must be a 2-D (H, W) label map, got shape {lab.shape}")
@@ -81,17 +82,7 @@ def overlay(
         names = [str(s) for s in names]
         if len(names) < n_labels:
             raise ValueError(f"names has {len(names)} entries but labels go up to {n_labels - 1}")
-    if palette is None:
-        colours = _default_palette(max(n_labels, len(names or ())))
-    else:
-        colours = np.asarray(palette)
-        if colours.ndim != 2 or colours.shape[1] != 3:
-            raise ValueError(f"palette must be an (n, 3) array of RGB colours, got shape {colours.shape}")
-        if colours.dtype.kind not in "iu" or (colours.size and (colours.min() < 0 or colours.max() > 255)):
-            raise ValueError("palette colours must be integers in 0..255")
-        if len(colours) < n_labels:
-            raise ValueError(f"palette has {len(colours)} colours but labels go up to {n_labels - 1}")
-        colours = colours.astype(np.uint8)
+    colours = _label_colours(palette, max(n_labels, len(names or ())), n_labels)
 
     # integer blend: (image * (256 - a) + colour * a + 128) >> 8, a = round(256 * alpha); fits uint16
     a = int(round(float(alpha) * 256))
@@ -102,11 +93,7 @@ def overlay(
     return np.concatenate([out, _legend_strip(out.shape[1], counts, colours, names)], axis=0)
 
 
-def _as_rgb_uint8(image: Any) -> np.ndarray:
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+def _rgb_uint8_array(image: Any) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ValueError(f"image must be an (H, W, 3) RGB array, got shape {arr.shape}")
@@ -115,9 +102,23 @@ def _as_rgb_uint8(image: Any) -> np.ndarray:
     return arr
 
 
+def _label_colours(given: Any, n: int, n_labels: int) -> np.ndarray:
+    """`given` (an (m, 3) palette with a colour for each of `n_labels` labels) as uint8, or `palette(n)`."""
+    if given is None:
+        return palette(n)
+    colours = np.asarray(given)
+    if colours.ndim != 2 or colours.shape[1] != 3:
+        raise ValueError(f"palette must be an (n, 3) array of RGB colours, got shape {colours.shape}")
+    if colours.dtype.kind not in "iu" or (colours.size and (colours.min() < 0 or colours.max() > 255)):
+        raise ValueError("palette colours must be integers in 0..255")
+    if len(colours) < n_labels:
+        raise ValueError(f"palette has {len(colours)} colours but labels go up to {n_labels - 1}")
+    return colours.astype(np.uint8)
+
+
 def _legend_strip(width: int, counts: np.ndarray, colours: np.ndarray, names: list[str] | None) -> np.ndarray:
     """A white (h, width, 3) strip: one swatch + "index name: share%" per present label, wrapped into rows."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import ImageDraw, ImageFont
 
     size = int(np.clip(width // 60, 10, 28))
     try:

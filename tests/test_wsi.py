@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from fseg_jax.wsi import pipeline
-from fseg_jax.wsi.outputs import label_polygons, token_sampler, write_geojson, write_label_tiff
+from fseg_jax.wsi.outputs import label_polygons, write_geojson, write_label_tiff
 from fseg_jax.wsi.reader import SlideError, open_slide
+from fseg_jax.wsi.sampling import array_sampler, token_sampler
 from fseg_jax.wsi.store import WorkDir
 from fseg_jax.wsi.tiling import TileGrid
 from fseg_jax.wsi.tissue import detect_tissue, tissue_mask
@@ -176,6 +177,25 @@ def test_plain_image_reader(tmp_path):
         np.testing.assert_array_equal(s.read(s.plan(0.5), 0, 0, 80, 60), image)
 
 
+
+@pytest.mark.parametrize(
+    "unit, per_unit, mpp", [("CENTIMETER", 20_000.0, 0.5), ("INCH", 101_600.0, 0.25), ("NONE", 1.0, None)]
+)
+def test_image_mpp_from_tiff_resolution_tags(tmp_path, unit, per_unit, mpp):
+    """A TIFF read as a plain image (by a name no slide library claims) takes its mpp from XResolution."""
+    import tifffile
+
+    image, _ = synthetic_he(60, 80)
+    tifffile.imwrite(tmp_path / "scan.img", image, resolution=(per_unit, per_unit), resolutionunit=unit)
+    with open_slide(tmp_path / "scan.img", slide_mpp=None) as s:
+        assert s.backend == "image"
+        if mpp is None:
+            with pytest.raises(SlideError, match="microns per pixel"):
+                s.mpp
+        else:
+            assert s.mpp == pytest.approx(mpp)
+            np.testing.assert_array_equal(s.read(s.plan(mpp), 0, 0, 80, 60), image)
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 @pytest.mark.parametrize("name, content", [("broken.svs", b"\x00garbage" * 100), ("notes.txt", b"hello"),
                                            ("trunc.tif", b"II*\x00\x08\x00\x00\x00")])
@@ -303,8 +323,6 @@ def test_label_tiff_streams_from_a_memory_map(tmp_path):
     import tracemalloc
 
     import tifffile
-
-    from fseg_jax.wsi.outputs import array_sampler
 
     labels = np.memmap(tmp_path / "labels.raw", dtype=np.uint8, mode="w+", shape=(6000, 6000))
     labels[1000:5000:7, :] = 3
@@ -525,7 +543,7 @@ def test_batches_compile_once_per_power_of_two(slides, tmp_path):
     wide = pipeline.SlideSegmenter(fn, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=16, mpp=1.0)
     assert [wide.step.padded_size(n) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
     with pytest.raises(ValueError, match="exceeds"):
-        wide.step(np.zeros((17, 128, 128, 3), np.uint8))
+        wide.step.dispatch(np.zeros((17, 128, 128, 3), np.uint8))
 
 
 def test_prefetch_reads_ahead_in_order():

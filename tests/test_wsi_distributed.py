@@ -33,16 +33,15 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny ViT and a one-k bank saved to disk, and a synthetic slide of 6 tiles at 1 um/px."""
-    from flax import nnx
     from test_wsi import synthetic_he, write_ome_tiff
-    from test_wsi_model import K, tiny_config
+    from test_wsi_model import K, uni_tiny_config
+    from tiny_models import tiny_vit
 
-    from fseg_jax import VisionTransformer
     from fseg_jax.concepts import ConceptBank, save_concepts
     from fseg_jax.hub import save_model
 
     root = tmp_path_factory.mktemp("distributed")
-    save_model(VisionTransformer(tiny_config(), rngs=nnx.Rngs(0)), root / "model")
+    save_model(tiny_vit(uni_tiny_config()), root / "model")
     concepts = np.abs(np.random.default_rng(0).normal(size=(K, 64))).astype(np.float32)
     save_concepts(root / "bank.safetensors", ConceptBank({K: concepts}, model="uni-tiny", layer=-1))
     image, _ = synthetic_he(600, 800, seed=1)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import tiny_vit
 
 from fseg_jax.wsi import pipeline
 
@@ -23,7 +24,8 @@ K = 5
 SVS_SIZE_AT_4UM = (277, 370)  # 2220 x 2967 px at 0.499 um/px, seen at 4 um/px
 
 
-def tiny_config():
+def uni_tiny_config():
+    """UNI's architecture with one block of width 64 (patch 16, class token, 14 x 14 position grid)."""
     from fseg_jax import ViTConfig
 
     return dataclasses.replace(
@@ -33,11 +35,7 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def model():
-    from flax import nnx
-
-    from fseg_jax import VisionTransformer
-
-    return VisionTransformer(tiny_config(), rngs=nnx.Rngs(0))
+    return tiny_vit(uni_tiny_config())
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +127,10 @@ def test_one_tile_and_many_tiles_agree_away_from_the_border(svs, model, concepts
     inner[2:-2, 2:-2] = True
     tissue = inner & (one["labels"] > 0)
     np.testing.assert_array_equal(one["labels"] > 0, many["labels"] > 0)  # the same tissue either way
-    # attention is global within a tile, so context differs; margins keep the labels close
-    assert (one["labels"] == many["labels"])[tissue].mean() > 0.9
-    assert np.corrcoef(one["weights"][tissue].ravel(), many["weights"][tissue].ravel())[0, 1] > 0.99
+    # attention is global within a tile, so context differs; margins keep the labels close (with LayerScale
+    # in [0.1, 1] the block mixes the tile's tokens: measured 83 % of the labels equal, correlation 0.976)
+    assert (one["labels"] == many["labels"])[tissue].mean() > 0.75
+    assert np.corrcoef(one["weights"][tissue].ravel(), many["weights"][tissue].ravel())[0, 1] > 0.95
 
 
 def _svs_tile(svs) -> np.ndarray:
@@ -172,8 +171,9 @@ def test_two_by_two_tiles_agree_with_one_tile(svs, model, concepts, tmp_path):
 
     Per-pixel interpolation is continuous across the seams (exact with a local model: test_wsi.py), so what
     differs is the model's context: attention is global within a tile, and each of the four tiles sees 256
-    px instead of 416. Measured: 98.3 % of tissue pixels agree (98.2 % with 16 px margins, 97.9 % with 64:
-    the tiny random model attends about evenly to everything in the tile, so more margin is not closer).
+    px instead of 416. Measured: 95.0 % of tissue pixels agree (the tiny model's LayerScale in [0.1, 1] lets
+    its block mix the tile's tokens; with timm's default 1e-5 the block barely moved the output and 98.3 %
+    agreed).
     """
     runs = {}
     for name, tile, margin in (("one", 416, 16), ("four", 256, 32)):
@@ -182,7 +182,7 @@ def test_two_by_two_tiles_agree_with_one_tile(svs, model, concepts, tmp_path):
     assert runs["one"][0] == 1 and runs["four"][0] == 4
     one, four = runs["one"][1], runs["four"][1]
     np.testing.assert_array_equal(one > 0, four > 0)
-    assert (one == four)[one > 0].mean() > 0.97
+    assert (one == four)[one > 0].mean() > 0.93
 
 
 def test_every_option_reaches_the_compiled_step(svs, model, concepts, tmp_path):
@@ -214,15 +214,14 @@ DEVICES_SCRIPT = textwrap.dedent(
     """
     import sys
     import numpy as np, jax, tifffile
-    from flax import nnx
     from safetensors.numpy import load_file
     sys.path.insert(0, sys.argv[3])
-    from test_wsi_model import K, tiny_config
-    from fseg_jax import VisionTransformer
+    from test_wsi_model import K, uni_tiny_config
+    from tiny_models import tiny_vit
     from fseg_jax.wsi.pipeline import SlideSegmenter
 
     assert jax.device_count() == 4, jax.devices()
-    model = VisionTransformer(tiny_config(), rngs=nnx.Rngs(0))
+    model = tiny_vit(uni_tiny_config())
     concepts = np.abs(np.random.default_rng(0).normal(size=(K, 64))).astype(np.float32)
     out = {}
     for n in (1, 4):
@@ -310,3 +309,77 @@ def test_cli_passes_every_model_option(synthetic_slide, model, concepts, tmp_pat
     from fseg_jax.cli import slide
 
     assert slide.SOLVERS == nmf.SOLVERS  # the command's choices, named without importing JAX
+
+
+def test_models_that_differ_in_one_parameter_do_not_share_batches(synthetic_slide, model, concepts, tmp_path):
+    """The resume fingerprint hashes every parameter value: a model that differs from another in one value
+    of the patch embedding (49152 values, of which a strided sample of every 12th would see only one in
+    twelve) recomputes the slide, where the same weights resume it."""
+    from fseg_jax.hub import load_converted, save_model
+    from fseg_jax.wsi.plan import model_digest
+
+    other = tiny_vit(uni_tiny_config())
+    other.patch_embed.kernel[...] = other.patch_embed.kernel[...].at[0, 0, 0, 5].add(0.5)
+    options = dict(tile=128, margin=16, batch=4, mpp=4.0)
+    out = tmp_path / "run"
+    runs = [
+        pipeline.SlideSegmenter.from_model(m, concepts, **options).run(synthetic_slide, out)
+        for m in (model, tiny_vit(uni_tiny_config()), other)
+    ]
+    first, same, changed = runs
+    assert first.tiles_computed == first.tiles > 0
+    assert same.tiles_computed == 0
+    assert changed.tiles_computed == changed.tiles == first.tiles
+
+    # a model loaded from a folder is known by its files' hashes
+    a, b = save_model(model, tmp_path / "a"), save_model(other, tmp_path / "b")
+    assert model_digest(load_converted(a)) == model_digest(load_converted(a)) != model_digest(load_converted(b))
+
+
+def test_out_of_device_memory_says_which_batch_to_try(synthetic_slide, model, concepts, tmp_path, monkeypatch):
+    from jax.errors import JaxRuntimeError
+
+    from fseg_jax.wsi import DeviceMemoryError
+
+    seg = pipeline.SlideSegmenter.from_model(model, concepts, tile=128, margin=16, batch=4, mpp=4.0)
+
+    def exhausted(images):
+        raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12582912 bytes.")
+
+    monkeypatch.setattr(seg.step, "dispatch", exhausted)
+    expected = r"memory computing a batch of 4 tiles of 128 px: try half the batch, --batch 2 \(batch=2\)"
+    with pytest.raises(DeviceMemoryError, match=expected):
+        seg.run(synthetic_slide, tmp_path / "a")
+    # every slide of a folder would fail alike: the error ends the batch instead of failing each slide
+    with pytest.raises(DeviceMemoryError):
+        pipeline.segment_slides([synthetic_slide, synthetic_slide], tmp_path / "b", seg)
+
+    def failing(images):
+        raise JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(seg.step, "dispatch", failing)
+    with pytest.raises(JaxRuntimeError, match="something else"):  # other XLA errors pass as they are
+        seg.run(synthetic_slide, tmp_path / "d")
+
+    one = pipeline.SlideSegmenter.from_model(model, concepts, tile=128, margin=16, batch=1, mpp=4.0)
+    monkeypatch.setattr(one.step, "dispatch", exhausted)
+    with pytest.raises(DeviceMemoryError, match=r"try a smaller tile, e\.g\. --tile 64"):
+        one.run(synthetic_slide, tmp_path / "c")
+
+    # the command says it in one line and stops
+    from click.testing import CliRunner
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+    from fseg_jax.hub import save_model
+    from fseg_jax.wsi.compute import TileStep
+
+    save_model(model, tmp_path / "model")
+    save_concepts(tmp_path / "bank.safetensors", ConceptBank({K: concepts}, model="uni-tiny", layer=-1))
+    monkeypatch.setattr(TileStep, "dispatch", lambda self, images: exhausted(images))
+    args = ["slide", str(synthetic_slide), "--model", str(tmp_path / "model"), "--concepts",
+            str(tmp_path / "bank.safetensors"), "--mpp", "4", "--tile", "128", "--margin", "16", "--batch", "4",
+            "--no-compilation-cache", "-o", str(tmp_path / "cli")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "Error: the device ran out of memory computing a batch of 4 tiles of 128 px" in result.output

@@ -15,23 +15,16 @@ from fseg_jax.cli.common import (
 )
 from fseg_jax.compilation import enable_compilation_cache
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 METHODS = ("project", "nearest", "factorize", "dff")
 
 
 def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
-    files: list[Path] = []
-    for text in paths:
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                raise click.ClickException(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise click.ClickException(f"{path}: no such file or folder")
+    from fseg_jax.io import expand_image_paths
+
+    try:
+        files = expand_image_paths(paths)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(one_line(e)) from None
     stems: dict[str, Path] = {}
     for f in files:
         if f.stem in stems:

@@ -58,7 +58,7 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
     reported and skipped. Several processes (one per host) share the tiles of each slide with
     --coordinator/--num-processes/--process-id (or --distributed); then run --merge once.
     """
-    from fseg_jax.wsi.pipeline import SlideFailure, find_slides, slide_folder_name, merge_slide, segment_slides
+    from fseg_jax.wsi.pipeline import SlideFailure, find_slides, merge_slide, segment_slides, slide_folder_name
 
     if merge_only:
         failed = 0
@@ -113,7 +113,7 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
             jax.distributed.initialize(initialization_timeout=coordinator_timeout)
         part = (jax.process_index(), jax.process_count())
 
-    from fseg_jax.wsi.pipeline import SlideSegmenter
+    from fseg_jax.wsi.pipeline import DeviceMemoryError, SlideSegmenter
 
     try:
         segmenter = SlideSegmenter.from_model(
@@ -133,7 +133,12 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
             note = "already done" if result.tiles_computed == 0 and result.tiles else f"{result.tiles_computed} tiles computed"
             click.echo(f"{result.slide.name}: {result.tiles} tissue tiles, {note}, {result.seconds:.1f} s -> {result.out_dir}")
 
-    results = segment_slides(slides, out_root, segmenter, slide_mpp=slide_mpp, part=part, progress=True, on_result=report)
+    try:
+        results = segment_slides(
+            slides, out_root, segmenter, slide_mpp=slide_mpp, part=part, progress=True, on_result=report
+        )
+    except DeviceMemoryError as err:
+        raise click.ClickException(str(err)) from None
     failures = [r for r in results if isinstance(r, SlideFailure)]
     if failures:
         click.echo(f"{len(failures)} of {len(results)} slides failed", err=True)

@@ -88,6 +88,18 @@ def collect_images(images: Any) -> tuple[list[np.ndarray], str]:
     return [as_rgb(images)], "single"
 
 
+def over_white(image: np.ndarray) -> np.ndarray:
+    """An image with alpha as the last channel, ``(H, W, 4)`` or ``(H, W, 2)``, composited over white (the
+    colour of glass), alpha dropped: uint8 rounded to uint8, float in [0, 1] as float32."""
+    color, alpha = image[..., :-1], image[..., -1:]
+    if image.dtype == np.uint8:
+        if np.all(alpha == 255):
+            return np.ascontiguousarray(color)
+        a = alpha.astype(np.float32) / 255.0
+        return np.round(color.astype(np.float32) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+    return (color * alpha + (1.0 - alpha)).astype(np.float32)
+
+
 def _is_pil(obj: Any) -> bool:
     try:
         from PIL import Image
@@ -138,13 +150,7 @@ def _to_three_channels(arr: np.ndarray) -> np.ndarray:
     if c == 3:
         return arr
     if c in (2, 4):
-        color, alpha = arr[..., : c - 1], arr[..., c - 1 :]
-        if arr.dtype == np.uint8:
-            a = alpha.astype(np.float32) / 255.0
-            blended = color.astype(np.float32) * a + 255.0 * (1.0 - a)
-            arr = np.round(blended).astype(np.uint8)
-        else:
-            arr = (color * alpha + (1.0 - alpha)).astype(np.float32)
+        arr = over_white(arr)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=2)
     return arr

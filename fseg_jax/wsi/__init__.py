@@ -6,6 +6,7 @@ on many (`segment_slides` for a folder); `merge_slide` writes the outputs of a m
 """
 
 from fseg_jax.wsi.pipeline import (
+    DeviceMemoryError,
     SlideFailure,
     SlideResult,
     SlideRunMismatch,
@@ -17,6 +18,7 @@ from fseg_jax.wsi.pipeline import (
 from fseg_jax.wsi.reader import Slide, SlideError, open_slide
 
 __all__ = [
+    "DeviceMemoryError",
     "Slide",
     "SlideError",
     "SlideFailure",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -102,13 +103,35 @@ class TileStep:
 
     @staticmethod
     def collect(handle) -> tuple[np.ndarray, np.ndarray | None]:
+        """(labels, weights) of a batch started by `dispatch`, waiting for it; see the class docstring."""
         n, out = handle
         labels = np.asarray(out[0])[:n]
         weights = np.asarray(out[1])[:n] if len(out) > 1 else None
         return labels, weights
 
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.collect(self.dispatch(images))
+
+class DeviceMemoryError(RuntimeError):
+    """The device has too little memory for the tile step's batch of tiles."""
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(batch: int, tile: int, devices: int) -> Iterator[None]:
+    """Turn XLA's out-of-memory error (RESOURCE_EXHAUSTED) inside the block into a `DeviceMemoryError` that
+    says which smaller `batch` (or, at one tile a device, `tile`) to try."""
+    from jax.errors import JaxRuntimeError
+
+    try:
+        yield
+    except JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        what = f"a batch of {batch} tiles of {tile} px"
+        if batch > devices:
+            half = max(devices, batch // 2)
+            hint = f"try half the batch, --batch {half} (batch={half})"
+        else:
+            hint = f"try a smaller tile, e.g. --tile {tile // 2} (tile={tile // 2})"
+        raise DeviceMemoryError(f"the device ran out of memory computing {what}: {hint}") from err
 
 
 def prefetch_batches(

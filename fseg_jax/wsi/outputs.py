@@ -1,7 +1,8 @@
 """Files a slide run writes, each atomically (a temporary name in the same folder, then os.replace).
 
 - `write_label_tiff`: pyramidal tiled OME-TIFF of a label map given by a sampling function (see
-  `LabelSampler`), generated band by band while writing, so that it never needs to be in memory whole;
+  `fseg_jax.wsi.sampling.LabelSampler`), generated band by band while writing, so that it never needs to be
+  in memory whole;
 - `label_polygons` / `write_geojson`: QuPath annotations, one (multi)polygon per label, in level-0 pixels;
 - `write_json`, `write_weights` (safetensors).
 """
@@ -9,12 +10,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fseg_jax._files import atomic_path
+from fseg_jax.wsi.sampling import LabelSampler
 
 
 def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> None:
@@ -31,38 +33,6 @@ def write_json(path: str | Path, obj) -> None:
 
 def label_dtype(n_labels: int) -> np.dtype:
     return np.dtype(np.uint8) if n_labels <= 256 else np.dtype(np.uint16)
-
-
-# sample(ys, xs) -> (len(ys), len(xs)) labels at rows ys and columns xs (1-D int arrays) of a label map
-LabelSampler = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def token_sampler(labels_hw: np.ndarray, patch: int) -> LabelSampler:
-    """The pixels of a token-resolution label map, each token a `patch` x `patch` square."""
-    h_tok, w_tok = labels_hw.shape
-
-    def sample(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        return labels_hw[np.minimum(ys // patch, h_tok - 1)[:, None], np.minimum(xs // patch, w_tok - 1)[None, :]]
-
-    return sample
-
-
-def array_sampler(labels_hw: np.ndarray, *, read_bytes: int = 2**26) -> LabelSampler:
-    """The pixels of a (height, width) label map, in memory or a memory map.
-
-    Rows are read `read_bytes` at a time (whole rows, then the columns asked for are kept), so a sparse
-    sample of a memory-mapped map never holds more than that of the full-resolution rows.
-    """
-    row_bytes = labels_hw.shape[1] * labels_hw.dtype.itemsize
-    rows_per_read = max(1, read_bytes // row_bytes)
-
-    def sample(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        out = np.empty((len(ys), len(xs)), labels_hw.dtype)
-        for i in range(0, len(ys), rows_per_read):
-            out[i : i + rows_per_read] = np.asarray(labels_hw[ys[i : i + rows_per_read]])[:, xs]
-        return out
-
-    return sample
 
 
 def write_label_tiff(

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fseg_jax.io import as_rgb
+
 SLIDE_SUFFIXES = frozenset(
     {
         ".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".tif", ".tiff", ".svslide", ".dcm",
@@ -159,19 +161,6 @@ class Slide:
         return f"{type(self).__name__}({self.path.name!r}, {self.dimensions[0]}x{self.dimensions[1]}, mpp={mpp}, levels={len(self.level_dimensions)})"
 
 
-def _rgb(region: np.ndarray) -> np.ndarray:
-    """RGB(A) -> RGB over white: transparent parts of a slide are glass."""
-    if region.ndim == 2:
-        return np.repeat(region[..., None], 3, axis=-1)
-    if region.shape[-1] == 4:
-        alpha = region[..., 3:].astype(np.float32) / 255.0
-        if np.all(alpha == 1.0):
-            return np.ascontiguousarray(region[..., :3])
-        rgb = region[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        return np.rint(rgb).astype(np.uint8)
-    return np.ascontiguousarray(region[..., :3])
-
-
 def _float_or_none(value) -> float | None:
     try:
         v = float(value)
@@ -222,7 +211,7 @@ class OpenSlideSlide(Slide):
     def _read(self, level, x, y, width, height):
         d = self.level_downsamples[level]
         region = self._handle.read_region((round(x * d), round(y * d)), level, (width, height))
-        return _rgb(np.asarray(region))
+        return as_rgb(np.asarray(region))
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         return np.asarray(self._handle.get_thumbnail((max_side, max_side)).convert("RGB"))
@@ -242,7 +231,7 @@ class TiffSlideSlide(Slide):
     def _read(self, level, x, y, width, height):
         d = self.level_downsamples[level]
         region = self._handle.read_region((round(x * d), round(y * d)), level, (width, height), as_array=True)
-        return _rgb(np.asarray(region))
+        return as_rgb(np.asarray(region))
 
     def close(self):
         self._handle.close()
@@ -261,24 +250,32 @@ class ImageSlide(Slide):
         return self._pixels[y : y + height, x : x + width]
 
 
-def _pil_mpp(img: Image.Image) -> float | None:
-    """Microns per pixel from a TIFF's resolution tags (centimetre or inch units); None for anything else."""
-    tags = getattr(img, "tag_v2", None)
-    if not tags:
+def _tiff_mpp(path: Path) -> float | None:
+    """Microns per pixel from a TIFF's first page's XResolution and ResolutionUnit (centimetre or inch);
+    None for a file that is not a TIFF or has no such tags."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages.first.tags
+            xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+            if xres is None or unit is None:
+                return None
+            numerator, denominator = xres.value
+            unit = unit.value
+    except (OSError, ValueError, tifffile.TiffFileError):
         return None
-    unit, xres = tags.get(296), tags.get(282)  # ResolutionUnit, XResolution
-    res = _float_or_none(xres)
-    if res is None or unit not in (2, 3):
-        return None
-    return (25400.0 if unit == 2 else 10000.0) / res
+    res = _float_or_none(numerator / denominator) if denominator else None
+    microns = {tifffile.RESUNIT.INCH: 25400.0, tifffile.RESUNIT.CENTIMETER: 10000.0}.get(unit)
+    return None if res is None or microns is None else microns / res
 
 
 def _open_image(path: Path, slide_mpp: float | None) -> ImageSlide:
     """A plain image decoded whole (Pillow's decompression-bomb limit applies: big images belong in TIFF)."""
     with Image.open(path) as img:
-        file_mpp = _pil_mpp(img)
+        file_mpp = _tiff_mpp(path) if img.format == "TIFF" else None
         pixels = np.asarray(img.convert("RGBA") if "A" in img.getbands() else img.convert("RGB"))
-    return ImageSlide(path, _rgb(pixels), slide_mpp, file_mpp)
+    return ImageSlide(path, as_rgb(pixels), slide_mpp, file_mpp)
 
 
 def open_slide(path: str | Path, *, slide_mpp: float | None = None) -> Slide:

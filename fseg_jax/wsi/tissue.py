@@ -29,6 +29,7 @@ def tissue_mask(thumb_hw3: np.ndarray, *, mpp: float, min_area_um2: float = 10_0
     Components and holes smaller than `min_area_um2` (or 1/200 of the image, if less) are removed / filled.
     """
     from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
 
     sat = saturation(thumb_hw3)
     threshold = MIN_SATURATION
@@ -37,21 +38,9 @@ def tissue_mask(thumb_hw3: np.ndarray, *, mpp: float, min_area_um2: float = 10_0
     mask = sat > threshold
     # on a small image (a crop, a biopsy fragment) a speck is relative: at most 1/200 of the image
     min_px = max(1, int(round(min(min_area_um2 / (mpp * mpp), mask.size / 200))))
-    mask = _drop_small(mask, min_px)
-    return ~_drop_small(~mask, min_px)
-
-
-def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
-    """`mask` without its 4-connected components of fewer than `min_px` pixels."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_px
-    keep[0] = False
-    return keep[labels]
+    # 4-connected components (connectivity=1) of fewer than min_px pixels go, as do holes of fewer
+    mask = remove_small_objects(mask, connectivity=1, max_size=min_px - 1)
+    return remove_small_holes(mask, connectivity=1, max_size=min_px - 1)
 
 
 def resize_mask(mask_hw: np.ndarray, shape_hw: tuple[int, int], *, min_fraction: float = 0.5) -> np.ndarray:

@@ -1,0 +1,200 @@
+"""Writing a slide run's outputs from its finished batches: the label map, its areas and summary.json.
+
+The label map is assembled at the working resolution in a memory map in the work folder, one tile core at a
+time (label 0 = background, i.e. pixels of tokens without tissue; label i+1 = concept i), then written as
+labels.ome.tif (band by band), labels.geojson (traced from it), overlay.png, summary.json (the settings,
+the area of each concept, timings and versions) and, on request, weights.safetensors; then the work
+folder is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fseg_jax.visualize import palette
+from fseg_jax.wsi.outputs import (
+    label_dtype,
+    remove_stale_temporaries,
+    write_geojson,
+    write_json,
+    write_label_tiff,
+    write_weights,
+)
+from fseg_jax.wsi.overlay import write_overlay
+from fseg_jax.wsi.plan import plan_grid
+from fseg_jax.wsi.sampling import array_sampler, expand_tokens
+from fseg_jax.wsi.store import WorkDir
+
+OUTPUT_FILES = ("labels.ome.tif", "labels.geojson", "overlay.png", "summary.json")
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
+    """Write a slide's outputs from its finished work folder; return the summary (see the module docstring).
+
+    The label map is assembled at the working resolution in a memory map in the work folder and read back
+    one band at a time, so memory stays bounded by a band of rows and one batch, whatever the slide's size.
+    labels.geojson is traced from the label map sampled every `step` pixels (the top-left pixel of each
+    step x step cell; the cells are the pixels of pyramid level log2(step) of labels.ome.tif): at token
+    resolution step is the patch size and the polygons are the token edges exactly; at pixel resolution
+    step is the smallest power of two that keeps the traced grid within `max_trace_pixels` cells (1 for
+    slides up to 8192 x 8192 working pixels), and the cell-edge polygons are simplified (Douglas-Peucker,
+    topology kept, valid) with a tolerance of half a cell, so every boundary lies within 1.5 x step working
+    pixels of the label map's. summary.json records step and tolerance in working pixels.
+
+    Raises ValueError naming the missing batches when some process has not finished its share.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    work = WorkDir(out_dir)
+    plan = work.read_plan()
+    if plan is None:
+        summary_path = out_dir / "summary.json"
+        if summary_path.is_file():
+            return json.loads(summary_path.read_text())
+        raise ValueError(f"{out_dir}: no slide run to merge (no {work.plan_path.relative_to(out_dir)})")
+    fingerprint = plan["fingerprint"]
+    batches = plan["batches"]
+    missing = sorted(set(range(len(batches))) - work.done(fingerprint))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(f"{out_dir}: {len(missing)} of {len(batches)} batches not computed yet ({shown})")
+
+    grid = plan_grid(plan)
+    p = grid.patch
+    k = plan["k"]
+    pixel = plan["resolution"] == "pixel"
+    width, height = plan["size"]
+    dtype = label_dtype(k + 1)
+    thumb, tissue_tokens = work.tissue(fingerprint)
+    labels = work.label_map((height, width), dtype)
+    weights = np.zeros((*grid.tokens_hw, k), np.float32) if plan["save_weights"] else None
+    compute_s = read_wait_s = 0.0
+    for b in range(len(batches)):
+        chunk = work.get(b, fingerprint)
+        compute_s += float(chunk["seconds"])
+        read_wait_s += float(chunk["read_wait"])
+        for j, t in enumerate(chunk["tiles"].tolist()):
+            rs, cs = grid.core_slices(t)
+            y0, x0 = rs.start * p, cs.start * p
+            y1, x1 = min(rs.stop * p, height), min(cs.stop * p, width)
+            shape = (y1 - y0, x1 - x0)
+            tile = chunk["labels"][j]
+            tile_labels = tile[: shape[0], : shape[1]] if pixel else expand_tokens(tile, p, shape)
+            tissue = expand_tokens(tissue_tokens[rs, cs], p, shape)
+            labels[y0:y1, x0:x1] = np.where(tissue, tile_labels + 1, 0)
+            if weights is not None:
+                hh, ww = rs.stop - rs.start, cs.stop - cs.start
+                weights[rs, cs] = chunk["weights"][j, :hh, :ww]
+    labels.flush()
+    sample = array_sampler(labels)
+    if weights is not None:
+        weights[~tissue_tokens] = 0.0
+
+    names = ["background"] + [f"concept {i}" for i in range(k)]
+    colors = palette(k + 1)
+    mpp = plan["mpp"]
+    if pixel:
+        step = 1
+        while -(-height // step) * -(-width // step) > max_trace_pixels:
+            step *= 2
+        tolerance = 0.5
+    else:
+        step, tolerance = p, 0.0
+    # level-0 pixels per traced cell along x and y
+    level0 = (plan["slide_dimensions"][0] / width * step, plan["slide_dimensions"][1] / height * step)
+    outputs = {
+        "labels.ome.tif": lambda path: write_label_tiff(path, sample, size=(width, height), dtype=dtype, mpp=mpp),
+        "labels.geojson": lambda path: write_geojson(
+            path, sample(np.arange(0, height, step), np.arange(0, width, step)), names=names, colors=colors,
+            scale=level0, bounds=plan["slide_dimensions"], tolerance=tolerance,
+        ),
+        "overlay.png": lambda path: write_overlay(path, thumb, sample, size=(width, height), names=names, colors=colors),
+    }
+    if weights is not None:
+        token_labels = np.where(tissue_tokens, weights.argmax(-1) + 1, 0).astype(np.int32)
+        outputs[WEIGHTS_FILE] = lambda path: write_weights(
+            path, {"weights": weights, "labels": token_labels},
+            {"mpp": str(mpp), "patch": str(p), "layout": "(h_tokens, w_tokens, k); labels 0 = background, "
+             "else 1 + the argmax of the token's weights"},
+        )
+    # a kill while writing outputs leaves temporaries; a run with other settings may have left weights
+    remove_stale_temporaries(out_dir, [*outputs, "summary.json"])
+    if weights is None:
+        (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)
+    for name, write in outputs.items():
+        write(out_dir / name)
+
+    counts = np.zeros(k + 1, np.int64)
+    for y in range(0, height, 256):
+        counts += np.bincount(np.asarray(labels[y : y + 256]).ravel(), minlength=k + 1)
+    del labels, sample  # the memory map's file goes with the work folder
+    pixel_mm2 = mpp**2 / 1e6
+    tissue = int(counts[1:].sum())
+    summary = {
+        "slide": plan["slide_path"],
+        "backend": plan["backend"],
+        "slide_dimensions": plan["slide_dimensions"],
+        "slide_mpp": plan["slide_mpp"],
+        "mpp": mpp,
+        "target_mpp": plan["target_mpp"],
+        "level": plan["level"],
+        "size": plan["size"],
+        **plan["info"],
+        "k": k,
+        "resolution": plan["resolution"],
+        "patch": p,
+        "tile": grid.tile,
+        "margin": grid.margin,
+        "tokens": list(grid.tokens_hw),
+        "tiles": {"grid": len(grid), "tissue": sum(len(b) for b in batches)},
+        "geojson": {"step_px": step, "tolerance_px": tolerance * step},
+        "tissue_area_mm2": tissue * pixel_mm2,
+        "labels": {str(v): n for v, n in enumerate(names)},
+        "concepts": [
+            {
+                "label": i + 1,
+                "concept": i,
+                "name": names[i + 1],
+                "color": [int(c) for c in colors[i + 1]],
+                "area_mm2": float(counts[i + 1] * pixel_mm2),
+                "share_of_tissue": float(counts[i + 1] / tissue) if tissue else 0.0,
+            }
+            for i in range(k)
+        ],
+        "timing_s": {
+            "tissue": plan["tissue_seconds"],
+            "read_wait": read_wait_s,
+            "compute": compute_s,
+            "write": time.perf_counter() - t0,
+        },
+        "versions": _versions(),
+        "outputs": sorted([*outputs, "summary.json"]),
+        "fingerprint": fingerprint,
+    }
+    write_json(out_dir / "summary.json", summary)
+    work.clear()
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("fseg_jax", "jax", "jaxlib", "flax", "numpy", "tifffile", "tiffslide", "openslide-python"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import openslide
+
+        out["openslide"] = openslide.__library_version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
