@@ -72,3 +72,27 @@ def test_save_writes_the_picture_and_its_numbers(setup, tmp_path):
         concept_atlas([], bank, model=model)
     with pytest.raises(ValueError, match="n and patch must be positive"):
         concept_atlas(images, bank, model=model, n=0)
+
+
+def test_cli_writes_the_atlas_of_a_folder(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+    from fseg_jax.hub import save_model
+
+    model, bank, images = setup
+    model_dir = save_model(model, tmp_path / "model")
+    bank_path = save_concepts(tmp_path / "bank.safetensors", ConceptBank({5: bank}, model=str(model_dir), layer=-1))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    run = CliRunner().invoke(main, ["concepts", "atlas", str(folder), "--concepts", str(bank_path), "--n", "2",
+                                    "--patch", "16", "-o", str(tmp_path / "atlas.png")])
+    assert run.exit_code == 0, run.output
+    summary = json.loads((tmp_path / "atlas.json").read_text())
+    assert len(summary["concepts"]) == 5 and summary["tokens"] == sum(-(-h // 8) * -(-w // 8) for h, w, _ in
+                                                                     (im.shape for im in images))
+    run = CliRunner().invoke(main, ["concepts", "atlas", "--concepts", str(bank_path), "-o", str(tmp_path / "x.png")])
+    assert run.exit_code != 0 and "give IMAGE" in run.output

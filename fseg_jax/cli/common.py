@@ -35,6 +35,18 @@ def resolve_concepts_option(spec: str):
     )
 
 
+def concepts_option(spec: str, k: int | None):
+    """The bank ``--concepts`` names (:func:`resolve_concepts_option`), with one-line errors, and a usage error
+    when the bank holds several k and ``--k`` does not pick one."""
+    try:
+        bank = resolve_concepts_option(spec)
+    except (ValueError, TypeError, OSError, ImportError) as e:
+        raise click.ClickException(f"cannot load concepts {spec!r}: {one_line(e)}") from None
+    if k is None and len(bank.ks) > 1:
+        raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, bank.ks))}")
+    return bank
+
+
 def random_model_options(command):
     """Add ``--random-init SEED`` and ``--depth N``: a random-weight model of a preset, built in memory."""
     command = click.option(

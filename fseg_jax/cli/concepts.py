@@ -1,10 +1,10 @@
-"""`fseg-jax concepts import|build|learn`: make safetensors concept banks."""
+"""`fseg-jax concepts import|build|learn|atlas`: make concept banks and show what their concepts are."""
 
 from __future__ import annotations
 
 import click
 
-from fseg_jax.cli.common import model_from_options, random_model_options
+from fseg_jax.cli.common import concepts_option, model_from_options, one_line, random_model_options
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:
@@ -133,3 +133,43 @@ def learn(model_spec, images, sample, random_seed, depth, output, ks, layer, til
                                             checkpoint_dir=checkpoint_dir),
         model_spec, random_seed, depth, images, sample, output,
     )
+
+
+@concepts.command("atlas")
+@click.argument("images", nargs=-1, type=click.Path(exists=True))
+@click.option("--concepts", "concepts_spec", required=True, help="Bank: a .safetensors file or a preset (uni, ...).")
+@click.option("--k", type=int, default=None, help="Which k of the bank (needed when it holds several).")
+@click.option("--model", "model_spec", default=None, help="Model (preset or folder); default: the one the bank records.")
+@random_model_options
+@click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax.")
+@click.option("--n", default=8, show_default=True, type=int, help="Patches per concept.")
+@click.option("--patch", default=64, show_default=True, type=int, help="Patch side in pixels.")
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),
+              help="Atlas picture to write (.png); its numbers go beside it as .json.")
+def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, patch, output):
+    """Show what each concept of a bank is: the patches of IMAGES (files or folders) where it weighs most.
+
+    Writes one PNG (a row per concept: its colour and index, then its N strongest patches) and a JSON file
+    with each concept's share of tokens, mean weight and the patches' sources.
+    """
+    from fseg_jax.atlas import concept_atlas, save_atlas
+    from fseg_jax.io import expand_image_paths
+
+    if not images and not sample:
+        raise click.UsageError("give IMAGE... (files or folders), or --sample")
+    try:
+        files = expand_image_paths(images)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(one_line(e)) from None
+    if sample:
+        from fseg_jax.data import sample_image_path
+
+        files = [sample_image_path(), *files]
+    bank = concepts_option(concepts_spec, k)
+    model = model_from_options(model_spec, random_seed, depth)
+    try:
+        result = concept_atlas((str(f) for f in files), bank, model=model, k=k, n=n, patch=patch)
+        png, numbers = save_atlas(output, result)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        raise click.ClickException(one_line(e)) from None
+    click.echo(f"wrote {png} and {numbers}: {result.weights.shape[0]} concepts over {result.tokens} tokens")

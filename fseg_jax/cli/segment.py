@@ -7,11 +7,11 @@ from pathlib import Path
 import click
 
 from fseg_jax.cli.common import (
+    concepts_option,
     default_compilation_cache,
     model_from_options,
     one_line,
     random_model_options,
-    resolve_concepts_option,
 )
 from fseg_jax.compilation import enable_compilation_cache
 
@@ -117,12 +117,7 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
     model = model_from_options(model_spec, random_seed, depth)
     concepts = None
     if method != "dff":
-        try:
-            concepts = resolve_concepts_option(concepts_spec)
-        except (ValueError, TypeError, OSError, ImportError) as e:
-            raise click.ClickException(f"cannot load concepts {concepts_spec!r}: {one_line(e)}") from None
-        if k is None and len(concepts.ks) > 1:
-            raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, concepts.ks))}")
+        concepts = concepts_option(concepts_spec, k)
     layer = layers[0] if len(layers) == 1 else list(layers)
     try:
         pipeline = Pipeline.create(

@@ -73,14 +73,9 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
 
     if model is None or concepts is None:
         raise click.UsageError("--model and --concepts are required (except with --merge)")
-    from fseg_jax.cli.common import resolve_concepts_option
+    from fseg_jax.cli.common import concepts_option
 
-    try:
-        bank = resolve_concepts_option(concepts)
-    except (ValueError, TypeError, OSError, ImportError) as err:
-        raise click.ClickException(f"cannot load concepts {concepts!r}: {err}") from None
-    if k is None and len(bank.ks) > 1:
-        raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, bank.ks))}")
+    bank = concepts_option(concepts, k)
     if not Path(concepts).expanduser().is_file():
         concepts = bank  # a preset, fetched into the command line's cache; a file goes on as its path
     explicit = (coordinator, num_processes, process_id)

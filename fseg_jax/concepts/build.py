@@ -9,11 +9,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from fseg_jax.concepts.bank import ConceptBank, normalise_layer
+from fseg_jax.io import IMAGE_SUFFIXES, files_in_folder
 
 DEFAULT_KS = (8, 16, 32, 64, 128, 256)
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
 def build_concepts(
     model: Any,
     images_or_folder: Any,
@@ -131,9 +129,9 @@ def _iter_images(images_or_folder: Any) -> Iterator[tuple[str, Any]]:
     if isinstance(images_or_folder, (str, os.PathLike)):
         path = Path(images_or_folder)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+            files = files_in_folder(path)
             if not files:
-                raise ValueError(f"no image files ({', '.join(_IMAGE_SUFFIXES)}) in folder {path}")
+                raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
             for p in files:
                 yield str(p), p
             return
