@@ -18,6 +18,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+HALF = (0.5, 0.5, 0.5)
+LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
 
 MLP_LAYERS = ("mlp", "swiglu_packed")
 ACT_LAYERS = ("gelu", "silu")
@@ -250,6 +253,18 @@ _PRESETS: dict[str, ViTConfig] = {
     # vit_base_patch14_reg4_dinov2 with mlp_ratio 5.33334 and SwiGLUPacked (unverified, see weights/h0_mini.json)
     "h0_mini": ViTConfig("h0_mini", 14, 768, 12, 12, 4096, **_SWIGLU, reg_tokens=4, no_embed_class=True,
                          pos_embed_grid=(16, 16), mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
+    # UNI's architecture
+    "mstar": ViTConfig("mstar", 16, 1024, 24, 16, 4096),
+    # timm vit_{small,base}_patch{16,8}_224 (no LayerScale), mean/std 0.5
+    "kaiko_vits16": ViTConfig("kaiko_vits16", 16, 384, 12, 6, 1536, layer_scale=False, mean=HALF, std=HALF),
+    "kaiko_vits8": ViTConfig("kaiko_vits8", 8, 384, 12, 6, 1536, layer_scale=False, pos_embed_grid=(28, 28),
+                             mean=HALF, std=HALF),
+    "kaiko_vitb16": ViTConfig("kaiko_vitb16", 16, 768, 12, 12, 3072, layer_scale=False, mean=HALF, std=HALF),
+    "kaiko_vitb8": ViTConfig("kaiko_vitb8", 8, 768, 12, 12, 3072, layer_scale=False, pos_embed_grid=(28, 28),
+                             mean=HALF, std=HALF),
+    # timm vit_small_patch8_224 (DINO), Lunit's mean/std
+    "lunit_vits8": ViTConfig("lunit_vits8", 8, 384, 12, 6, 1536, layer_scale=False, pos_embed_grid=(28, 28),
+                             mean=LUNIT_MEAN, std=LUNIT_STD),
     # transformers ViTModel, ViT-B/16 (LayerNorm eps 1e-12, no LayerScale)
     "phikon": ViTConfig("phikon", 16, 768, 12, 12, 3072, layer_scale=False, norm_eps=1e-12,
                         pos_embed_resample="transformers"),
@@ -263,7 +278,10 @@ _PRESETS: dict[str, ViTConfig] = {
 
 # timm architecture name -> its registered defaults (timm/models/vision_transformer.py)
 _TIMM_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_small_patch8_224": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch8_224": dict(patch_size=8, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
     "vit_giant_patch14_224": dict(patch_size=14, embed_dim=1408, mlp_ratio=48 / 11, depth=40, num_heads=16),
