@@ -29,12 +29,25 @@ def assert_hidden_state_parity(model, ours, x, tol=TOL):
     assert len(states) == ours.config.depth + 1  # the embeddings, then one state per layer
     grids = ours.forward_intermediates(x)
     errors = [relative_error(g, s) for g, s in zip(grids, states[1:])]
-    (first, final), = [ours.forward_intermediates(x, indices=[0, -1])]
-    assert relative_error(first, states[1]) <= tol and relative_error(final, states[-1]) <= tol
-    (normed,) = ours.forward_intermediates(x, indices=1, norm=True)
-    errors.append(relative_error(normed, last))
+    errors.append(relative_error(ours.norm(grids[-1]), last))  # LayerNorm is per token: norm=True's output
     assert max(errors) <= tol, errors
     return max(errors)
+
+
+def test_hidden_states_map_to_forward_intermediates_indices():
+    """hidden_states[i + 1] is block i (hidden_states[0] the embeddings); last_hidden_state is norm=True."""
+    model = make_hf_model({"model_type": "dinov2", "hidden_size": 64, "num_attention_heads": 4, "patch_size": 16},
+                          depth=3)
+    ours = convert_hf_state_dict(dict(model.state_dict()), ViTConfig.from_hf(model.config.to_dict()))
+    x = random_input(64, 96)
+    states, last = hf_hidden_states(model, x)
+    assert len(states) == 4
+    first, final = ours.forward_intermediates(x, indices=[0, -1])
+    assert relative_error(first, states[1]) <= TOL and relative_error(final, states[3]) <= TOL
+    (middle,) = ours.forward_intermediates(x, indices=[1])
+    assert relative_error(middle, states[2]) <= TOL
+    (normed,) = ours.forward_intermediates(x, indices=1, norm=True)
+    assert relative_error(normed, last) <= TOL
 
 
 @pytest.mark.parametrize("preset, size", [("phikon", (224, 160)), ("phikon_v2", (160, 224))])
