@@ -1,4 +1,4 @@
-"""Reference transformers models for tests: ``ViTModel`` / ``Dinov2Model`` of the released architectures with
+"""Reference transformers models for tests: ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel`` of the released architectures with
 random, fully perturbed weights, saved the way the hub ships them.
 
 Importable from any test: ``from hf_models import make_hf_model``. The architectures come from the weights
@@ -55,15 +55,17 @@ def save_hf_folder(model, directory: Path) -> Path:
 
 def hf_hidden_states(model, x_bhwc: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     """transformers' ``hidden_states`` as channels-last patch grids (index 0 = the embeddings, i + 1 = the
-    output of layer i) and ``last_hidden_state`` (after the final LayerNorm) as a grid."""
+    output of layer i) and ``last_hidden_state`` (after the final LayerNorm) as a grid; the class token and
+    any register tokens are dropped."""
     b, h, w, _ = x_bhwc.shape
     p = model.config.patch_size
+    n_prefix = 1 + getattr(model.config, "num_register_tokens", 0)
     x = torch.from_numpy(np.ascontiguousarray(x_bhwc.transpose(0, 3, 1, 2)))
     kwargs = {"interpolate_pos_encoding": True} if model.config.model_type == "vit" else {}
     with torch.no_grad():
         out = model(x, output_hidden_states=True, **kwargs)
 
     def grid(tokens):
-        return tokens[:, 1:].numpy().reshape(b, h // p, w // p, -1)
+        return tokens[:, n_prefix:].numpy().reshape(b, h // p, w // p, -1)
 
     return [grid(s) for s in out.hidden_states], grid(out.last_hidden_state)

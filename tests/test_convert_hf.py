@@ -80,6 +80,22 @@ def test_dinov2_swiglu_patch8_and_torch_state_dict(tmp_path):
                                   np.asarray(ours.forward_intermediates(x)[-1]))
 
 
+def test_dinov2_with_registers(tmp_path):
+    """Dinov2WithRegistersModel (4 registers without position embeddings, antialiased bicubic resampling), with
+    a SwiGLU FFN at patch 14 and image size 518 (stored grid 37 x 37, input grid 16 x 12): from the saved
+    folder and from the in-memory state dict."""
+    hf_config = {"model_type": "dinov2_with_registers", "hidden_size": 384, "num_attention_heads": 6,
+                 "patch_size": 14, "image_size": 518, "use_swiglu_ffn": True, "num_register_tokens": 4}
+    model = make_hf_model(hf_config, depth=2)
+    ours = load_model(save_hf_folder(model, tmp_path / "reg"))
+    assert (ours.config.reg_tokens, ours.config.pos_embed_grid, ours.config.pos_embed_resample) == (4, (37, 37), "timm")
+    x = random_input(224, 168)
+    assert_hidden_state_parity(model, ours, x)
+    direct = convert_hf_state_dict(dict(model.state_dict()), ours.config)
+    np.testing.assert_array_equal(np.asarray(direct.forward_intermediates(x)[-1]),
+                                  np.asarray(ours.forward_intermediates(x)[-1]))
+
+
 def test_timm_resampling_would_not_match():
     """The option matters: timm's antialiased bicubic is measurably off transformers' interpolation."""
     model = make_hf_preset("phikon", depth=1)
@@ -133,8 +149,8 @@ def test_from_hf_refuses_what_it_does_not_implement():
     message = str(err.value)
     for name in ("Dinov2ForImageClassification", "qkv_bias", "frobnicate", "hidden_act='relu'"):
         assert name in message
-    with pytest.raises(ValueError, match="unsupported transformers model_type 'dinov2_with_registers'"):
-        ViTConfig.from_hf({"model_type": "dinov2_with_registers"})
+    with pytest.raises(ValueError, match="unsupported transformers model_type 'vit_mae'"):
+        ViTConfig.from_hf({"model_type": "vit_mae"})
     with pytest.raises(ValueError, match="image_size"):
         ViTConfig.from_hf({"model_type": "vit", "image_size": [224, 160]})
     # inert keys of a hub config (dropout, backbone options) are accepted

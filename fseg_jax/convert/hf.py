@@ -1,4 +1,5 @@
-"""Hugging Face transformers state dicts (``ViTModel``, ``Dinov2Model``) -> ``VisionTransformer``.
+"""Hugging Face transformers state dicts (``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``) ->
+``VisionTransformer``.
 
 The same strict accounting as the timm path (``fseg_jax.convert.timm.fill_model``): every source key is
 consumed by a rule or ignored by name, every parameter is filled, shapes are checked, all problems are
@@ -9,12 +10,15 @@ attention.query``, ViT's ``intermediate.dense`` / ``output.dense``, DINOv2's pac
 = gate then up), and the in-memory one of transformers 5 (``attention.q_proj``, ViT's ``layers.N``, ``mlp.fc1``,
 SwiGLU ``mlp.gate_proj`` / ``up_proj`` / ``down_proj``) that ``model.state_dict()`` returns. Separate query,
 key and value weights are fused into the ``qkv`` of timm's layout. The config says which parameters to expect:
-LayerScale (``layer_scale1.lambda1``) only in DINOv2, a packed SwiGLU where its MLP is ``swiglu_packed``.
+LayerScale (``layer_scale1.lambda1``) only in DINOv2, a packed SwiGLU where its MLP is ``swiglu_packed``,
+register tokens where it has some.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+import numpy as np
 
 from fseg_jax.convert.timm import Rule, conv_kernel, fill_model, identity, linear_kernel
 from fseg_jax.models.config import ViTConfig
@@ -26,6 +30,7 @@ HF_RULES: tuple[Rule, ...] = (
     (r"(?:vit\.|dinov2\.)?embeddings\.patch_embeddings\.projection\.weight", "patch_embed.kernel", conv_kernel),
     (r"(?:vit\.|dinov2\.)?embeddings\.patch_embeddings\.projection\.bias", "patch_embed.bias", identity),
     (r"(?:vit\.|dinov2\.)?embeddings\.cls_token", "cls_token", identity),
+    (r"(?:vit\.|dinov2\.)?embeddings\.register_tokens", "reg_token", identity),
     (r"(?:vit\.|dinov2\.)?embeddings\.position_embeddings", "pos_embed", identity),
     *((_LAYER + rf"attention\.(?:{name})\.weight", r"blocks.\1.attn.qkv.kernel", linear_kernel, (i, 3))
       for i, name in _QKV),
@@ -68,9 +73,19 @@ HF_IGNORED: tuple[str, ...] = (
 )
 
 
+def _register_rows(reg_tokens: int):
+    """Dinov2WithRegistersModel adds position embeddings to the class token and patches, then inserts its
+    registers: (1, 1 + N, D) -> (1, 1 + R + N, D) with zero rows for the registers, timm's layout."""
+
+    def insert(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a[:, :1], np.zeros((1, reg_tokens, a.shape[-1]), a.dtype), a[:, 1:]], axis=1)
+
+    return insert
+
+
 def convert_hf_state_dict(state_dict: Mapping[str, Any], config: ViTConfig, **model_kwargs):
-    """Build the ``VisionTransformer`` of ``config`` with the weights of a transformers ``ViTModel`` or
-    ``Dinov2Model`` state dict (``config`` from ``ViTConfig.from_hf`` of the model's ``config.json``).
+    """Build the ``VisionTransformer`` of ``config`` with the weights of a transformers ``ViTModel``,
+    ``Dinov2Model`` or ``Dinov2WithRegistersModel`` state dict (``config`` from ``ViTConfig.from_hf`` of the model's ``config.json``).
 
     Args:
         state_dict: flat {transformers key: array}; numpy arrays, torch tensors, or a lazy mapping. Not modified.
@@ -80,4 +95,8 @@ def convert_hf_state_dict(state_dict: Mapping[str, Any], config: ViTConfig, **mo
     Raises:
         ConversionError: listing every unexpected key, missing parameter and shape mismatch.
     """
-    return fill_model(state_dict, config, HF_RULES, HF_IGNORED, **model_kwargs)
+    rules = HF_RULES
+    if config.reg_tokens:
+        rules = tuple((src, dst, _register_rows(config.reg_tokens)) if dst == "pos_embed" else (src, dst, fn, *rest)
+                      for src, dst, fn, *rest in HF_RULES)
+    return fill_model(state_dict, config, rules, HF_IGNORED, **model_kwargs)

@@ -144,10 +144,13 @@ class ViTConfig(_DictConfig):
 
     @classmethod
     def from_hf(cls, hf_config: Mapping[str, Any], *, name: str | None = None) -> "ViTConfig":
-        """Build a config from a Hugging Face transformers ``config.json`` (``model_type`` ``"vit"`` or
-        ``"dinov2"``, as saved by ``ViTModel`` / ``Dinov2Model``).
+        """Build a config from a Hugging Face transformers ``config.json`` (``model_type`` ``"vit"``, ``"dinov2"``
+        or ``"dinov2_with_registers"``, as saved by ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel``).
 
-        Position embeddings are resampled as transformers does (``pos_embed_resample="transformers"``); mean/std
+        Position embeddings are resampled as transformers does: ``pos_embed_resample="transformers"`` for ViT and
+        DINOv2, timm's antialiased bicubic for DINOv2 with registers (its ``interpolate_pos_encoding`` passes
+        ``antialias=True``), whose registers carry no position embedding (``convert_hf_state_dict`` gives them
+        zero rows); mean/std
         are ImageNet's (transformers keeps them in the image processor's config, not here). Every key must be
         one this port implements with the value it implements, or one that cannot change the features
         (dropout rates, initialisation, backbone-head options); anything else is an error that names the key.
@@ -417,6 +420,9 @@ _HF_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "dinov2": ("Dinov2Model", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
                                    hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=14,
                                    use_swiglu_ffn=False)),
+    "dinov2_with_registers": ("Dinov2WithRegistersModel", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, hidden_act="gelu",
+        layer_norm_eps=1e-6, image_size=224, patch_size=16, use_swiglu_ffn=False, num_register_tokens=4)),
 }
 # keys that cannot change the features of the base model at inference (bookkeeping, dropout, initialisation,
 # the options of the backbone / pooler / masked-image heads that this port does not build)
@@ -482,7 +488,8 @@ def _from_hf(cls, hf_config: Mapping[str, Any], name: str | None) -> ViTConfig:
         num_heads=int(args["num_attention_heads"]),
         **mlp,
         pos_embed_grid=grid,
-        layer_scale=model_type == "dinov2",
+        reg_tokens=int(args.get("num_register_tokens", 0)),
+        layer_scale=model_type != "vit",
         norm_eps=float(args["layer_norm_eps"]),
-        pos_embed_resample="transformers",
+        pos_embed_resample="timm" if model_type == "dinov2_with_registers" else "transformers",
     )
