@@ -1,5 +1,5 @@
-"""Reference transformers models for tests: ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel`` of the released architectures with
-random, fully perturbed weights, saved the way the hub ships them.
+"""Reference transformers models for tests: ``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel`` of the
+released architectures with random, fully perturbed weights, saved the way the hub ships them.
 
 Importable from any test: ``from hf_models import make_hf_model``. The architectures come from the weights
 manifests (``weights/<preset>.json``, key ``transformers``): the same ``config.json`` the hub ships.

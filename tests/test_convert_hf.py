@@ -74,7 +74,7 @@ def test_dinov2_swiglu_patch8_and_torch_state_dict(tmp_path):
     x = random_input(200, 136)
     assert_hidden_state_parity(model, ours, x)
     in_memory = dict(model.state_dict())
-    assert "encoder.layer.0.mlp.gate_proj.weight" in in_memory and "encoder.layer.0.attention.q_proj.weight" in in_memory
+    assert {"encoder.layer.0.mlp.gate_proj.weight", "encoder.layer.0.attention.q_proj.weight"} <= set(in_memory)
     direct = convert_hf_state_dict(in_memory, ours.config)
     np.testing.assert_array_equal(np.asarray(direct.forward_intermediates(x)[-1]),
                                   np.asarray(ours.forward_intermediates(x)[-1]))

@@ -85,7 +85,8 @@ def _register_rows(reg_tokens: int):
 
 def convert_hf_state_dict(state_dict: Mapping[str, Any], config: ViTConfig, **model_kwargs):
     """Build the ``VisionTransformer`` of ``config`` with the weights of a transformers ``ViTModel``,
-    ``Dinov2Model`` or ``Dinov2WithRegistersModel`` state dict (``config`` from ``ViTConfig.from_hf`` of the model's ``config.json``).
+    ``Dinov2Model`` or ``Dinov2WithRegistersModel`` state dict (``config`` from ``ViTConfig.from_hf`` of the
+    model's ``config.json``).
 
     Args:
         state_dict: flat {transformers key: array}; numpy arrays, torch tensors, or a lazy mapping. Not modified.

@@ -1,8 +1,9 @@
 """Architecture configs: a frozen dataclass per model family, with named presets for the released checkpoints.
 
 Every number a preset stores is one its checkpoint proves (e.g. ``mlp_hidden=8192``, the fc1 width), not the
-float ratio timm derives it from. ``ViTConfig.from_timm`` reads a timm hub ``config.json`` and ``ViTConfig.from_hf`` a Hugging Face transformers
-one (``ViTModel``, ``Dinov2Model``); both refuse any option this port does not implement.
+float ratio timm derives it from. ``ViTConfig.from_timm`` reads a timm hub ``config.json`` and
+``ViTConfig.from_hf`` a Hugging Face transformers one (``ViTModel``, ``Dinov2Model``,
+``Dinov2WithRegistersModel``); both refuse any option this port does not implement.
 """
 
 from __future__ import annotations
@@ -470,7 +471,9 @@ def _from_hf(cls, hf_config: Mapping[str, Any], name: str | None) -> ViTConfig:
     if grid[0] != grid[1]:  # transformers reshapes the stored grid to sqrt(num_positions) on each side
         problems.append(f"image_size={args['image_size']!r} is not implemented (a square position grid only)")
     if problems:
-        raise ValueError(f"cannot build a ViTConfig from the transformers {model_type!r} config: " + "; ".join(problems))
+        raise ValueError(
+            f"cannot build a ViTConfig from the transformers {model_type!r} config: " + "; ".join(problems)
+        )
 
     d = int(args["hidden_size"])
     if model_type == "vit":
