@@ -93,6 +93,11 @@ def convert_hf_state_dict(state_dict: Mapping[str, Any], config: ViTConfig, **mo
         config: the architecture the checkpoint is expected to have.
         **model_kwargs: passed to the model constructor (``dtype``, ``attention_impl``).
 
+    Returns:
+        A ``VisionTransformer`` whose ``forward_intermediates(x, indices=[i])`` are the patch tokens of
+        transformers' ``hidden_states[i + 1]`` (``hidden_states[0]`` is the embedding output), and whose last block
+        with ``norm=True`` is ``last_hidden_state``.
+
     Raises:
         ConversionError: listing every unexpected key, missing parameter and shape mismatch.
     """
