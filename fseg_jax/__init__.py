@@ -17,6 +17,7 @@ _EXPORTS = {
     "VisionTransformer": "fseg_jax.models.vit",
     "ResNet50": "fseg_jax.models.resnet",
     "convert_timm_state_dict": "fseg_jax.convert.timm",
+    "convert_hf_state_dict": "fseg_jax.convert.hf",
     "load_model": "fseg_jax.hub",
     "save_model": "fseg_jax.hub",
     # NMF core: checked, batched front ends and their pure, traceable twins
@@ -63,6 +64,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from fseg_jax.concepts import ConceptBank, build_concepts, import_joblib_concepts, load_concepts, save_concepts
+    from fseg_jax.convert.hf import convert_hf_state_dict
     from fseg_jax.convert.timm import convert_timm_state_dict
     from fseg_jax.hub import load_model, save_model
     from fseg_jax.models.config import ViTConfig

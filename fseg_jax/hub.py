@@ -28,9 +28,16 @@ import numpy as np
 from flax import nnx
 
 from fseg_jax._files import atomic_path
-from fseg_jax.convert.checkpoint import SafetensorsCheckpoint, convert_checkpoint
+from fseg_jax.convert.checkpoint import SafetensorsCheckpoint, convert_checkpoint, convert_hub_folder, hub_folder_layout
 from fseg_jax.convert.timm import NATIVE_RULES, ConversionError, fill_model
-from fseg_jax.models.config import ResNetConfig, ViTConfig, config_from_preset, preset_names, read_manifest
+from fseg_jax.models.config import (
+    ResNetConfig,
+    ViTConfig,
+    config_from_preset,
+    preset_layout,
+    preset_names,
+    read_manifest,
+)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -180,9 +187,10 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
     """A model ready to use: ``VisionTransformer`` or ``ResNet50`` with converted weights.
 
     Args:
-        name_or_dir: a directory written by ``save_model`` / ``fseg-jax convert``, or a preset name
-            (``uni``, ``uni2_h``, ``gigapath``, ``virchow``, ``virchow2``, ``h_optimus_0``, ``h_optimus_1``,
-            ``h0_mini``, ``resnet50``).
+        name_or_dir: a directory written by ``save_model`` / ``fseg-jax convert``; a folder as the hub ships a
+            timm or transformers model (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``),
+            converted with the rules its ``config.json`` names (timm ``architecture``, transformers
+            ``model_type``); or a preset name (``fseg_jax.models.config.preset_names()``).
         revision: hub revision overriding the manifest's pinned one (presets only).
         cache_dir: hub cache (default: :func:`hub_cache_dir`, ``~/.cache/huggingface/hub`` unless configured).
         assets_dir: where converted presets are kept, under ``fseg_jax/<preset>/<commit>`` (default:
@@ -196,7 +204,11 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
     """
     path = Path(name_or_dir)
     if path.is_dir():
-        return load_converted(path, **model_kwargs)
+        if hub_folder_layout(path) is None:
+            return load_converted(path, **model_kwargs)
+        model = convert_hub_folder(path, **model_kwargs)
+        _SOURCES[model] = str(path.resolve())
+        return model
     from huggingface_hub import cached_assets_path
 
     name = str(name_or_dir)
@@ -211,7 +223,7 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
     if (converted / WEIGHTS_FILE).is_file() and (converted / CONFIG_FILE).is_file():
         model = load_converted(converted, **model_kwargs)
     else:
-        model = convert_checkpoint(checkpoint, config_from_preset(name), **model_kwargs)
+        model = convert_checkpoint(checkpoint, config_from_preset(name), layout=preset_layout(name), **model_kwargs)
         save_model(model, converted)  # file by file, atomically, the config last: no half-written cache entry
     _SOURCES[model] = name
     return model

@@ -18,7 +18,8 @@ from fseg_jax import ResNet50, ViTConfig, VisionTransformer, convert_timm_state_
 from fseg_jax.models import with_compute_dtype
 from fseg_jax.models.config import ResNetConfig, read_manifest
 
-PRESETS = ["uni", "uni2_h", "gigapath", "virchow", "virchow2", "h_optimus_0", "h_optimus_1", "h0_mini"]
+PRESETS = ["uni", "uni2_h", "gigapath", "virchow", "virchow2", "h_optimus_0", "h_optimus_1", "h0_mini", "mstar",
+           "kaiko_vits16", "kaiko_vits8", "kaiko_vitb16", "kaiko_vitb8", "lunit_vits8"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

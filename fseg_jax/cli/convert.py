@@ -26,7 +26,7 @@ def convert(preset, timm_config, checkpoint, revision, random_seed, out):
     from fseg_jax.convert.checkpoint import convert_checkpoint
     from fseg_jax.convert.timm import ConversionError
     from fseg_jax.hub import ModelAccessError, download_checkpoint, model_summary, save_model
-    from fseg_jax.models.config import ViTConfig, config_from_preset
+    from fseg_jax.models.config import ViTConfig, config_from_preset, preset_layout
 
     if (preset is None) == (timm_config is None):
         raise click.UsageError("give exactly one of --preset and --timm-config")
@@ -51,7 +51,8 @@ def convert(preset, timm_config, checkpoint, revision, random_seed, out):
         else:
             if checkpoint is None:
                 checkpoint = download_checkpoint(preset, revision=revision)
-            model = convert_checkpoint(checkpoint, config)
+            layout = preset_layout(preset) if preset is not None else "timm"
+            model = convert_checkpoint(checkpoint, config, layout=layout)
     except (ConversionError, ModelAccessError, ValueError, ImportError) as err:
         raise click.ClickException(str(err)) from err
     save_model(model, out)

@@ -1,5 +1,10 @@
 """Reading the checkpoint files the Hugging Face hub ships: ``model.safetensors`` and ``pytorch_model.bin``.
 
+A checkpoint is converted with the rules of its layout: ``"timm"`` (timm / torchvision state dicts,
+``fseg_jax.convert.timm``) or ``"transformers"`` (``ViTModel`` / ``Dinov2Model``, ``fseg_jax.convert.hf``).
+A hub folder says which by its ``config.json``: timm writes ``architecture`` (+ ``model_args``), transformers
+``model_type`` and ``architectures`` (:func:`convert_hub_folder`).
+
 Safetensors files are read lazily, one tensor per access, with numpy only (no torch): converting a
 checkpoint then needs about the model's size plus one tensor. ``pytorch_model.bin`` (a torch zip) needs
 torch (the ``convert`` extra) and is loaded with ``weights_only=True`` (no arbitrary pickles), memory-mapped.
@@ -100,12 +105,75 @@ def open_checkpoint(path: str | Path) -> Mapping[str, Any]:
     raise ConversionError(f"unknown checkpoint format {path.suffix!r} ({path}); expected .safetensors or .bin")
 
 
-def convert_checkpoint(path: str | Path, config, **model_kwargs):
-    """``convert_timm_state_dict(open_checkpoint(path), config)``: a checkpoint file to the NNX model."""
+LAYOUTS = ("timm", "transformers")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+
+
+def convert_checkpoint(path: str | Path, config, *, layout: str = "timm", **model_kwargs):
+    """A checkpoint file to the NNX model: ``convert_timm_state_dict`` (``layout="timm"``) or
+    ``convert_hf_state_dict`` (``layout="transformers"``) of ``open_checkpoint(path)``."""
+    from fseg_jax.convert.hf import convert_hf_state_dict
     from fseg_jax.convert.timm import convert_timm_state_dict
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    convert = convert_hf_state_dict if layout == "transformers" else convert_timm_state_dict
     state = open_checkpoint(path)
     try:
-        return convert_timm_state_dict(state, config, **model_kwargs)
+        return convert(state, config, **model_kwargs)
     except ConversionError as err:
         raise ConversionError(f"{path}: {err.summary}", err.problems) from err
+
+
+def hub_config_layout(hub_config: Mapping[str, Any]) -> str | None:
+    """``"timm"`` for a timm ``config.json`` (``architecture``), ``"transformers"`` for a transformers one
+    (``model_type`` / ``architectures``), None for anything else (e.g. a converted fseg_jax directory)."""
+    if "format" in hub_config:
+        return None
+    if "architecture" in hub_config:
+        return "timm"
+    if "model_type" in hub_config or "architectures" in hub_config:
+        return "transformers"
+    return None
+
+
+def hub_folder_layout(directory: str | Path) -> str | None:
+    """:func:`hub_config_layout` of a folder's ``config.json``; None where it is missing or unreadable."""
+    try:
+        hub_config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return hub_config_layout(hub_config) if isinstance(hub_config, dict) else None
+
+
+def convert_hub_folder(directory: str | Path, **model_kwargs):
+    """Convert a folder as the hub ships a model (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``), with the converter its ``config.json`` names (:func:`hub_config_layout`).
+
+    The config is read with ``ViTConfig.from_timm`` or ``ViTConfig.from_hf`` (named after the folder); options
+    the port does not implement are refused by name.
+    """
+    from fseg_jax.models.config import ViTConfig
+
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    try:
+        hub_config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ConversionError(f"{directory} has no config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"cannot read {config_path}: {err}") from err
+    layout = hub_config_layout(hub_config) if isinstance(hub_config, dict) else None
+    if layout is None:
+        raise ConversionError(f"{config_path} is neither a timm nor a transformers model config")
+    try:
+        if layout == "timm":
+            config = ViTConfig.from_timm(hub_config, name=directory.name)
+        else:
+            config = ViTConfig.from_hf(hub_config, name=directory.name)
+    except ValueError as err:
+        raise ConversionError(f"{config_path}: {err}") from err
+    weights = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
+    if weights is None:
+        raise ConversionError(f"{directory} has none of {', '.join(WEIGHT_FILES)}")
+    return convert_checkpoint(weights, config, layout=layout, **model_kwargs)

@@ -35,53 +35,54 @@ class ConversionError(ValueError):
 
 
 # layout transforms (torch -> flax)
-def _identity(a: np.ndarray) -> np.ndarray:
+def identity(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _linear(a: np.ndarray) -> np.ndarray:
+def linear_kernel(a: np.ndarray) -> np.ndarray:
     """torch Linear weight (out, in) -> flax kernel (in, out)."""
     return a.T
 
 
-def _conv(a: np.ndarray) -> np.ndarray:
+def conv_kernel(a: np.ndarray) -> np.ndarray:
     """torch conv weight OIHW -> flax HWIO."""
     return a.transpose(2, 3, 1, 0)
 
 
-Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray]]
+Transform = Callable[[np.ndarray], np.ndarray]
+Rule = tuple[str, str, Transform] | tuple[str, str, Transform, tuple[int, int]]
 
 # (source regex, destination template with regex groups, transform); destinations are dotted NNX paths
 VIT_RULES: tuple[Rule, ...] = (
-    (r"patch_embed\.proj\.weight", "patch_embed.kernel", _conv),
-    (r"patch_embed\.proj\.bias", "patch_embed.bias", _identity),
-    (r"(cls_token|reg_token|pos_embed)", r"\1", _identity),
-    (r"blocks\.(\d+)\.(norm1|norm2)\.weight", r"blocks.\1.\2.scale", _identity),
-    (r"blocks\.(\d+)\.(norm1|norm2)\.bias", r"blocks.\1.\2.bias", _identity),
-    (r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", r"blocks.\1.\2.kernel", _linear),
-    (r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.bias", r"blocks.\1.\2.bias", _identity),
-    (r"blocks\.(\d+)\.(ls1|ls2)\.gamma", r"blocks.\1.\2.gamma", _identity),
-    (r"norm\.weight", "norm.scale", _identity),
-    (r"norm\.bias", "norm.bias", _identity),
+    (r"patch_embed\.proj\.weight", "patch_embed.kernel", conv_kernel),
+    (r"patch_embed\.proj\.bias", "patch_embed.bias", identity),
+    (r"(cls_token|reg_token|pos_embed)", r"\1", identity),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.weight", r"blocks.\1.\2.scale", identity),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.bias", r"blocks.\1.\2.bias", identity),
+    (r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", r"blocks.\1.\2.kernel", linear_kernel),
+    (r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.bias", r"blocks.\1.\2.bias", identity),
+    (r"blocks\.(\d+)\.(ls1|ls2)\.gamma", r"blocks.\1.\2.gamma", identity),
+    (r"norm\.weight", "norm.scale", identity),
+    (r"norm\.bias", "norm.bias", identity),
 )
 VIT_IGNORED: tuple[str, ...] = (r"head\..*",)
 
 RESNET_RULES: tuple[Rule, ...] = (
-    (r"conv1\.weight", "conv1.kernel", _conv),
-    (r"bn1\.weight", "bn1.scale", _identity),
-    (r"bn1\.bias", "bn1.bias", _identity),
-    (r"bn1\.running_mean", "bn1.mean", _identity),
-    (r"bn1\.running_var", "bn1.var", _identity),
-    (r"layer(\d)\.(\d+)\.(conv1|conv2|conv3)\.weight", r"layer\1.\2.\3.kernel", _conv),
-    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.weight", r"layer\1.\2.\3.scale", _identity),
-    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.bias", r"layer\1.\2.\3.bias", _identity),
-    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.running_mean", r"layer\1.\2.\3.mean", _identity),
-    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.running_var", r"layer\1.\2.\3.var", _identity),
-    (r"layer(\d)\.(\d+)\.downsample\.0\.weight", r"layer\1.\2.downsample_conv.kernel", _conv),
-    (r"layer(\d)\.(\d+)\.downsample\.1\.weight", r"layer\1.\2.downsample_bn.scale", _identity),
-    (r"layer(\d)\.(\d+)\.downsample\.1\.bias", r"layer\1.\2.downsample_bn.bias", _identity),
-    (r"layer(\d)\.(\d+)\.downsample\.1\.running_mean", r"layer\1.\2.downsample_bn.mean", _identity),
-    (r"layer(\d)\.(\d+)\.downsample\.1\.running_var", r"layer\1.\2.downsample_bn.var", _identity),
+    (r"conv1\.weight", "conv1.kernel", conv_kernel),
+    (r"bn1\.weight", "bn1.scale", identity),
+    (r"bn1\.bias", "bn1.bias", identity),
+    (r"bn1\.running_mean", "bn1.mean", identity),
+    (r"bn1\.running_var", "bn1.var", identity),
+    (r"layer(\d)\.(\d+)\.(conv1|conv2|conv3)\.weight", r"layer\1.\2.\3.kernel", conv_kernel),
+    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.weight", r"layer\1.\2.\3.scale", identity),
+    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.bias", r"layer\1.\2.\3.bias", identity),
+    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.running_mean", r"layer\1.\2.\3.mean", identity),
+    (r"layer(\d)\.(\d+)\.(bn1|bn2|bn3)\.running_var", r"layer\1.\2.\3.var", identity),
+    (r"layer(\d)\.(\d+)\.downsample\.0\.weight", r"layer\1.\2.downsample_conv.kernel", conv_kernel),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.weight", r"layer\1.\2.downsample_bn.scale", identity),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.bias", r"layer\1.\2.downsample_bn.bias", identity),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.running_mean", r"layer\1.\2.downsample_bn.mean", identity),
+    (r"layer(\d)\.(\d+)\.downsample\.1\.running_var", r"layer\1.\2.downsample_bn.var", identity),
 )
 # torchvision ResNet-50 checkpoints carry the stages past layer3 and the classifier: not part of this model
 RESNET_IGNORED: tuple[str, ...] = (r"fc\..*", r"layer4\..*", r".*\.num_batches_tracked")
@@ -121,7 +122,7 @@ def convert_timm_state_dict(state_dict: Mapping[str, Any], config: ViTConfig | R
     return fill_model(state_dict, config, RESNET_RULES, RESNET_IGNORED, **model_kwargs)
 
 
-NATIVE_RULES: tuple[Rule, ...] = ((r"(.+)", r"\1", _identity),)
+NATIVE_RULES: tuple[Rule, ...] = ((r"(.+)", r"\1", identity),)
 """fseg_jax's own format (``fseg_jax.save_model``): keys are the dotted NNX parameter paths."""
 
 
@@ -129,22 +130,26 @@ def fill_model(state_dict: Mapping[str, Any], config, rules: tuple[Rule, ...], i
                **model_kwargs):
     """The model of ``config`` with parameters taken from ``state_dict`` through ``rules``, strictly.
 
-    ``rules`` map source keys (full regex match) to dotted NNX paths with a layout transform; keys matching
-    ``ignored`` are skipped by name. Every other key, every unfilled parameter and every shape mismatch is
-    collected into one ``ConversionError``.
+    ``rules`` map source keys (full regex match) to dotted NNX paths with a layout transform; a rule with a
+    fourth element ``(index, count)`` fills that slice of ``count`` equal parts along the parameter's last axis
+    (separate query, key and value weights fused into one ``qkv``). Keys matching ``ignored`` are skipped by
+    name. Every other key, every unfilled parameter or part and every shape mismatch is collected into one
+    ``ConversionError``.
     """
     model = _abstract_model(config, **model_kwargs)
     graphdef, state = nnx.split(model)
     flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
     targets = {_dotted(path): path for path in flat}
-    compiled = [(re.compile(src), dst, fn) for src, dst, fn in rules]
+    compiled = [(re.compile(rule[0]), *rule[1:]) for rule in rules]
     ignored_re = [re.compile(p) for p in ignored]
 
     unexpected, mismatched, filled = [], [], {}
+    parts: dict[str, dict[int, np.ndarray | None]] = {}  # destination -> {part index: value (None: mismatched)}
+    part_counts: dict[str, int] = {}
     for key in list(state_dict.keys()):
         if any(p.fullmatch(key) for p in ignored_re):
             continue
-        for src, dst, fn in compiled:
+        for src, dst, fn, *part in compiled:
             match = src.fullmatch(key)
             if match:
                 break
@@ -155,7 +160,8 @@ def fill_model(state_dict: Mapping[str, Any], config, rules: tuple[Rule, ...], i
         if dest not in targets:
             unexpected.append(f"unexpected key {key!r} (the model has no parameter {dest!r})")
             continue
-        if dest in filled:
+        index, count = part[0] if part else (None, 1)
+        if dest in filled or index in parts.get(dest, {}):
             unexpected.append(f"key {key!r} fills {dest!r} a second time")
             continue
         path = targets[dest]
@@ -164,16 +170,34 @@ def fill_model(state_dict: Mapping[str, Any], config, rules: tuple[Rule, ...], i
         except Exception as err:  # a damaged file can fail on any tensor; report it as a conversion problem
             raise ConversionError(f"cannot read tensor {key!r}: {type(err).__name__}: {err}") from err
         expected = tuple(flat[path].shape)
+        if part:
+            expected = (*expected[:-1], expected[-1] // count)
         if value.shape != expected:
+            what = f"{dest!r} (part {index + 1} of {count})" if part else repr(dest)
             mismatched.append(
-                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)} -> {dest!r} {expected} expected"
+                f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)} -> {what} {expected} expected"
             )
-            filled[dest] = False  # reported as a mismatch, not again as missing
-            continue
+            if part:
+                value = None  # kept as a placeholder: reported here, not again as a missing part
+            else:
+                filled[dest] = False  # reported as a mismatch, not again as missing
+                continue
+        if part:
+            parts.setdefault(dest, {})[index] = value
+            part_counts[dest] = count
+            got = parts[dest]
+            if len(got) < count or any(v is None for v in got.values()):
+                continue
+            value = np.concatenate([got[i] for i in range(count)], axis=-1)
+            del parts[dest]
         filled[dest] = True
         flat[path] = jnp.asarray(value)
         del value
-    missing = [f"missing key for parameter {dest!r}" for dest in targets if dest not in filled]
+    missing = [
+        f"missing key for part {i + 1} of {part_counts[dest]} of parameter {dest!r}"
+        for dest, got in parts.items() for i in range(part_counts[dest]) if i not in got
+    ]
+    missing += [f"missing key for parameter {dest!r}" for dest in targets if dest not in filled and dest not in parts]
     problems = unexpected + mismatched + missing
     if problems:
         raise ConversionError(

@@ -1,8 +1,9 @@
 """Architecture configs: a frozen dataclass per model family, with named presets for the released checkpoints.
 
 Every number a preset stores is one its checkpoint proves (e.g. ``mlp_hidden=8192``, the fc1 width), not the
-float ratio timm derives it from. ``ViTConfig.from_timm`` reads a timm hub ``config.json`` and refuses any
-argument this port does not implement.
+float ratio timm derives it from. ``ViTConfig.from_timm`` reads a timm hub ``config.json`` and
+``ViTConfig.from_hf`` a Hugging Face transformers one (``ViTModel``, ``Dinov2Model``,
+``Dinov2WithRegistersModel``); both refuse any option this port does not implement.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any, Mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+HALF = (0.5, 0.5, 0.5)
+LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
 
 MLP_LAYERS = ("mlp", "swiglu_packed")
 ACT_LAYERS = ("gelu", "silu")
+POS_EMBED_RESAMPLES = ("timm", "transformers")
 
 
 class _DictConfig:
@@ -58,6 +64,10 @@ class ViTConfig(_DictConfig):
         pos_embed_grid: (rows, cols) of the stored position-embedding grid (img_size // patch_size).
         layer_scale: whether blocks carry LayerScale gammas (timm ``init_values`` not None).
         norm_eps: LayerNorm epsilon.
+        pos_embed_resample: how the stored position grid is resized to another patch grid. ``"timm"``:
+            timm's ``resample_abs_pos_embed`` (bicubic with antialiasing). ``"transformers"``: the
+            ``interpolate_pos_encoding`` of transformers' ``ViTModel`` and ``Dinov2Model`` (torch's bicubic,
+            ``align_corners=False``, no antialiasing, resized to the target grid size).
         mean, std: per-channel input normalisation on the 0..1 scale (RGB).
     """
 
@@ -75,6 +85,7 @@ class ViTConfig(_DictConfig):
     pos_embed_grid: tuple[int, int] = (14, 14)
     layer_scale: bool = True
     norm_eps: float = 1e-6
+    pos_embed_resample: str = "timm"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -84,6 +95,8 @@ class ViTConfig(_DictConfig):
             problems.append(f"mlp_layer must be one of {MLP_LAYERS}, got {self.mlp_layer!r}")
         if self.act_layer not in ACT_LAYERS:
             problems.append(f"act_layer must be one of {ACT_LAYERS}, got {self.act_layer!r}")
+        if self.pos_embed_resample not in POS_EMBED_RESAMPLES:
+            problems.append(f"pos_embed_resample must be one of {POS_EMBED_RESAMPLES}, got {self.pos_embed_resample!r}")
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
         if self.mlp_layer == "swiglu_packed" and self.mlp_hidden % 2:
@@ -129,6 +142,21 @@ class ViTConfig(_DictConfig):
         anything else is an error that names the key.
         """
         return _from_timm(cls, timm_config, name)
+
+    @classmethod
+    def from_hf(cls, hf_config: Mapping[str, Any], *, name: str | None = None) -> "ViTConfig":
+        """Build a config from a Hugging Face transformers ``config.json`` (``model_type`` ``"vit"``, ``"dinov2"``
+        or ``"dinov2_with_registers"``, as saved by ``ViTModel`` / ``Dinov2Model`` / ``Dinov2WithRegistersModel``).
+
+        Position embeddings are resampled as transformers does: ``pos_embed_resample="transformers"`` for ViT and
+        DINOv2, timm's antialiased bicubic for DINOv2 with registers (its ``interpolate_pos_encoding`` passes
+        ``antialias=True``), whose registers carry no position embedding (``convert_hf_state_dict`` gives them
+        zero rows); mean/std
+        are ImageNet's (transformers keeps them in the image processor's config, not here). Every key must be
+        one this port implements with the value it implements, or one that cannot change the features
+        (dropout rates, initialisation, backbone-head options); anything else is an error that names the key.
+        """
+        return _from_hf(cls, hf_config, name)
 
 
 @dataclass(frozen=True)
@@ -180,12 +208,29 @@ def preset_names() -> tuple[str, ...]:
     return tuple(sorted((*_PRESETS, "resnet50")))
 
 
+def _manifest_folder():
+    """``weights/`` beside the ``fseg_jax`` package of a source checkout, else the installed ``fseg_jax.weights``.
+
+    The checkout's own folder comes first so that a source tree on ``sys.path`` reads its own manifests even
+    where another checkout is installed in editable mode (whose finder maps ``fseg_jax.weights`` to itself).
+    """
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "weights" / "__init__.py").is_file():
+        return root / "weights"
+    return resources.files("fseg_jax.weights")
+
+
 def read_manifest(name: str) -> dict[str, Any]:
     """The weights manifest of a preset (``weights/<name>.json``, shipped as ``fseg_jax.weights``)."""
-    path = resources.files("fseg_jax.weights").joinpath(f"{name}.json")
+    path = _manifest_folder().joinpath(f"{name}.json")
     if not path.is_file():
         raise ValueError(f"no weights manifest for {name!r}; available: {', '.join(preset_names())}")
     return json.loads(path.read_text())
+
+
+def preset_layout(name: str) -> str:
+    """The checkpoint layout of a preset's hub file: ``"transformers"`` or ``"timm"`` (timm and torchvision)."""
+    return "transformers" if "transformers" in read_manifest(name) else "timm"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,6 +257,23 @@ _PRESETS: dict[str, ViTConfig] = {
     # vit_base_patch14_reg4_dinov2 with mlp_ratio 5.33334 and SwiGLUPacked (unverified, see weights/h0_mini.json)
     "h0_mini": ViTConfig("h0_mini", 14, 768, 12, 12, 4096, **_SWIGLU, reg_tokens=4, no_embed_class=True,
                          pos_embed_grid=(16, 16), mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD),
+    # UNI's architecture
+    "mstar": ViTConfig("mstar", 16, 1024, 24, 16, 4096),
+    # timm vit_{small,base}_patch{16,8}_224 (no LayerScale), mean/std 0.5
+    "kaiko_vits16": ViTConfig("kaiko_vits16", 16, 384, 12, 6, 1536, layer_scale=False, mean=HALF, std=HALF),
+    "kaiko_vits8": ViTConfig("kaiko_vits8", 8, 384, 12, 6, 1536, layer_scale=False, pos_embed_grid=(28, 28),
+                             mean=HALF, std=HALF),
+    "kaiko_vitb16": ViTConfig("kaiko_vitb16", 16, 768, 12, 12, 3072, layer_scale=False, mean=HALF, std=HALF),
+    "kaiko_vitb8": ViTConfig("kaiko_vitb8", 8, 768, 12, 12, 3072, layer_scale=False, pos_embed_grid=(28, 28),
+                             mean=HALF, std=HALF),
+    # timm vit_small_patch8_224 (DINO), Lunit's mean/std
+    "lunit_vits8": ViTConfig("lunit_vits8", 8, 384, 12, 6, 1536, layer_scale=False, pos_embed_grid=(28, 28),
+                             mean=LUNIT_MEAN, std=LUNIT_STD),
+    # transformers ViTModel, ViT-B/16 (LayerNorm eps 1e-12, no LayerScale)
+    "phikon": ViTConfig("phikon", 16, 768, 12, 12, 3072, layer_scale=False, norm_eps=1e-12,
+                        pos_embed_resample="transformers"),
+    # transformers Dinov2Model, ViT-L/16
+    "phikon_v2": ViTConfig("phikon_v2", 16, 1024, 24, 16, 4096, pos_embed_resample="transformers"),
 }
 
 
@@ -220,7 +282,10 @@ _PRESETS: dict[str, ViTConfig] = {
 
 # timm architecture name -> its registered defaults (timm/models/vision_transformer.py)
 _TIMM_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_small_patch8_224": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch8_224": dict(patch_size=8, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
     "vit_giant_patch14_224": dict(patch_size=14, embed_dim=1408, mlp_ratio=48 / 11, depth=40, num_heads=16),
@@ -343,4 +408,91 @@ def _from_timm(cls, timm_config: Mapping[str, Any], name: str | None) -> ViTConf
         layer_scale=args["init_values"] is not None,
         mean=mean,
         std=std,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face transformers config.json -> ViTConfig
+
+# model_type -> (the architectures entry it must have, its keys with transformers' defaults)
+_HF_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit": ("ViTModel", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                             hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16)),
+    "dinov2": ("Dinov2Model", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
+                                   hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=14,
+                                   use_swiglu_ffn=False)),
+    "dinov2_with_registers": ("Dinov2WithRegistersModel", dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, hidden_act="gelu",
+        layer_norm_eps=1e-6, image_size=224, patch_size=16, use_swiglu_ffn=False, num_register_tokens=4)),
+}
+# keys that cannot change the features of the base model at inference (bookkeeping, dropout, initialisation,
+# the options of the backbone / pooler / masked-image heads that this port does not build)
+_HF_INERT = {
+    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "id2label",
+    "label2id", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "initializer_range",
+    "layerscale_value", "encoder_stride", "pooler_output_size", "pooler_act", "use_mask_token", "out_features",
+    "out_indices", "stage_names", "apply_layernorm", "reshape_hidden_states",
+    # generic PreTrainedConfig options (runtime outputs, text-model settings), present in full dumps
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "chunk_size_feed_forward",
+    "is_encoder_decoder", "problem_type", "tie_word_embeddings",
+}
+# keys accepted only with the value this port implements
+_HF_FIXED = {"num_channels": 3, "qkv_bias": True, "pruned_heads": {}}
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, (int, float)) else tuple(int(v) for v in value)
+
+
+def _from_hf(cls, hf_config: Mapping[str, Any], name: str | None) -> ViTConfig:
+    model_type = hf_config.get("model_type")
+    if model_type not in _HF_MODELS:
+        raise ValueError(
+            f"unsupported transformers model_type {model_type!r}; supported: {', '.join(sorted(_HF_MODELS))}"
+        )
+    architecture, defaults = _HF_MODELS[model_type]
+    problems: list[str] = []
+    for key in sorted(set(hf_config) - set(defaults) - _HF_INERT - set(_HF_FIXED)):
+        problems.append(f"unknown transformers option {key!r}={hf_config[key]!r}")
+    for key, allowed in _HF_FIXED.items():
+        if key in hf_config and hf_config[key] != allowed:
+            problems.append(f"{key}={hf_config[key]!r} is not implemented (only {allowed!r})")
+    architectures = hf_config.get("architectures") or [architecture]
+    if list(architectures) != [architecture]:
+        problems.append(f"architectures={list(architectures)!r} is not implemented (only [{architecture!r}])")
+    args = {**defaults, **{k: v for k, v in hf_config.items() if k in defaults}}
+    swiglu = bool(args.get("use_swiglu_ffn", False))
+    if not swiglu and args["hidden_act"] != "gelu":  # the SwiGLU FFN of Dinov2Model uses SiLU whatever hidden_act says
+        problems.append(f"hidden_act={args['hidden_act']!r} is not implemented (only 'gelu')")
+    patch, img = _pair(args["patch_size"]), _pair(args["image_size"])
+    if patch[0] != patch[1]:
+        problems.append(f"patch_size={args['patch_size']!r} is not implemented (square patches only)")
+    grid = (img[0] // patch[0], img[1] // patch[1])
+    if grid[0] != grid[1]:  # transformers reshapes the stored grid to sqrt(num_positions) on each side
+        problems.append(f"image_size={args['image_size']!r} is not implemented (a square position grid only)")
+    if problems:
+        raise ValueError(
+            f"cannot build a ViTConfig from the transformers {model_type!r} config: " + "; ".join(problems)
+        )
+
+    d = int(args["hidden_size"])
+    if model_type == "vit":
+        mlp = dict(mlp_hidden=int(args["intermediate_size"]))
+    elif swiglu:  # Dinov2SwiGLUFFN: weights_in is Linear(D, 2 * hidden), hidden rounded up to a multiple of 8
+        hidden = int(d * args["mlp_ratio"])
+        mlp = dict(mlp_hidden=2 * ((int(hidden * 2 / 3) + 7) // 8 * 8), mlp_layer="swiglu_packed", act_layer="silu")
+    else:
+        mlp = dict(mlp_hidden=int(d * args["mlp_ratio"]))
+    return cls(
+        name=name or model_type,
+        patch_size=patch[0],
+        embed_dim=d,
+        depth=int(args["num_hidden_layers"]),
+        num_heads=int(args["num_attention_heads"]),
+        **mlp,
+        pos_embed_grid=grid,
+        reg_tokens=int(args.get("num_register_tokens", 0)),
+        layer_scale=model_type != "vit",
+        norm_eps=float(args["layer_norm_eps"]),
+        pos_embed_resample="timm" if model_type == "dinov2_with_registers" else "transformers",
     )

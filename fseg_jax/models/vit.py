@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
@@ -44,6 +45,28 @@ def _layer_norm(dim: int, config: ViTConfig, dtype, rngs: nnx.Rngs) -> nnx.Layer
 
 def _linear(din: int, dout: int, dtype, precision, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, precision=precision, rngs=rngs)
+
+
+def torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of torch's ``interpolate(mode="bicubic", align_corners=False)`` along one axis,
+    resizing to a given size without antialiasing: Keys' cubic with a = -0.75, source index
+    ``(i + 0.5) * n_in / n_out - 0.5``, taps past the border clamped to the edge (as ATen's CPU kernel)."""
+    a = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    real = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(real)
+    t = real - base
+    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+    taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
+    matrix = np.zeros((n_out, n_in), np.float64)
+    np.add.at(matrix, (np.repeat(np.arange(n_out), 4), taps.ravel()), weights.ravel())
+    return matrix.astype(np.float32)
 
 
 class PatchEmbed(nnx.Module):
@@ -189,16 +212,21 @@ class VisionTransformer(nnx.Module):
         self.norm = _layer_norm(d, config, dtype, rngs)
 
     def _pos_embed_for(self, grid_h: int, grid_w: int) -> Array:
-        """Position embeddings for a (grid_h, grid_w) patch grid, resampled like timm's
-        ``resample_abs_pos_embed`` (bicubic with antialias, float32, prefix rows split off first)."""
+        """Position embeddings for a (grid_h, grid_w) patch grid, resampled in float32 with the prefix rows
+        split off first: like timm's ``resample_abs_pos_embed`` (bicubic with antialias), or, with
+        ``pos_embed_resample="transformers"``, like transformers' ``interpolate_pos_encoding``."""
         cfg = self.config
         pos = self.pos_embed[...]
         n_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
         prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]
         gh, gw = cfg.pos_embed_grid
         if (grid_h, grid_w) != (gh, gw):
-            grid = grid.reshape(1, gh, gw, -1).astype(jnp.float32)
-            grid = jax.image.resize(grid, (1, grid_h, grid_w, grid.shape[-1]), method="cubic", antialias=True)
+            grid = grid.reshape(gh, gw, -1).astype(jnp.float32)
+            if cfg.pos_embed_resample == "transformers":
+                rows, cols = torch_bicubic_matrix(gh, grid_h), torch_bicubic_matrix(gw, grid_w)
+                grid = jnp.einsum("ih,hwd,jw->ijd", rows, grid, cols, precision=jax.lax.Precision.HIGHEST)
+            else:
+                grid = jax.image.resize(grid, (grid_h, grid_w, grid.shape[-1]), method="cubic", antialias=True)
             grid = grid.reshape(1, grid_h * grid_w, -1)
         return jnp.concatenate([prefix, grid], axis=1) if n_prefix else grid
 
