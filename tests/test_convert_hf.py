@@ -118,13 +118,11 @@ def test_torch_bicubic_matrix_matches_torch_interpolate(n_in, n_out):
 
 
 def test_load_preset_from_offline_hub_cache(tmp_path, monkeypatch):
-    from test_hub import fake_hub_cache
+    from test_hub import fake_hub_cache, use_hf_home
 
     model = make_hf_preset("phikon", depth=1)
     folder = save_hf_folder(model, tmp_path / "files")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    use_hf_home(monkeypatch, tmp_path / "hf")
     monkeypatch.setattr(hub, "config_from_preset",
                         lambda name: dataclasses.replace(ViTConfig.from_preset(name), depth=1))
     fake_hub_cache(tmp_path / "hf" / "hub", "phikon", folder / "model.safetensors")
