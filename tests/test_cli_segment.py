@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -79,10 +82,15 @@ def test_bfloat16_option_matches_the_library(assets, tmp_path):
                        dtype=jnp.bfloat16)
     np.testing.assert_array_equal(np.load(out / "a_labels.npy"), expected)
 
-def test_method_choices_are_the_library_methods():
+def test_method_choices_come_from_the_library_without_importing_jax():
     from fseg_jax.segmentation import METHODS
 
-    assert cli_segment.METHODS == METHODS
+    (method,) = [p for p in cli_segment.segment.params if p.name == "method"]
+    assert tuple(method.type.choices) == METHODS
+    # the command's module (imported by `fseg-jax --help` to list it) takes them from a module free of JAX
+    probe = "import sys, fseg_jax.cli.segment; print('jax' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
 
 
 def test_sixteen_bit_label_png(tmp_path):

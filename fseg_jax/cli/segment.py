@@ -8,9 +8,9 @@ import click
 
 from fseg_jax.cli.common import default_compilation_cache, model_from_options, one_line, random_model_options
 from fseg_jax.compilation import enable_compilation_cache
+from fseg_jax.methods import METHODS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-METHODS = ("project", "nearest", "factorize", "dff")
 
 
 def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
