@@ -11,7 +11,7 @@ import scipy.linalg as scipy_linalg
 import scipy.optimize as scipy_optimize
 import sklearn.decomposition as sklearn_nmf
 
-from fseg_jax.nmf import DEFAULT_SOLVER, factorize, nmf, nmf_from, nnls, project
+from fseg_jax.nmf import DEFAULT_SOLVER, factorize, nmf, nmf_from, nnls, project, random_init
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -163,11 +163,12 @@ def test_pure_twin_under_jit_and_vmap(banks):
 @pytest.mark.filterwarnings("ignore:Maximum number of iterations")
 @pytest.mark.parametrize("solver", ["hals", "mu"])
 def test_nmf_matches_sklearn_from_same_start(banks, solver):
-    """From scikit-learn's own random start, our iterates follow scikit-learn's NMF."""
+    """From one start (``random_init``: scikit-learn's own random start, test_api checks), our iterates follow
+    scikit-learn's NMF."""
     c = banks["uni"][8]
     x = synthetic_x(c, 400, seed=5)
     k = 6
-    w0, h0 = sklearn_nmf._nmf._initialize_nmf(x, k, init="random", random_state=0)
+    w0, h0 = (np.asarray(a) for a in random_init(jnp.asarray(x), k, 0))
     model = sklearn_nmf.NMF(k, init="custom", solver="cd" if solver == "hals" else "mu", tol=1e-4, max_iter=200)
     w_skl = model.fit_transform(x, W=w0.copy(), H=h0.copy())
     f_skl = objective(x, w_skl, model.components_)

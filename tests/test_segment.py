@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,25 +137,25 @@ def test_factorize_batch_equals_single(model, concepts):
 
 
 def test_bucketing_compiles_a_handful_of_times(model, concepts, monkeypatch):
-    traces = []
+    """Traces of the program, counted on the model's features inside it (sizes no other test here uses, so
+    every program below is compiled by this test)."""
+    def count_traces(n):
+        chex.clear_trace_counter()
+        monkeypatch.setattr(seg, "token_features", chex.assert_max_traces(original, n=n))
+
     original = seg.token_features
-
-    def counting(*args, **kwargs):
-        traces.append(args[1].shape)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seg, "token_features", counting)
-    seg.segment_padded.clear_cache()
-    sizes = [(33, 40), (47, 60), (20, 64), (64, 30), (50, 50), (61, 17), (18, 18), (40, 64)]
+    sizes = [(33, 72), (47, 90), (20, 100), (120, 30), (50, 128), (61, 17), (18, 18), (40, 127)]
     imgs = [_image(h, w, i) for i, (h, w) in enumerate(sizes)]
-    out = segment(imgs, concepts, model=model, bucket=64, batch_size=8)
-    assert [o.shape for o in out] == sizes
-    assert len(traces) == 1  # every image pads to 64 x 64
-    traces.clear()
-    segment(imgs, concepts, model=model, bucket=64, batch_size=8)
-    assert traces == []  # compiled once, reused
-    segment(imgs[:3], concepts, model=model, batch_size=8)
-    assert len(traces) == 3  # without a bucket: one per distinct padded size (48x48, 48x64, 32x64)
+    count_traces(1)
+    out = segment(imgs, concepts, model=model, bucket=128, batch_size=8)
+    assert [o.shape for o in out] == sizes  # every image pads to 128 x 128: one program
+    segment(imgs, concepts, model=model, bucket=128, batch_size=8)  # compiled once, reused
+    count_traces(3)
+    # without a bucket: one program per distinct padded size (48 x 80, 48 x 96, 32 x 112)
+    for o, (h, w) in zip(segment(imgs[:3], concepts, model=model, batch_size=8), sizes):
+        chex.assert_shape(o, (h, w))
+    with pytest.raises(AssertionError, match="traced > 3 times"):  # the fourth size is a fourth program
+        segment(imgs[3], concepts, model=model)
 
 
 def test_layer_list_concatenates_blocks(model):
