@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from flax import nnx
+from tiny_models import tiny_config, tiny_vit
 
 import fseg_jax
 import fseg_jax.hub as hub
@@ -19,24 +19,15 @@ from fseg_jax.concepts import ConceptBank, save_concepts
 from fseg_jax.data import sample_image
 from fseg_jax.features import preprocess, token_features
 from fseg_jax.hub import load_model, resolve_model, save_model
-from fseg_jax.models.config import ViTConfig
-from fseg_jax.models.vit import LayerScale, VisionTransformer
 from fseg_jax.nmf import factorize, project, random_init
 from fseg_jax.segmentation import Pipeline, make_token_fn, segment
 
 D = 32
 
 
-def tiny_vit(seed: int = 0) -> VisionTransformer:
-    """A two-block random ViT with LayerScale gammas in [0.1, 1], where the blocks visibly change the tokens."""
-    config = ViTConfig(name="tiny", patch_size=16, embed_dim=D, depth=2, num_heads=2, mlp_hidden=64,
-                       pos_embed_grid=(4, 4))
-    model = VisionTransformer(config, rngs=nnx.Rngs(seed))
-    rng = np.random.default_rng(seed)
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, LayerScale):
-            module.gamma[...] = jnp.asarray(rng.uniform(0.1, 1.0, module.gamma.shape), jnp.float32)
-    return model
+# two blocks, patch 16, no registers; LayerScale gammas in [0.1, 1] (tiny_models), so the blocks visibly change
+# the tokens
+CONFIG = tiny_config(patch_size=16, embed_dim=D, depth=2, num_heads=2, reg_tokens=0)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return save_model(tiny_vit(), tmp_path_factory.mktemp("api") / "tiny-model")
+    return save_model(tiny_vit(CONFIG), tmp_path_factory.mktemp("api") / "tiny-model")
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +118,10 @@ def test_model_cache_returns_the_same_object(model_dir, monkeypatch):
     assert hub.model_source(first) == str(model_dir.resolve())
     assert resolve_model(first) is first
     # a rewritten folder is read again
-    save_model(tiny_vit(seed=3), model_dir)
+    save_model(tiny_vit(CONFIG, seed=3), model_dir)
     second = resolve_model(model_dir)
     assert second is not first and len(loads) == 2
-    save_model(tiny_vit(), model_dir)  # as the module's other tests expect it
+    save_model(tiny_vit(CONFIG), model_dir)  # as the module's other tests expect it
 
 
 def test_segment_with_a_folder_loads_it_once(model_dir, image, concepts, monkeypatch):

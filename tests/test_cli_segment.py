@@ -8,15 +8,13 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from flax import nnx
 from PIL import Image
+from tiny_models import tiny_config, tiny_vit
 
 from fseg_jax.cli import main
 from fseg_jax.cli import segment as cli_segment
 from fseg_jax.concepts import ConceptBank, save_concepts
 from fseg_jax.hub import save_model
-from fseg_jax.models.config import ViTConfig
-from fseg_jax.models.vit import VisionTransformer
 
 D = 32
 
@@ -24,9 +22,7 @@ D = 32
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_segment")
-    cfg = ViTConfig(name="tiny", patch_size=16, embed_dim=D, depth=2, num_heads=2, mlp_hidden=64,
-                    pos_embed_grid=(4, 4))
-    save_model(VisionTransformer(cfg, rngs=nnx.Rngs(0)), root / "model")
+    save_model(tiny_vit(tiny_config(patch_size=16, embed_dim=D, depth=2, num_heads=2, reg_tokens=0)), root / "model")
     rng = np.random.default_rng(0)
     concepts = {k: np.abs(rng.standard_normal((k, D))).astype(np.float32) for k in (4, 8)}
     save_concepts(root / "bank.safetensors", ConceptBank(concepts, model="tiny", layer=-1))

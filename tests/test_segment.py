@@ -8,13 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from PIL import Image
+from tiny_models import tiny_config, tiny_vit
 
 import fseg_jax.segmentation as seg
 from fseg_jax.concepts import ConceptBank
-from fseg_jax.models.config import ViTConfig
-from fseg_jax.models.vit import VisionTransformer
 from fseg_jax.segmentation import make_token_fn, segment, upsample, upsample_argmax
 
 D = 32
@@ -22,9 +20,7 @@ D = 32
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ViTConfig(name="tiny", patch_size=16, embed_dim=D, depth=2, num_heads=2, mlp_hidden=64,
-                    pos_embed_grid=(4, 4))
-    return VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    return tiny_vit(tiny_config(patch_size=16, embed_dim=D, depth=2, num_heads=2, reg_tokens=0))
 
 
 @pytest.fixture(scope="module")
