@@ -228,8 +228,14 @@ def test_segment_in_bfloat16_stays_close_to_float32(model, concepts):
     bf16 = segment(img, concepts, model=model, method="nearest", dtype=jnp.bfloat16, return_weights=True)
     assert bf16.weights.dtype == np.float32 and bf16.labels.dtype == np.int32
     assert not np.array_equal(bf16.weights, ref.weights)  # the forward really ran in bfloat16
-    np.testing.assert_allclose(bf16.weights, ref.weights, atol=0.05)
-    assert (bf16.labels == ref.labels).mean() >= 0.9
+    error = np.abs(bf16.weights - ref.weights).max()
+    assert error <= 0.05
+    # upsampling mixes weights convexly, so no upsampled weight moves by more than `error`: the labels must agree
+    # wherever float32's best concept leads the runner-up by more than twice that
+    up = np.sort(np.asarray(jax.image.resize(ref.weights, (48, 64, 6), method="linear")), axis=-1)
+    clear = up[..., -1] - up[..., -2] > 2 * error
+    assert clear.mean() > 0.5, "too few clear pixels to be a test"
+    np.testing.assert_array_equal(bf16.labels[clear], ref.labels[clear])
 
 # --- bad inputs --------------------------------------------------------------------------------------------------
 
@@ -286,10 +292,11 @@ def test_float_rgba_gray_pil_and_path_inputs_match_uint8(model, concepts, tmp_pa
     gray = img[..., 1]
     np.testing.assert_array_equal(segment(gray, concepts, model=model),
                                   segment(np.repeat(gray[..., None], 3, axis=2), concepts, model=model))
-    as_float = segment(img.astype(np.float32) / 255.0, concepts, model=model)
-    assert (as_float == ref).mean() > 0.99
-    # a 16-bit grayscale PNG keeps its precision: the same picture as the 8-bit gray one, scaled by 257
+    # uint8 v is read as the correctly rounded v / 255, the float32 value numpy computes: the same features
+    np.testing.assert_array_equal(segment(img.astype(np.float32) / 255.0, concepts, model=model), ref)
+    # a 16-bit grayscale PNG keeps its precision: the same picture as the 8-bit gray one, scaled by 257, is read
+    # as v * 257 / 65535, which rounds to the same float32 as v / 255
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
     gray16 = segment(tmp_path / "gray16.png", concepts, model=model)
     gray_float = segment(np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0, concepts, model=model)
-    assert (gray16 == gray_float).mean() > 0.99
+    np.testing.assert_array_equal(gray16, gray_float)
