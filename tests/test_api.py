@@ -242,7 +242,7 @@ def test_the_nmf_start_is_scikit_learns():
 
     x = np.abs(np.random.default_rng(0).standard_normal((40, 12))).astype(np.float32)
     w0, h0 = random_init(jnp.asarray(x), 5, 3)
-    common = dict(n_components=5, solver="cd", tol=0.0, max_iter=1)
+    common = {"n_components": 5, "solver": "cd", "tol": 0.0, "max_iter": 1}
     reference = NMF(init="random", random_state=3, **common)
     w_ref = reference.fit_transform(x)
     ours = NMF(init="custom", **common)
