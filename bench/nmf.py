@@ -19,10 +19,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from _common import SHARED_DATA, best_time, host_description
 
 from fseg_jax.nmf import DEFAULT_SOLVER, SOLVERS, project
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "concepts"
 BANK_FOR_D = {1024: "uni", 1536: "prov_gigapath"}
 
 
@@ -33,6 +33,10 @@ def load_bank(folder, d, k):
 
 
 def synthetic_x(c_kd, n, seed=0, max_active=3, noise=0.3):
+    """X = relu(W_true C + noise), float32, W_true with up to ``max_active`` concepts per row (each slot kept with
+    probability 1, 0.6, 0.3), drawn at once for all rows: vectorised for n up to 65536. tests/test_nmf.py keeps
+    its own row-by-row generator (exactly 1..3 distinct concepts per row, for small certified problems): the
+    tests do not import from bench/, and the two serve different problem sizes."""
     rng = np.random.default_rng(seed)
     k, d = c_kd.shape
     w = np.zeros((n, k), np.float32)
@@ -60,15 +64,6 @@ def objective(x, w, c):
     return float(np.sum(r * r))
 
 
-def timed(fn, repeats):
-    best, out = np.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def run_case(n, k, d, solvers, args):
     c = load_bank(args.concepts_dir, d, k)
     x = synthetic_x(c, n, seed=n + k + d)
@@ -89,7 +84,7 @@ def run_case(n, k, d, solvers, args):
         results["sklearn-cd"] = (t_skl, it, w_skl, f_skl)
     for solver in solvers:
         project(x, c, solver=solver)  # compile
-        t, res = timed(lambda s=solver: project(x, c, solver=s), args.repeats)
+        t, res = best_time(lambda s=solver: jax.block_until_ready(project(x, c, solver=s)), args.repeats)
         w = np.asarray(res.w)
         results[solver] = (t, int(res.n_iter), w, objective(x, w, c))
 
@@ -121,10 +116,12 @@ def main():
     )
     p.add_argument("--opt-rows", type=int, default=2048, help="rows on which the exact optimum is computed")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--concepts-dir", default=str(DATA), help="folder holding uni.joblib and prov_gigapath.joblib")
+    p.add_argument("--concepts-dir", default=str(SHARED_DATA / "concepts"),
+                   help="folder holding uni.joblib and prov_gigapath.joblib")
     args = p.parse_args()
     if args.quick:
         args.n, args.k, args.d = [4880], [16, 64], [1024]
+    print(host_description())
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; default solver {DEFAULT_SOLVER!r}")
     for d in args.d:
         for k in args.k:

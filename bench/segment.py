@@ -26,13 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the reference pipeline and timm model helpers live with the tests
+from _common import SHARED_DATA, best_time, host_description, test_helper
 
-IMAGE = ROOT.parent / "shared" / "data" / "he" / "example_3.jpg"
-UNI_BANK = ROOT.parent / "shared" / "data" / "concepts" / "uni.joblib"
+IMAGE = SHARED_DATA / "he" / "example_3.jpg"
+UNI_BANK = SHARED_DATA / "concepts" / "uni.joblib"
 
 
 def _image():
@@ -59,12 +57,11 @@ def _concepts(k: int, dim: int):
 
 
 def _model(depth: int | None):
-    from timm_models import fseg_config, make_timm_model
-
     from fseg_jax.convert.timm import convert_timm_state_dict
 
-    timm_model = make_timm_model("uni", depth=depth)
-    return timm_model, convert_timm_state_dict(timm_model.state_dict(), fseg_config("uni", depth))
+    timm_models = test_helper("timm_models")
+    timm_model = timm_models.make_timm_model("uni", depth=depth)
+    return timm_model, convert_timm_state_dict(timm_model.state_dict(), timm_models.fseg_config("uni", depth))
 
 
 def _project_program(model, concepts):
@@ -73,16 +70,6 @@ def _project_program(model, concepts):
 
     pipeline = Pipeline.create(concepts, model=model, method="project")
     return pipeline.options, pipeline.program_concepts
-
-
-def _time(fn, repeats: int = 1):
-    best = float("inf")
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def compile_times(args) -> dict:
@@ -104,8 +91,8 @@ def compile_times(args) -> dict:
     h, w = image.shape[:2]
     hp, wp = -(-h // 16) * 16, -(-w // 16) * 16
     batch = jnp.asarray(np.pad(image, ((0, hp - h), (0, wp - w), (0, 0)), mode="edge"))[None]
-    trace_s, lowered = _time(lambda: segment_padded.lower(graphdef, options, state, jnp.asarray(concepts), batch))
-    compile_s, _ = _time(lowered.compile)
+    trace_s, lowered = best_time(lambda: segment_padded.lower(graphdef, options, state, jnp.asarray(concepts), batch))
+    compile_s, _ = best_time(lowered.compile)
     return {"trace_lower_s": trace_s, "compile_s": compile_s}
 
 
@@ -132,8 +119,10 @@ def main() -> None:
     from fseg_jax.compilation import jit
     from fseg_jax.features import preprocess, token_features
     from fseg_jax.segmentation import segment, token_weights, upsample_argmax
-    from segment_original import OriginalFSeg, input_tensor
 
+    original = test_helper("segment_original")
+
+    print(host_description())
     timm_model, model = _model(args.depth)
     image = _image()
     concepts, bank_name = _concepts(args.k, model.config.embed_dim)
@@ -144,8 +133,8 @@ def main() -> None:
     }
 
     # fseg_jax: first call (compile + run), then warm
-    results["jax_first_call_s"], labels = _time(lambda: segment(image, concepts, model=model))
-    results["jax_warm_s"], labels = _time(lambda: segment(image, concepts, model=model), args.repeats)
+    results["jax_first_call_s"], labels = best_time(lambda: segment(image, concepts, model=model))
+    results["jax_warm_s"], labels = best_time(lambda: segment(image, concepts, model=model), args.repeats)
 
     # the same jitted pieces, timed apart: the ViT forward, and everything after it
     graphdef, state = nnx.split(model)
@@ -170,8 +159,8 @@ def main() -> None:
     feats = jax.block_until_ready(forward(state, padded))
     c = jnp.asarray(clipped)
     jax.block_until_ready(after_vit(feats, c))
-    results["jax_forward_s"], _ = _time(lambda: jax.block_until_ready(forward(state, padded)), args.repeats)
-    results["jax_after_vit_s"], _ = _time(lambda: jax.block_until_ready(after_vit(feats, c)), args.repeats)
+    results["jax_forward_s"], _ = best_time(lambda: jax.block_until_ready(forward(state, padded)), args.repeats)
+    results["jax_after_vit_s"], _ = best_time(lambda: jax.block_until_ready(after_vit(feats, c)), args.repeats)
 
     # new processes: compile the pipeline with JAX's persistent compilation cache (as the CLI enables it) in an
     # empty folder, then again in a second process with the folder filled
@@ -187,8 +176,8 @@ def main() -> None:
     results["compilation_cache_files"] = len(os.listdir(cache))
 
     if not args.skip_original:
-        fseg = OriginalFSeg(timm_model)
-        x = input_tensor(image)
+        fseg = original.OriginalFSeg(timm_model)
+        x = original.input_tensor(image)
         t0 = time.perf_counter()
         with torch.no_grad():
             ref = fseg.project(x, concepts.copy())[:h, :w]

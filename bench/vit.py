@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, host_description, test_helper
 
 
 def _reset_peak() -> None:
@@ -110,9 +110,7 @@ def _run_timm(preset: str, depth: int | None, shape: tuple[int, int, int], dtype
               compile_model: bool = False) -> dict:
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from timm_models import make_timm_model
-
+    make_timm_model = test_helper("timm_models").make_timm_model
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     model = make_timm_model(preset, depth=depth, perturb=False).to(device)
@@ -174,7 +172,7 @@ def main() -> None:
         _child(args)
         return
 
-    print(_host_description())
+    print(host_description())
     results = []
     for shape in args.shapes.split(","):
         row = {"shape": shape}
@@ -184,7 +182,7 @@ def main() -> None:
                    "--attention", args.attention, "--precision", args.precision]
             if args.depth is not None:
                 cmd += ["--depth", str(args.depth)]
-            env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+            env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode or not lines:
@@ -197,22 +195,6 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "depth": args.depth, "dtype": args.dtype, "results": results}, f,
                       indent=2)
-
-
-def _host_description() -> str:
-    """The CPU (lscpu's model name, its vector extensions, caches) and the attention blocks chosen for it."""
-    from fseg_jax.models.attention import cpu_block_elements, last_level_cache_bytes
-
-    info = {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    except OSError:
-        pass
-    flags = [f for f in info.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
-    return (f"host: {info.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, vector flags {' '.join(flags)}; "
-            f"last-level cache {last_level_cache_bytes() / 2**20:.0f} MiB -> CPU attention score blocks of "
-            f"{cpu_block_elements() / 2**20:.1f} M float32 values")
 
 
 def _print_row(row: dict, args) -> None:

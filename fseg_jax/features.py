@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255)
+
 
 def padded_size(height: int, width: int, patch_size: int, bucket: int | None = None) -> tuple[int, int]:
     """The size an image is padded to: the next multiple of ``bucket`` pixels (``patch_size`` when None).
@@ -48,7 +50,10 @@ def preprocess(images_bhw3: jax.Array, config, *, size: tuple[int, int] | None =
     if hp < h or wp < w or hp % p or wp % p:
         raise ValueError(f"cannot pad {h}x{w} to {hp}x{wp}: needs a size >= the image and a multiple of {p}")
     if images.dtype == jnp.uint8:
-        x = images.astype(jnp.float32) / 255.0
+        # each value's correctly rounded v / 255, as numpy computes it (and the original F-Seg does): XLA would
+        # multiply by a rounded 1/255 instead, one unit in the last place off for some values, so that a uint8
+        # image and the same image as float32 / 255 would not give the same features
+        x = jnp.asarray(_UINT8_TO_UNIT)[images]
     elif jnp.issubdtype(images.dtype, jnp.floating):
         x = images.astype(jnp.float32)
     else:

@@ -47,10 +47,10 @@ from fseg_jax import nmf as _nmf
 from fseg_jax.compilation import jit
 from fseg_jax.features import _layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
+from fseg_jax.methods import METHODS
 from fseg_jax.models import with_compute_dtype
 from fseg_jax.upsample import upsample, upsample_argmax  # noqa: F401 - upsample is re-exported here
 
-METHODS = ("project", "nearest", "factorize", "dff")
 _MODEL_HELP = "pass model= (a model, a preset name such as 'uni', or a converted model directory)"
 
 

@@ -93,7 +93,8 @@ class OriginalFSeg:
 
     def factorize(self, x: torch.Tensor, concepts: np.ndarray, n_components: int = 20):
         """``predict_clustering``: NMF of the (D, tokens) matrix, components mapped to the nearest concept
-        by cosine distance, component weights upsampled, argmax, mapped. Returns (labels, mapping)."""
+        by cosine distance, component weights upsampled, argmax, mapped. Returns (labels, mapping, components):
+        the components as (n_components, D) rows."""
         from sklearn.decomposition import NMF
         from sklearn.metrics.pairwise import cosine_distances
 
@@ -105,7 +106,7 @@ class OriginalFSeg:
         weights = model.components_.reshape(n_components, b, h, w).transpose((1, 0, 2, 3))
         mapping = np.array([cosine_distances(c[None], concepts).argmin() for c in comp_dk.T])
         labels = self._upsample_argmax(weights.astype(np.float32), (x.shape[2], x.shape[3]))
-        return mapping[labels], mapping
+        return mapping[labels], mapping, comp_dk.T
 
 
 def segment_original(fseg: OriginalFSeg, image_hw3_uint8: np.ndarray, concepts: np.ndarray, method: str, **kw):

@@ -6,6 +6,7 @@ import jax
 import joblib
 import numpy as np
 import pytest
+from banks import concept_like_bank
 from sklearn.cluster import KMeans
 
 from fseg_jax.kmeans import kmeans, kmeans_plusplus
@@ -17,12 +18,21 @@ def _blobs(n=2000, d=16, centres=20, seed=0):
     return (means[rng.integers(0, centres, n)] + rng.normal(size=(n, d))).astype(np.float32)
 
 
-def _bank_like(shared_data, n=1500, d=128, seed=0):
-    """ReLU'd noisy copies of real concept centres: the kind of data banks are built from."""
-    bank = joblib.load(shared_data / "concepts" / "uni.joblib")[256][:, :d]
+def _bank_like(bank_kd, n=1500, d=128, seed=0):
+    """ReLU'd noisy copies of concept centres (their first d features): the kind of data banks are built from."""
+    bank = np.asarray(bank_kd, np.float32)[:, :d]
     rng = np.random.default_rng(seed)
-    x = bank[rng.integers(0, 256, n)] + rng.normal(0.0, 0.3, (n, d)).astype(np.float32)
+    x = bank[rng.integers(0, len(bank), n)] + rng.normal(0.0, 0.3, (n, d)).astype(np.float32)
     return np.maximum(x, 0.0)
+
+
+def assert_matches_sklearn(x, k):
+    ref = KMeans(k, n_init=10, random_state=0).fit(x).inertia_
+    ours = kmeans(x, k, seed=0)
+    assert ours.inertia <= 1.02 * ref, (ours.inertia, ref)
+    # the reported inertia is that of the returned centres
+    d2 = ((x[:, None, :] - ours.centers[None]) ** 2).sum(-1).min(1)
+    np.testing.assert_allclose(ours.inertia, d2.sum(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("k", [8, 32])
@@ -35,14 +45,13 @@ def test_inertia_matches_sklearn_on_blobs(k):
 
 
 @pytest.mark.parametrize("k", [16, 64])
-def test_inertia_matches_sklearn_on_concept_like_data(shared_data, k):
-    x = _bank_like(shared_data)
-    ref = KMeans(k, n_init=10, random_state=0).fit(x).inertia_
-    ours = kmeans(x, k, seed=0)
-    assert ours.inertia <= 1.02 * ref, (ours.inertia, ref)
-    # the reported inertia is that of the returned centres
-    d2 = ((x[:, None, :] - ours.centers[None]) ** 2).sum(-1).min(1)
-    np.testing.assert_allclose(ours.inertia, d2.sum(), rtol=1e-4)
+def test_inertia_matches_sklearn_on_concept_like_data(k):
+    assert_matches_sklearn(_bank_like(concept_like_bank(256)), k)
+
+
+@pytest.mark.parametrize("k", [16, 64])
+def test_inertia_matches_sklearn_on_the_upstream_bank(shared_data, k):
+    assert_matches_sklearn(_bank_like(joblib.load(shared_data / "concepts" / "uni.joblib")[256]), k)
 
 
 def test_deterministic_for_a_seed():

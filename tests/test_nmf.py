@@ -1,4 +1,9 @@
-"""fseg_jax.nmf against scikit-learn and an exact float64 optimum, on the F-Seg concept banks."""
+"""fseg_jax.nmf against scikit-learn and an exact float64 optimum.
+
+Every comparison runs on synthetic banks shaped like F-Seg's (``banks.concept_like_bank``: dense, badly
+conditioned, near-duplicate concepts), so it runs in a fresh clone; the two claims about the real upstream banks
+(../shared/data/concepts) have tests of their own, named ``..._on_the_upstream_banks``.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,29 @@ import pytest
 import scipy.linalg as scipy_linalg
 import scipy.optimize as scipy_optimize
 import sklearn.decomposition as sklearn_nmf
+from banks import concept_like_bank
 
-from fseg_jax.nmf import DEFAULT_SOLVER, factorize, nmf, nmf_from, nnls, project
+from fseg_jax.nmf import DEFAULT_SOLVER, factorize, nmf, nmf_from, nnls, project, random_init
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 
 
 @pytest.fixture(scope="module")
-def banks(shared_data):
+def upstream_banks(shared_data):
     # The upstream banks are pickles; these are the known files of the shared test data.
     banks = {}
     for name in ("uni", "prov_gigapath"):
         raw = joblib.load(shared_data / "concepts" / f"{name}.joblib")
         banks[name] = {k: np.clip(np.asarray(c, np.float64), 0, None) for k, c in raw.items()}
     return banks
+
+
+@pytest.fixture(scope="module")
+def banks():
+    """Synthetic banks of the upstream sizes: d = 1024 (UNI's width) at k = 8, 16, 64, 256, d = 1536 at k = 256."""
+    return {"d1024": {k: concept_like_bank(k, 1024) for k in (8, 16, 64, 256)},
+            "d1536": {256: concept_like_bank(256, 1536, seed=1)}}
 
 
 def synthetic_x(c_kd, n, *, seed=0, max_active=3, noise=0.3):
@@ -62,23 +75,35 @@ def agreement(w_a, w_b):
     return float(np.mean(np.argmax(w_a, -1) == np.argmax(w_b, -1)))
 
 
-@pytest.fixture(scope="module")
-def problems(banks):
-    """(x float32, c float32, exact optimum float64) on the real banks, k = 8, 16, 64, 256."""
+def make_problems(banks, cases):
+    """{(name, k): (x float32, c float32, exact optimum float64)} for n = 1000 rows per case."""
     out = {}
-    for name, k, n in [("uni", 8, 1000), ("uni", 16, 1000), ("uni", 64, 1000), ("uni", 256, 1000), ("prov_gigapath", 256, 1000)]:
+    for name, k in cases:
         c = banks[name][k]
-        x = synthetic_x(c, n, seed=k)
+        x = synthetic_x(c, 1000, seed=k)
         out[name, k] = (x, c.astype(np.float32), exact_nnls(x, c.astype(np.float32)))
     return out
+
+
+SYNTHETIC_CASES = [("d1024", 8), ("d1024", 16), ("d1024", 64), ("d1024", 256), ("d1536", 256)]
+UPSTREAM_CASES = [("uni", 8), ("uni", 16), ("uni", 64), ("uni", 256), ("prov_gigapath", 256)]
+
+
+@pytest.fixture(scope="module")
+def problems(banks):
+    return make_problems(banks, SYNTHETIC_CASES)
+
+
+@pytest.fixture(scope="module")
+def upstream_problems(upstream_banks):
+    return make_problems(upstream_banks, UPSTREAM_CASES)
 
 
 # ------------------------------------------------------------------------------------------------ project
 
 
-@pytest.mark.parametrize("case", [("uni", 8), ("uni", 16), ("uni", 64), ("uni", 256), ("prov_gigapath", 256)])
-def test_default_solver_reaches_optimum(problems, case):
-    x, c, w_opt = problems[case]
+def assert_reaches_optimum(problem):
+    x, c, w_opt = problem
     res = project(x, c)
     assert bool(res.converged)
     w = np.asarray(res.w)
@@ -89,13 +114,23 @@ def test_default_solver_reaches_optimum(problems, case):
     np.testing.assert_allclose(float(res.objective), objective(x, w, c), rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", SYNTHETIC_CASES)
+def test_default_solver_reaches_optimum(problems, case):
+    assert_reaches_optimum(problems[case])
+
+
+@pytest.mark.parametrize("case", UPSTREAM_CASES)
+def test_default_solver_reaches_optimum_on_the_upstream_banks(upstream_problems, case):
+    assert_reaches_optimum(upstream_problems[case])
+
+
 @pytest.mark.parametrize(
     ("solver", "case", "tol", "max_iter"),
     [
-        ("admm", ("uni", 64), 1e-8, None),
-        ("hals", ("uni", 16), 1e-7, None),
-        ("hals", ("uni", 64), 1e-7, None),
-        ("mu", ("uni", 8), 0.0, 20000),
+        ("admm", ("d1024", 64), 1e-8, None),
+        ("hals", ("d1024", 16), 1e-7, None),
+        ("hals", ("d1024", 64), 1e-7, None),
+        ("mu", ("d1024", 8), 0.0, 20000),
     ],
 )
 def test_every_solver_converges_to_optimum(problems, solver, case, tol, max_iter):
@@ -104,19 +139,35 @@ def test_every_solver_converges_to_optimum(problems, solver, case, tol, max_iter
     assert objective(x, w, c) <= objective(x, w_opt, c) * (1 + 1e-4)
 
 
-@pytest.mark.parametrize(("k", "n"), [(8, 1000), (16, 1000), (64, 500), (256, 48)])
-def test_hals_reproduces_sklearn_cd(banks, k, n):
-    c = banks["uni"][k].astype(np.float32)
-    x = synthetic_x(c.astype(np.float64), n, seed=100 + k)
+def assert_hals_reproduces_sklearn_cd(c, n, seed):
+    x = synthetic_x(c.astype(np.float64), n, seed=seed)
     w_skl, _, it_skl = sklearn_nmf.non_negative_factorization(x, H=c, update_H=False, max_iter=10000)
     res = project(x, c, solver="hals", tol=1e-4, max_iter=10000)
-    assert abs(int(res.n_iter) - it_skl) <= max(1, 0.01 * it_skl)
-    assert agreement(np.asarray(res.w), w_skl) >= 0.999
-    np.testing.assert_allclose(np.asarray(res.w), w_skl, atol=1e-3 * w_skl.max())
+    # the same sweeps in the same order and the same stopping rule: only float32 rounding differs (the order of
+    # the sums in the Gram products), measured at <= 1e-4 of the largest weight after hundreds of sweeps
+    assert int(res.n_iter) == it_skl
+    w = np.asarray(res.w)
+    atol = 2e-4 * w_skl.max()
+    np.testing.assert_allclose(w, w_skl, atol=atol)
+    # so the argmax is the same wherever scikit-learn's best concept leads the runner-up by more than that
+    top2 = np.sort(w_skl, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * atol
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(w[clear].argmax(-1), w_skl[clear].argmax(-1))
 
 
-def test_synthetic_bank():
-    """A random, well-spread bank (not from F-Seg) with sparse ground truth: the default finds it."""
+@pytest.mark.parametrize(("k", "n"), [(8, 1000), (16, 1000), (64, 500), (256, 48)])
+def test_hals_reproduces_sklearn_cd(banks, k, n):
+    assert_hals_reproduces_sklearn_cd(banks["d1024"][k].astype(np.float32), n, seed=100 + k)
+
+
+@pytest.mark.parametrize(("k", "n"), [(8, 1000), (16, 1000), (64, 500), (256, 48)])
+def test_hals_reproduces_sklearn_cd_on_the_upstream_banks(upstream_banks, k, n):
+    assert_hals_reproduces_sklearn_cd(upstream_banks["uni"][k].astype(np.float32), n, seed=100 + k)
+
+
+def test_well_spread_bank():
+    """A random, well-spread bank (unlike F-Seg's) with sparse ground truth: the default finds it."""
     rng = np.random.default_rng(7)
     c = rng.gamma(0.5, 1.0, size=(32, 256))
     x = synthetic_x(c, 600, seed=8, noise=0.1)
@@ -127,7 +178,7 @@ def test_synthetic_bank():
 
 
 def test_batched_equals_loop_and_stops_early(banks):
-    c = banks["uni"][16].astype(np.float32)
+    c = banks["d1024"][16].astype(np.float32)
     hard = synthetic_x(c.astype(np.float64), 300, seed=1)
     easy = np.tile(c[:1], (300, 1)) * 2.0  # every row is exactly one concept
     other = synthetic_x(c.astype(np.float64), 300, seed=2, noise=0.05)
@@ -148,7 +199,7 @@ def test_batched_equals_loop_and_stops_early(banks):
 
 
 def test_pure_twin_under_jit_and_vmap(banks):
-    c = banks["uni"][8].astype(np.float32)
+    c = banks["d1024"][8].astype(np.float32)
     x = synthetic_x(c.astype(np.float64), 200, seed=3)
     ref = project(x, c)
     jitted = jax.jit(lambda x, c: nnls(jnp.sqrt(x * x), c, solver=DEFAULT_SOLVER).w)(x, c)
@@ -163,25 +214,30 @@ def test_pure_twin_under_jit_and_vmap(banks):
 @pytest.mark.filterwarnings("ignore:Maximum number of iterations")
 @pytest.mark.parametrize("solver", ["hals", "mu"])
 def test_nmf_matches_sklearn_from_same_start(banks, solver):
-    """From scikit-learn's own random start, our iterates follow scikit-learn's NMF."""
-    c = banks["uni"][8]
+    """From one start (``random_init``: scikit-learn's own random start, test_api checks), our iterates follow
+    scikit-learn's NMF."""
+    c = banks["d1024"][8]
     x = synthetic_x(c, 400, seed=5)
     k = 6
-    w0, h0 = sklearn_nmf._nmf._initialize_nmf(x, k, init="random", random_state=0)
+    w0, h0 = (np.asarray(a) for a in random_init(jnp.asarray(x), k, 0))
     model = sklearn_nmf.NMF(k, init="custom", solver="cd" if solver == "hals" else "mu", tol=1e-4, max_iter=200)
     w_skl = model.fit_transform(x, W=w0.copy(), H=h0.copy())
     f_skl = objective(x, w_skl, model.components_)
     res = jax.jit(lambda x, w, h: nmf_from(x, w, h, solver=solver, tol=1e-4, max_iter=200))(x, w0, h0)
-    assert abs(int(res.n_iter) - model.n_iter_) <= max(1, 0.01 * model.n_iter_)
+    assert int(res.n_iter) == model.n_iter_
+    # the same updates in float32, rounded in another order: measured 1e-5 of the largest entry after 200
+    # iterations, 1e-7 on the objective
+    np.testing.assert_allclose(np.asarray(res.w), w_skl, atol=1e-4 * w_skl.max())
+    np.testing.assert_allclose(np.asarray(res.h), model.components_, atol=1e-4 * model.components_.max())
     f = objective(x, res.w, res.h)
-    assert f == pytest.approx(f_skl, rel=1e-3)
-    np.testing.assert_allclose(float(res.objective), f, rtol=1e-3)
+    assert f == pytest.approx(f_skl, rel=1e-6)
+    np.testing.assert_allclose(float(res.objective), f, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:Maximum number of iterations")
 @pytest.mark.parametrize("solver", ["hals", "mu"])
 def test_factorize_reaches_sklearn_objective(banks, solver):
-    c = banks["uni"][8]
+    c = banks["d1024"][8]
     x = synthetic_x(c, 400, seed=6)
     k = 6
     model = sklearn_nmf.NMF(k, init="random", random_state=0, solver="cd" if solver == "hals" else "mu", max_iter=1000)
@@ -194,7 +250,7 @@ def test_factorize_reaches_sklearn_objective(banks, solver):
 
 
 def test_factorize_batched_and_pure_twin(banks):
-    c = banks["uni"][8]
+    c = banks["d1024"][8]
     xb = np.stack([synthetic_x(c, 200, seed=s) for s in (1, 2)])
     res = factorize(xb, 4, seed=3)
     assert res.w.shape == (2, 200, 4) and res.h.shape == (2, 4, 1024) and res.n_iter.shape == (2,)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fseg_jax.nmf import _project_batched, factorize, project
+import fseg_jax.nmf as nmf_module
+from fseg_jax.nmf import factorize, project
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +135,13 @@ def test_accepts_jax_arrays_lists_and_low_precision(data):
     np.testing.assert_allclose(np.asarray(project(x.tolist(), c.tolist()).w), ref, rtol=1e-6, atol=1e-7)
 
 
-def test_one_compilation_per_shape(data):
+def test_one_compilation_per_shape(data, monkeypatch):
+    """project() traces its program (the pure ``nnls`` vmapped over the batch) once per shape: new values and a
+    new tolerance reuse it. The shape (37 rows) is this test's own, so the first call here traces it."""
     x, c = data
-    project(x, c, tol=1e-5)
-    before = _project_batched._cache_size()
-    project(x * 2, c, tol=1e-6)  # new values and tolerance, same shapes: no new trace
-    assert _project_batched._cache_size() == before
+    chex.clear_trace_counter()
+    monkeypatch.setattr(nmf_module, "nnls", chex.assert_max_traces(nmf_module.nnls, n=1))
+    chex.assert_shape(project(x[:37], c, tol=1e-5).w, (37, 6))
+    chex.assert_shape(project(x[:37] * 2, c, tol=1e-6).w, (37, 6))  # same shapes: no new trace
+    with pytest.raises(AssertionError, match="traced > 1 times"):  # the counter is live: a new shape traces
+        project(x[:36], c)

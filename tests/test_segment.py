@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from PIL import Image
+from tiny_models import tiny_config, tiny_vit
 
 import fseg_jax.segmentation as seg
 from fseg_jax.concepts import ConceptBank
-from fseg_jax.models.config import ViTConfig
-from fseg_jax.models.vit import VisionTransformer
 from fseg_jax.segmentation import make_token_fn, segment, upsample, upsample_argmax
 
 D = 32
@@ -21,9 +20,7 @@ D = 32
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = ViTConfig(name="tiny", patch_size=16, embed_dim=D, depth=2, num_heads=2, mlp_hidden=64,
-                    pos_embed_grid=(4, 4))
-    return VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    return tiny_vit(tiny_config(patch_size=16, embed_dim=D, depth=2, num_heads=2, reg_tokens=0))
 
 
 @pytest.fixture(scope="module")
@@ -136,25 +133,25 @@ def test_factorize_batch_equals_single(model, concepts):
 
 
 def test_bucketing_compiles_a_handful_of_times(model, concepts, monkeypatch):
-    traces = []
+    """Traces of the program, counted on the model's features inside it (sizes no other test here uses, so
+    every program below is compiled by this test)."""
+    def count_traces(n):
+        chex.clear_trace_counter()
+        monkeypatch.setattr(seg, "token_features", chex.assert_max_traces(original, n=n))
+
     original = seg.token_features
-
-    def counting(*args, **kwargs):
-        traces.append(args[1].shape)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(seg, "token_features", counting)
-    seg.segment_padded.clear_cache()
-    sizes = [(33, 40), (47, 60), (20, 64), (64, 30), (50, 50), (61, 17), (18, 18), (40, 64)]
+    sizes = [(33, 72), (47, 90), (20, 100), (120, 30), (50, 128), (61, 17), (18, 18), (40, 127)]
     imgs = [_image(h, w, i) for i, (h, w) in enumerate(sizes)]
-    out = segment(imgs, concepts, model=model, bucket=64, batch_size=8)
-    assert [o.shape for o in out] == sizes
-    assert len(traces) == 1  # every image pads to 64 x 64
-    traces.clear()
-    segment(imgs, concepts, model=model, bucket=64, batch_size=8)
-    assert traces == []  # compiled once, reused
-    segment(imgs[:3], concepts, model=model, batch_size=8)
-    assert len(traces) == 3  # without a bucket: one per distinct padded size (48x48, 48x64, 32x64)
+    count_traces(1)
+    out = segment(imgs, concepts, model=model, bucket=128, batch_size=8)
+    assert [o.shape for o in out] == sizes  # every image pads to 128 x 128: one program
+    segment(imgs, concepts, model=model, bucket=128, batch_size=8)  # compiled once, reused
+    count_traces(3)
+    # without a bucket: one program per distinct padded size (48 x 80, 48 x 96, 32 x 112)
+    for o, (h, w) in zip(segment(imgs[:3], concepts, model=model, batch_size=8), sizes):
+        chex.assert_shape(o, (h, w))
+    with pytest.raises(AssertionError, match="traced > 3 times"):  # the fourth size is a fourth program
+        segment(imgs[3], concepts, model=model)
 
 
 def test_layer_list_concatenates_blocks(model):
@@ -231,8 +228,14 @@ def test_segment_in_bfloat16_stays_close_to_float32(model, concepts):
     bf16 = segment(img, concepts, model=model, method="nearest", dtype=jnp.bfloat16, return_weights=True)
     assert bf16.weights.dtype == np.float32 and bf16.labels.dtype == np.int32
     assert not np.array_equal(bf16.weights, ref.weights)  # the forward really ran in bfloat16
-    np.testing.assert_allclose(bf16.weights, ref.weights, atol=0.05)
-    assert (bf16.labels == ref.labels).mean() >= 0.9
+    error = np.abs(bf16.weights - ref.weights).max()
+    assert error <= 0.05
+    # upsampling mixes weights convexly, so no upsampled weight moves by more than `error`: the labels must agree
+    # wherever float32's best concept leads the runner-up by more than twice that
+    up = np.sort(np.asarray(jax.image.resize(ref.weights, (48, 64, 6), method="linear")), axis=-1)
+    clear = up[..., -1] - up[..., -2] > 2 * error
+    assert clear.mean() > 0.5, "too few clear pixels to be a test"
+    np.testing.assert_array_equal(bf16.labels[clear], ref.labels[clear])
 
 # --- bad inputs --------------------------------------------------------------------------------------------------
 
@@ -289,10 +292,11 @@ def test_float_rgba_gray_pil_and_path_inputs_match_uint8(model, concepts, tmp_pa
     gray = img[..., 1]
     np.testing.assert_array_equal(segment(gray, concepts, model=model),
                                   segment(np.repeat(gray[..., None], 3, axis=2), concepts, model=model))
-    as_float = segment(img.astype(np.float32) / 255.0, concepts, model=model)
-    assert (as_float == ref).mean() > 0.99
-    # a 16-bit grayscale PNG keeps its precision: the same picture as the 8-bit gray one, scaled by 257
+    # uint8 v is read as the correctly rounded v / 255, the float32 value numpy computes: the same features
+    np.testing.assert_array_equal(segment(img.astype(np.float32) / 255.0, concepts, model=model), ref)
+    # a 16-bit grayscale PNG keeps its precision: the same picture as the 8-bit gray one, scaled by 257, is read
+    # as v * 257 / 65535, which rounds to the same float32 as v / 255
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
     gray16 = segment(tmp_path / "gray16.png", concepts, model=model)
     gray_float = segment(np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0, concepts, model=model)
-    assert (gray16 == gray_float).mean() > 0.99
+    np.testing.assert_array_equal(gray16, gray_float)

@@ -14,8 +14,8 @@ from fseg_jax.cli.common import (
     random_model_options,
 )
 from fseg_jax.compilation import enable_compilation_cache
+from fseg_jax.methods import METHODS
 
-METHODS = ("project", "nearest", "factorize", "dff")
 
 
 def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
