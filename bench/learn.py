@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from pathlib import Path
-
 import numpy as np
+from _common import SHARED_DATA, host_description
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "he" / "example_3.jpg"
+EXAMPLE = SHARED_DATA / "he" / "example_3.jpg"
 
 
 def main() -> None:
@@ -38,6 +37,7 @@ def main() -> None:
     from fseg_jax.kmeans import kmeans
     from fseg_jax.learning import learn_dictionary, relative_error
 
+    print(host_description())
     config = dataclasses.replace(ViTConfig.from_preset("uni"), depth=args.depth)
     model = VisionTransformer(config, rngs=nnx.Rngs(0))
     images = [sample_image()] + ([str(EXAMPLE)] if EXAMPLE.is_file() else [])

@@ -1,4 +1,4 @@
-"""Benchmark fseg_jax.nmf.project against scikit-learn's coordinate descent with F-Seg's settings.
+"""Benchmark fseg_jax.factorization.project against scikit-learn's coordinate descent with F-Seg's settings.
 
 Same run, same inputs: X = relu(W_true C + noise) (sparse W_true, float32) on the upstream concept banks
 (d = 1024: UNI, d = 1536: Prov-GigaPath, from ../shared/data/concepts), scikit-learn
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from _common import SHARED_DATA, best_time, host_description
 
-from fseg_jax.nmf import DEFAULT_SOLVER, SOLVERS, project
+from fseg_jax.factorization import DEFAULT_SOLVER, SOLVERS, project
 
 BANK_FOR_D = {1024: "uni", 1536: "prov_gigapath"}
 

@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import SHARED_DATA
 
-ROOT = Path(__file__).resolve().parents[1]
-SVS = ROOT.parent / "shared" / "data" / "he" / "cmu_small_region.svs"
-UNI_BANK = ROOT.parent / "shared" / "data" / "concepts" / "uni.joblib"
+SVS = SHARED_DATA / "he" / "cmu_small_region.svs"
+UNI_BANK = SHARED_DATA / "concepts" / "uni.joblib"
 
 
 def concepts_for(k: int, dim: int, bank: Path = UNI_BANK) -> np.ndarray:

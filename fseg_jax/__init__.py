@@ -21,10 +21,11 @@ _EXPORTS = {
     "load_model": "fseg_jax.hub",
     "save_model": "fseg_jax.hub",
     # NMF core: checked, batched front ends and their pure, traceable twins
-    "project": "fseg_jax.nmf",
-    "factorize": "fseg_jax.nmf",
-    "nnls": "fseg_jax.nmf",
-    "nmf_from": "fseg_jax.nmf",
+    "project": "fseg_jax.factorization",
+    "factorize": "fseg_jax.factorization",
+    "nnls": "fseg_jax.factorization",
+    "nmf": "fseg_jax.factorization",
+    "nmf_from": "fseg_jax.factorization",
     # segmentation
     "segment": "fseg_jax.segmentation",
     "Pipeline": "fseg_jax.segmentation",
@@ -70,7 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fseg_jax.models.config import ViTConfig
     from fseg_jax.models.resnet import ResNet50
     from fseg_jax.models.vit import VisionTransformer
-    from fseg_jax.nmf import factorize, nmf_from, nnls, project
+    from fseg_jax.factorization import factorize, nmf, nmf_from, nnls, project
     from fseg_jax.segmentation import Pipeline, SegmentResult, make_token_fn, segment
     from fseg_jax.atlas import concept_atlas
     from fseg_jax.evaluation import EvaluationResult, evaluate

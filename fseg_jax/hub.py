@@ -282,6 +282,11 @@ def _load_cached(key: tuple, model_kwargs: tuple):
     return load_model(key[1], **dict(model_kwargs))
 
 
+def clear_model_cache() -> None:
+    """Forget the models :func:`resolve_model` keeps in memory (the next call loads from disk again)."""
+    _load_cached.cache_clear()
+
+
 def random_model(preset: str, *, seed: int = 0, depth: int | None = None):
     """A model of ``preset``'s architecture with random weights drawn from ``seed``, built in memory.
 

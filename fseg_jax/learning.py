@@ -2,7 +2,7 @@
 
 F-Seg's banks are k-means centres, yet segmentation projects every token onto them by non-negative least
 squares. :func:`learn_dictionary` learns the bank for that use directly, by online dictionary learning on
-mini-batches of tokens: for each batch the weights ``W >= 0`` come from the NNLS core (``fseg_jax.nmf.nnls``)
+mini-batches of tokens: for each batch the weights ``W >= 0`` come from the NNLS core (``fseg_jax.factorization.nnls``)
 with the bank fixed, then the bank takes one step of an optax optimiser (Adam by default) on the relative
 reconstruction error ``||X - W C||^2 / ||X||^2`` and is projected back onto ``C >= 0``
 (``optax.projections.projection_non_negative``). It starts from k-means++ seeds of the tokens, as the k-means
@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from fseg_jax._files import atomic_path
 from fseg_jax.compilation import jit
 from fseg_jax.kmeans import kmeans_plusplus
-from fseg_jax.nmf import nnls
+from fseg_jax.factorization import nnls
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ Every front end (:func:`segment`, :func:`make_token_fn`, ``fseg-jax segment``, t
 Methods (labels are concept indices into the bank's ``k`` concepts, except for ``"dff"``):
 
 - ``"project"``: non-negative least squares of every token onto the concepts (the original
-  ``predict_project_concepts``), weights upsampled, argmax. The default solver of ``fseg_jax.nmf`` reaches
+  ``predict_project_concepts``), weights upsampled, argmax. The default solver of ``fseg_jax.factorization`` reaches
   the least-squares optimum more closely than the original's scikit-learn coordinate descent, which stops
   at a relative tolerance of 1e-4; on badly conditioned banks (near-duplicate concepts) that early stop
   decides a few percent of labels, and ``solver="hals"`` reproduces the original's iterates and labels.
@@ -42,8 +42,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, Shaped
 
-from fseg_jax import nmf as _nmf
+from fseg_jax import factorization as _nmf
 from fseg_jax.compilation import jit
 from fseg_jax.features import _layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
@@ -77,7 +78,7 @@ class ProgramOptions(NamedTuple):
     """The static (hashable) options of the jitted programs :func:`segment_padded` and :func:`token_weights`.
 
     method: one of ``METHODS``; layers: the blocks whose features are concatenated; n_components: NMF
-    components (``"factorize"``; for ``"dff"`` the bank size k); seed: NMF start (``fseg_jax.nmf.random_init``);
+    components (``"factorize"``; for ``"dff"`` the bank size k); seed: NMF start (``fseg_jax.factorization.random_init``);
     solver_kwargs: sorted ``(name, value)`` pairs of ``solver`` / ``tol`` / ``max_iter`` for the NMF core.
     """
 
@@ -106,7 +107,7 @@ class Pipeline:
         layers: block indices whose features are concatenated.
         n_components: free NMF components of ``"factorize"``.
         seed: seed of the NMF start (``"factorize"``, ``"dff"``), the same for every image.
-        solver, tol, max_iter: NMF core options (``fseg_jax.nmf``); None takes its defaults.
+        solver, tol, max_iter: NMF core options (``fseg_jax.factorization``); None takes its defaults.
         dtype: compute dtype of the forward pass (e.g. bfloat16), None for the model's own (float32).
         bucket: pad images to a multiple of this many pixels (None: of the patch size).
         batch_size: images per compiled call.
@@ -360,7 +361,7 @@ def segment(
         concepts: a ``ConceptBank`` (then ``k`` picks one of its banks), a (k, d) array of concepts, or a path /
             preset name understood by ``fseg_jax.concepts.resolve_concepts``. Not used by ``"dff"``.
             Negative entries (rounding noise in published banks) are clipped to 0 in a copy; empty banks and
-            all-zero concepts are refused (``fseg_jax.nmf.check_concepts``, as ``fseg_jax.project`` does).
+            all-zero concepts are refused (``fseg_jax.factorization.check_concepts``, as ``fseg_jax.project`` does).
         model: a model with ``config`` and ``forward_intermediates`` (``VisionTransformer``, ``ResNet50``), a
             preset name or a converted model directory (loaded once and kept in memory); None (default): the
             model the concept bank records (a bank made by ``build_concepts`` or imported with a preset).
@@ -379,7 +380,7 @@ def segment(
             original does.
         dtype: compute dtype of the model's forward pass, e.g. ``jnp.bfloat16`` on GPU/TPU (parameters stay
             float32; the NMF and everything after the model run in float32). None: the model's own (float32).
-        solver, tol, max_iter: passed to the NMF core (``fseg_jax.nmf``) when given; its defaults otherwise.
+        solver, tol, max_iter: passed to the NMF core (``fseg_jax.factorization``) when given; its defaults otherwise.
         devices: the devices a batch is split over (default: every local device, e.g. all GPUs of a host);
             the labels are the same whatever the split.
 
@@ -459,7 +460,13 @@ def _check_int(name: str, value) -> None:
 
 
 @jit(static_argnames=("graphdef", "options"))
-def segment_padded(graphdef, options: ProgramOptions, state, concepts_kd, images_bhw3):
+def segment_padded(
+    graphdef,
+    options: ProgramOptions,
+    state,
+    concepts_kd: Float[Array, "m d"],
+    images_bhw3: Shaped[Array, "b hp wp 3"],
+) -> tuple[Int[Array, "b hp wp"], Float[Array, "b h w m"], Float[Array, "b m d"] | None, Int[Array, "b m"] | None]:
     """The whole pipeline as one pure jitted program, for images already padded to the patch size.
 
     Args:
@@ -487,7 +494,9 @@ def segment_padded(graphdef, options: ProgramOptions, state, concepts_kd, images
     return jax.vmap(one)(feats)
 
 
-def token_weights(feats_hwd, concepts_kd, options: ProgramOptions):
+def token_weights(
+    feats_hwd: Float[Array, "h w d"], concepts_kd: Float[Array, "m d"], options: ProgramOptions
+) -> tuple[Float[Array, "h w m"], Float[Array, "m d"] | None, Int[Array, " m"] | None]:
     """Per image, pure: (h, w, m) weights, plus the NMF components (m, d) and component -> concept map (m,)
     (None for methods without them). ``feats_hwd``: (h, w, d) ReLU'd tokens; ``concepts_kd``: (k, d)."""
     h, w, d = feats_hwd.shape

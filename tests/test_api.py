@@ -19,7 +19,7 @@ from fseg_jax.concepts import ConceptBank, save_concepts
 from fseg_jax.data import sample_image
 from fseg_jax.features import preprocess, token_features
 from fseg_jax.hub import load_model, resolve_model, save_model
-from fseg_jax.nmf import factorize, project, random_init
+from fseg_jax.factorization import factorize, project, random_init
 from fseg_jax.segmentation import Pipeline, make_token_fn, segment
 
 D = 32
@@ -111,7 +111,7 @@ def test_model_cache_returns_the_same_object(model_dir, monkeypatch):
     loads = []
     original = hub.load_model
     monkeypatch.setattr(hub, "load_model", lambda *a, **kw: loads.append(a) or original(*a, **kw))
-    hub._load_cached.cache_clear()
+    hub.clear_model_cache()
     first = resolve_model(str(model_dir))
     assert resolve_model(model_dir) is first and resolve_model(str(model_dir) + "/") is first
     assert len(loads) == 1
@@ -128,7 +128,7 @@ def test_segment_with_a_folder_loads_it_once(model_dir, image, concepts, monkeyp
     loads = []
     original = hub.load_model
     monkeypatch.setattr(hub, "load_model", lambda *a, **kw: loads.append(a) or original(*a, **kw))
-    hub._load_cached.cache_clear()
+    hub.clear_model_cache()
     for _ in range(3):
         labels = segment(image, concepts, model=str(model_dir))
     assert len(loads) == 1

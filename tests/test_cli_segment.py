@@ -92,7 +92,7 @@ def test_method_choices_come_from_the_library_without_importing_jax():
 def test_sixteen_bit_label_png(tmp_path):
     labels = np.zeros((5, 6), np.int32)
     labels[2, 3] = 300
-    cli_segment._write_outputs(tmp_path, "x", np.zeros((5, 6, 3), np.uint8), labels, alpha=0.5, legend=False)
+    cli_segment.write_outputs(tmp_path, "x", np.zeros((5, 6, 3), np.uint8), labels, alpha=0.5, legend=False)
     png = Image.open(tmp_path / "x_labels.png")
     assert png.mode.startswith("I")
     np.testing.assert_array_equal(np.asarray(png), labels)

@@ -1,4 +1,4 @@
-"""fseg_jax.nmf against scikit-learn and an exact float64 optimum.
+"""fseg_jax.factorization against scikit-learn and an exact float64 optimum.
 
 Every comparison runs on synthetic banks shaped like F-Seg's (``banks.concept_like_bank``: dense, badly
 conditioned, near-duplicate concepts), so it runs in a fresh clone; the two claims about the real upstream banks
@@ -17,7 +17,7 @@ import scipy.optimize as scipy_optimize
 import sklearn.decomposition as sklearn_nmf
 from banks import concept_like_bank
 
-from fseg_jax.nmf import DEFAULT_SOLVER, factorize, nmf, nmf_from, nnls, project, random_init
+from fseg_jax.factorization import DEFAULT_SOLVER, factorize, nmf, nmf_from, nnls, project, random_init
 
 
 # ------------------------------------------------------------------------------------------------ helpers

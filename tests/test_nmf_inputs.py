@@ -1,4 +1,4 @@
-"""Input policy of fseg_jax.nmf.project / factorize: NaN, negatives, shapes, dtypes; no mutation."""
+"""Input policy of fseg_jax.factorization.project / factorize: NaN, negatives, shapes, dtypes; no mutation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fseg_jax.nmf as nmf_module
-from fseg_jax.nmf import factorize, project
+import fseg_jax.factorization as nmf_module
+from fseg_jax.factorization import factorize, project
 
 
 @pytest.fixture(scope="module")

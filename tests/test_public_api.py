@@ -23,7 +23,7 @@ def test_public_names_are_not_shadowed_by_submodules():
 
 def test_the_names_users_need_are_exported_and_are_what_they_say():
     import fseg_jax.concepts as concepts
-    import fseg_jax.nmf as nmf_module
+    import fseg_jax.factorization as nmf_module
     import fseg_jax.segmentation as segmentation
 
     expected = {
@@ -36,6 +36,7 @@ def test_the_names_users_need_are_exported_and_are_what_they_say():
         "project": nmf_module.project,
         "factorize": nmf_module.factorize,
         "nnls": nmf_module.nnls,
+        "nmf": nmf_module.nmf,
         "nmf_from": nmf_module.nmf_from,
     }
     for name, value in expected.items():

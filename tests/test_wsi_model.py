@@ -305,7 +305,7 @@ def test_cli_passes_every_model_option(synthetic_slide, model, concepts, tmp_pat
                 "max_iter": 30, "resolution": "token"}
     assert {name: summary[name] for name in expected} == expected
 
-    from fseg_jax import nmf
+    from fseg_jax import factorization as nmf
     from fseg_jax.cli import slide
 
     assert slide.SOLVERS == nmf.SOLVERS  # the command's choices, named without importing JAX

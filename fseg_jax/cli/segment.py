@@ -33,7 +33,7 @@ def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def _write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, legend: bool) -> None:
+def write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, legend: bool) -> None:
     import numpy as np
     from PIL import Image
 
@@ -144,6 +144,6 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
                 raise click.ClickException(one_line(e)) from None
             labels = result.labels if method == "dff" else result
             for f, picture, lab in zip(chunk, pictures, labels):
-                _write_outputs(out, f.stem, picture, lab, alpha=alpha, legend=legend)
+                write_outputs(out, f.stem, picture, lab, alpha=alpha, legend=legend)
                 bar.update(1)
     click.echo(f"wrote {3 * len(files)} files for {len(files)} image(s) to {out}")

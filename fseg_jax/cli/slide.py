@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-SOLVERS = ("admm", "hals", "mu")  # fseg_jax.nmf.SOLVERS, named here so that --help does not import JAX
+SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here so that --help does not import JAX
 
 
 @click.command("slide")
@@ -21,7 +21,7 @@ SOLVERS = ("admm", "hals", "mu")  # fseg_jax.nmf.SOLVERS, named here so that --h
 @click.option("--n-components", type=int, default=20, show_default=True, help="Free NMF components (factorize).")
 @click.option("--seed", type=int, default=0, show_default=True, help="NMF initialisation seed (factorize).")
 @click.option("--solver", type=click.Choice(SOLVERS), default=None,
-              help="NMF solver [default: fseg_jax.nmf's; hals reproduces the original's iterates].")
+              help="NMF solver [default: fseg_jax.factorization's; hals reproduces the original's iterates].")
 @click.option("--tol", type=float, default=None, help="Solver tolerance [default: the solver's].")
 @click.option("--max-iter", type=int, default=None, help="Solver iteration cap [default: the solver's].")
 @click.option("--labels", "resolution", type=click.Choice(["pixel", "token"]), default="pixel", show_default=True,

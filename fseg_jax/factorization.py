@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jaxtyping import Array, ArrayLike, Float
 
 from fseg_jax.compilation import jit
 
@@ -289,7 +290,10 @@ def _check_tol(tol):
 # Pure, traceable entry points.
 
 
-def nnls(x_nd, c_kd, *, solver=DEFAULT_SOLVER, tol=None, max_iter=None) -> NNLSResult:
+def nnls(
+    x_nd: Float[ArrayLike, "n d"], c_kd: Float[ArrayLike, "k d"], *, solver=DEFAULT_SOLVER, tol=None,
+    max_iter=None,
+) -> NNLSResult:
     """``W = argmin_{W >= 0} ||X - W C||_F^2`` for one problem; pure and traceable (no input checks).
 
     Args:
@@ -333,7 +337,7 @@ def _sklearn_normals(seed: int, n: int, k: int, d: int) -> tuple[np.ndarray, np.
     return normal_w, normal_h
 
 
-def random_init(x_nd, k: int, seed: int):
+def random_init(x_nd: Float[ArrayLike, "n d"], k: int, seed: int) -> tuple[Float[Array, "n k"], Float[Array, "k d"]]:
     """scikit-learn's ``NMF(init="random", random_state=seed)`` start for X (n, d): W (n, k), H (k, d).
 
     |N(0, 1)| scaled by sqrt(mean(X) / k), the normals drawn on the host with ``RandomState(seed)`` exactly as
@@ -380,7 +384,10 @@ def _nmf_mu(x_nd, w0, h0, tol, max_iter):
     return w, h, it, converged
 
 
-def nmf_from(x_nd, w0_nk, h0_kd, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER) -> NMFResult:
+def nmf_from(
+    x_nd: Float[ArrayLike, "n d"], w0_nk: Float[ArrayLike, "n k"], h0_kd: Float[ArrayLike, "k d"], *,
+    solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER,
+) -> NMFResult:
     """Full NMF ``X ~= W H`` from a given start ``W0`` (n, k), ``H0`` (k, d) >= 0; one problem, pure, traceable.
 
     For callers with a start of their own; ``nmf`` starts from :func:`random_init`.
@@ -394,7 +401,9 @@ def nmf_from(x_nd, w0_nk, h0_kd, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAU
     return NMFResult(w, h, it, _objective(x_nd, w, h), converged)
 
 
-def nmf(x_nd, k, seed, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER) -> NMFResult:
+def nmf(
+    x_nd: Float[ArrayLike, "n d"], k: int, seed: int, *, solver="hals", tol=1e-4, max_iter=_NMF_DEFAULT_MAX_ITER,
+) -> NMFResult:
     """Full NMF ``X ~= W H`` (W (n, k), H (k, d), both >= 0) for one problem; pure and traceable.
 
     Starts from :func:`random_init` (scikit-learn's ``init="random"`` with ``random_state=seed``); ``solver`` is
@@ -457,7 +466,7 @@ def _prepare_x(x, clip_negative):
     return xj
 
 
-def check_concepts(concepts, d: int) -> np.ndarray:
+def check_concepts(concepts: Float[ArrayLike, "k d"], d: int) -> Float[np.ndarray, "k d"]:
     """The (k, d) concept matrix every solver takes, checked once for ``project`` and ``fseg_jax.segment``.
 
     Refuses (ValueError / TypeError, one sentence): a non-floating dtype, a shape other than (k, d), an empty
@@ -497,8 +506,8 @@ def check_concepts(concepts, d: int) -> np.ndarray:
 
 
 def project(
-    x,
-    concepts,
+    x: Float[ArrayLike, "*batch n d"],
+    concepts: Float[ArrayLike, "k d"],
     *,
     solver: str = DEFAULT_SOLVER,
     tol: float | None = None,
@@ -537,7 +546,7 @@ def project(
 
 
 def factorize(
-    x,
+    x: Float[ArrayLike, "*batch n d"],
     k: int,
     *,
     seed: int = 0,
