@@ -80,13 +80,14 @@ def token_features(model, x_bhwc: jax.Array, layer: int | Sequence[int] = -1) ->
     Returns:
         (B, H/p, W/p, D * len(layers)) float32, non-negative.
     """
-    layers = _layer_list(layer, model)
+    layers = layer_list(layer, model)
     grids = model.forward_intermediates(x_bhwc, indices=layers, norm=False)
     feats = grids[0] if len(grids) == 1 else jnp.concatenate(grids, axis=-1)
     return jax.nn.relu(feats.astype(jnp.float32))
 
 
-def _layer_list(layer: int | Sequence[int], model) -> list[int]:
+def layer_list(layer: int | Sequence[int], model) -> list[int]:
+    """``layer`` (an index or a non-empty list of indices) as a list of ints, checked against the model's depth."""
     layers = [layer] if isinstance(layer, (int, np.integer)) else list(layer)
     if not layers or not all(isinstance(i, (int, np.integer)) for i in layers):
         raise ValueError(f"layer must be an int or a non-empty list of ints, got {layer!r}")

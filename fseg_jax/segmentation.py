@@ -44,9 +44,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, Shaped
 
-from fseg_jax import factorization as _nmf
+from fseg_jax import factorization
 from fseg_jax.compilation import jit
-from fseg_jax.features import _layer_list, padded_size, preprocess, token_features
+from fseg_jax.features import layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
 from fseg_jax.methods import METHODS
 from fseg_jax.models import with_compute_dtype
@@ -78,7 +78,8 @@ class ProgramOptions(NamedTuple):
     """The static (hashable) options of the jitted programs :func:`segment_padded` and :func:`token_weights`.
 
     method: one of ``METHODS``; layers: the blocks whose features are concatenated; n_components: NMF
-    components (``"factorize"``; for ``"dff"`` the bank size k); seed: NMF start (``fseg_jax.factorization.random_init``);
+    components (``"factorize"``; for ``"dff"`` the bank size k); seed: NMF start
+    (``fseg_jax.factorization.random_init``);
     solver_kwargs: sorted ``(name, value)`` pairs of ``solver`` / ``tol`` / ``max_iter`` for the NMF core.
     """
 
@@ -130,13 +131,13 @@ class Pipeline:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        object.__setattr__(self, "layers", tuple(_layer_list(list(self.layers), self.model)))
+        object.__setattr__(self, "layers", tuple(layer_list(list(self.layers), self.model)))
         _check_int("n_components", self.n_components)
         _check_int("batch_size", self.batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         padded_size(1, 1, self.model.config.patch_size, self.bucket)  # checks the bucket
-        choices = _nmf.SOLVERS if self.method == "project" else _nmf.NMF_SOLVERS
+        choices = factorization.SOLVERS if self.method == "project" else factorization.NMF_SOLVERS
         if self.solver is not None and (self.method == "nearest" or self.solver not in choices):
             allowed = "none" if self.method == "nearest" else ", ".join(choices)
             raise ValueError(f"solver {self.solver!r} does not apply to method {self.method!r} (solvers: {allowed})")
@@ -170,7 +171,7 @@ class Pipeline:
             object.__setattr__(self, "k", int(arr.shape[0]))
         elif arr.ndim == 2 and arr.shape[0] != self.k:
             raise ValueError(f"k={self.k} but the concepts array holds {arr.shape[0]} concepts; leave k unset for an array")
-        checked = np.asarray(_nmf.check_concepts(arr, self.feature_dim), np.float32)
+        checked = np.asarray(factorization.check_concepts(arr, self.feature_dim), np.float32)
         checked.setflags(write=False)
         object.__setattr__(self, "concepts", checked)
         object.__setattr__(self, "k", int(self.k))
@@ -217,7 +218,7 @@ class Pipeline:
 
             bank = resolve_concepts(concepts)
         model = resolve_model(model if model is not None else _recorded_model(bank, method))
-        layers = tuple(_layer_list(layer, model))
+        layers = tuple(layer_list(layer, model))
         if bank is not None:
             from fseg_jax.concepts import check_compatible
 
@@ -503,7 +504,7 @@ def token_weights(
     x_nd = feats_hwd.reshape(h * w, d)
     kwargs = dict(options.solver_kwargs)
     if options.method == "project":
-        res = _nmf.nnls(x_nd, concepts_kd, **kwargs)
+        res = factorization.nnls(x_nd, concepts_kd, **kwargs)
         return res.w.reshape(h, w, -1), None, None
     if options.method == "nearest":
         sim = _unit_rows(x_nd) @ _unit_rows(concepts_kd).T
@@ -511,7 +512,7 @@ def token_weights(
     # "factorize" / "dff": the original factorises the (d, n) matrix (channels x tokens) with scikit-learn's
     # NMF(init="random", random_state=seed); the same matrix, the same start and the same coordinate-descent
     # sweeps ("hals") reproduce its factors.
-    res = _nmf.nmf(x_nd.T, options.n_components, options.seed, **kwargs)
+    res = factorization.nmf(x_nd.T, options.n_components, options.seed, **kwargs)
     components_md = res.w.T
     weights_nm = res.h.T
     mapping = None

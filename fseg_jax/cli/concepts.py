@@ -128,9 +128,10 @@ def learn(model_spec, images, sample, random_seed, depth, output, ks, layer, til
 
     ks = _parse_ks(ks)
     _write_bank(
-        lambda model, files: learn_concepts(model, files, ks, layer=layer, tile=tile, tokens_per_tile=tokens_per_tile,
-                                            seed=seed, steps=steps, batch_tokens=batch_tokens,
-                                            checkpoint_dir=checkpoint_dir),
+        lambda model, files: learn_concepts(
+            model, files, ks, layer=layer, tile=tile, tokens_per_tile=tokens_per_tile, seed=seed, steps=steps,
+            batch_tokens=batch_tokens, checkpoint_dir=checkpoint_dir,
+        ),
         model_spec, random_seed, depth, images, sample, output,
     )
 
