@@ -129,8 +129,7 @@ class Pipeline:
     batch_size: int = 4
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        _check_method(self.method, self.k, self.concepts)
         object.__setattr__(self, "layers", tuple(layer_list(list(self.layers), self.model)))
         _check_int("n_components", self.n_components)
         _check_int("batch_size", self.batch_size)
@@ -152,14 +151,9 @@ class Pipeline:
         if self.dtype is not None:
             object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         if self.method == "dff":
-            if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
-                raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
             object.__setattr__(self, "k", int(self.k))
             object.__setattr__(self, "concepts", None)
             return
-        if self.concepts is None:
-            raise ValueError(f"method {self.method!r} needs concepts: pass a ConceptBank, a (k, d) array, or a bank "
-                             "path or preset")
         arr = np.asarray(self.concepts)
         if arr.ndim == 2 and arr.shape[1] != self.feature_dim:
             name = getattr(self.model.config, "name", type(self.model).__name__)
@@ -203,16 +197,10 @@ class Pipeline:
         """
         from fseg_jax.hub import model_source, resolve_model
 
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        _check_method(method, k, concepts)
         bank = None
         if method == "dff":
             concepts = None
-            if k is None or isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-                raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
-        elif concepts is None:
-            raise ValueError(f"method {method!r} needs concepts: pass a ConceptBank, a (k, d) array, or a bank path "
-                             "or preset")
         elif isinstance(concepts, (str, os.PathLike)) or hasattr(concepts, "ks"):  # a path, preset or ConceptBank
             from fseg_jax.concepts import resolve_concepts
 
@@ -450,6 +438,18 @@ def _recorded_model(bank, method: str) -> str:
         raise ValueError(f"the concept bank records model {recorded!r}, which is neither a preset nor a directory: "
                          f"{_MODEL_HELP}")
     return recorded
+
+
+def _check_method(method: str, k, concepts) -> None:
+    """The method is known, ``"dff"`` has its number of components k, the other methods have concepts."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "dff":
+        if k is None or isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
+    elif concepts is None:
+        raise ValueError(f"method {method!r} needs concepts: pass a ConceptBank, a (k, d) array, or a bank path "
+                         "or preset")
 
 
 def _check_int(name: str, value) -> None:
