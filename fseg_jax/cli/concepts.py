@@ -1,4 +1,4 @@
-"""`fseg-jax concepts import|build|learn|atlas`: make concept banks and show what their concepts are."""
+"""`fseg-jax concepts import|build|learn|atlas|name`: make concept banks, show what their concepts are, name them."""
 
 from __future__ import annotations
 
@@ -174,3 +174,67 @@ def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, p
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         raise click.ClickException(one_line(e)) from None
     click.echo(f"wrote {png} and {numbers}: {result.weights.shape[0]} concepts over {result.tokens} tokens")
+
+
+def _parse_assignments(items: tuple[str, ...], what: str) -> dict[int, str]:
+    """``("3=tumour", "5=stroma")`` as {3: "tumour", 5: "stroma"}; a usage error for an item without INDEX=."""
+    out = {}
+    for item in items:
+        index, sep, value = item.partition("=")
+        if not sep or not index.strip().lstrip("-").isdigit():
+            raise click.UsageError(f"expected INDEX={what}, got {item!r}")
+        out[int(index)] = value
+    return out
+
+
+@concepts.command("name")
+@click.argument("bank_path", metavar="BANK", type=click.Path(exists=True, dir_okay=False))
+@click.argument("assignments", nargs=-1, metavar="INDEX=NAME...")
+@click.option("--k", type=int, default=None, help="Which k of the bank (needed when it holds several).")
+@click.option("--color", "colors", multiple=True, metavar="INDEX=#RRGGBB", help="A concept's colour; repeatable.")
+@click.option("--clear", is_flag=True, help="Drop this k's names and colours before setting the new ones.")
+@click.option("-o", "--out", "--output", "output", default=None, type=click.Path(dir_okay=False),
+              help="Bank to write [default: rewrite BANK in place].")
+def name(bank_path, assignments, k, colors, clear, output):
+    """Name the concepts of one k of BANK (a .safetensors bank): INDEX=NAME... and --color INDEX=#RRGGBB.
+
+    Concepts given the same name form one class, which segment, slide and the overlays show as one region
+    (`3=tumour 5=stroma 7=stroma`). Names and colours add to those the bank already has (--clear: replace
+    them). BANK is rewritten atomically (or -o writes a new bank); on any error nothing is written. Without
+    INDEX=NAME, --color or --clear, prints the classes only.
+    """
+    from fseg_jax.concepts import load_concepts, save_concepts
+
+    names = _parse_assignments(assignments, "NAME")
+    given_colors = _parse_assignments(colors, "#RRGGBB")
+    try:
+        bank = load_concepts(bank_path)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(one_line(e)) from None
+    if k is None:
+        if len(bank.ks) != 1:
+            raise click.UsageError(f"--k is required: the bank holds k in {', '.join(map(str, bank.ks))}")
+        k = bank.ks[0]
+    if k not in bank:
+        raise click.ClickException(f"k={k} is not in {bank_path}; it holds k = {', '.join(map(str, bank.ks))}")
+    changed = bool(names or given_colors or clear)
+    try:
+        if changed:
+            bank = bank.with_names(k, names, given_colors, clear=clear)
+            save_concepts(output or bank_path, bank)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(one_line(e)) from None
+    if changed:
+        click.echo(f"wrote {output or bank_path}")
+    if not bank.has_names(k):
+        click.echo(f"k={k}: no names")
+        return
+    classes = bank.classes(k)
+    shown = [j for j in range(len(classes)) if classes.is_named(j) or classes.colors[j] is not None]
+    click.echo(f"k={k}: {len(classes)} classes")
+    for j in shown:
+        members = ", ".join(map(str, classes.concepts[j]))
+        click.echo(f"  {classes.names[j]:<24} {classes.colors[j] or '-':<8} concepts {members}")
+    unnamed = [str(classes.concepts[j][0]) for j in range(len(classes)) if j not in shown]
+    if unnamed:
+        click.echo(f"  without a name: concepts {', '.join(unnamed)}")

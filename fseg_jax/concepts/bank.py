@@ -4,7 +4,10 @@ A :class:`ConceptBank` holds the (k, d) centres F-Seg projects features onto, on
 bank is a safetensors file with one float32 tensor per k, named ``k8``, ``k16``, ... and string metadata::
 
     format = "fseg_jax.concepts", format_version = "1", feature_dim = "1024", ks = "8,16,32,64,128,256",
-    model = "uni" or "/abs/path/to/converted/model" (optional), layer = "-1" or "[-4, -1]" (optional, JSON)
+    model = "uni" or "/abs/path/to/converted/model" (optional), layer = "-1" or "[-4, -1]" (optional, JSON),
+    names.16 = '{"3": "tumour", "5": "stroma"}', colors.16 = '{"3": "#d62728"}' (optional, JSON, per k)
+
+Banks written before names existed load unchanged, and readers that do not know the names keys ignore them.
 
 Safetensors holds raw arrays and a JSON header only, so loading a bank never runs code.
 """
@@ -22,10 +25,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fseg_jax._files import atomic_path
+from fseg_jax.concepts.names import ConceptClasses, validated_names
 
 FORMAT = "fseg_jax.concepts"
 FORMAT_VERSION = "1"
 _TENSOR_NAME = re.compile(r"k([1-9][0-9]*)")
+_NAMES_KEY = re.compile(r"(names|colors)\.([1-9][0-9]*)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,20 +42,29 @@ class ConceptBank:
         model: the model whose features the centres live in: a preset name or the absolute directory of a
             converted model (what ``fseg_jax.segment`` loads when it is given no model), another label, or None.
         layer: the block index the features come from (a tuple when several blocks are concatenated), or None.
+        names: {k: {concept index: name}} for the concepts that have a name; concepts of one k that share a
+            name form one class (see :meth:`classes`).
+        colors: {k: {concept index: "#rrggbb"}} for the concepts given a colour ((r, g, b) ints are accepted
+            and stored as #rrggbb); the concepts of one class may not be given different colours.
 
     ``bank[k]`` is the (k, d) matrix (ValueError listing the available k otherwise), ``bank.ks`` the sorted
-    k values, ``bank.feature_dim`` d.
+    k values, ``bank.feature_dim`` d. :meth:`with_names` gives a copy with names and colours set.
     """
 
     concepts: Mapping[int, np.ndarray]
     model: str | None = None
     layer: int | tuple[int, ...] | None = None
+    names: Mapping[int, Mapping[int, str]] | None = None
+    colors: Mapping[int, Mapping[int, str]] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "concepts", validated_concepts(self.concepts, source="concepts"))
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise ValueError(f"model must be a non-empty string or None, got {self.model!r}")
         object.__setattr__(self, "layer", normalise_layer(self.layer))
+        names, colors = validated_names(self.names, self.colors, self.ks)
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "colors", colors)
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -71,19 +85,56 @@ class ConceptBank:
     def __contains__(self, k: object) -> bool:
         return isinstance(k, (int, np.integer)) and int(k) in self.concepts
 
+    def has_names(self, k: int) -> bool:
+        """Whether the bank names or colours any concept of this k (ValueError for a k it lacks)."""
+        self[k]
+        return int(k) in self.names or int(k) in self.colors
+
+    def classes(self, k: int) -> ConceptClasses:
+        """The classes of this k: its concepts grouped by name (:class:`~fseg_jax.concepts.names.ConceptClasses`).
+        ValueError for a k the bank lacks, and for a k whose concepts the bank neither names nor colours."""
+        if not self.has_names(k):
+            raise ValueError(
+                f"the concept bank has no names for k={int(k)}: name its concepts first "
+                f"(fseg-jax concepts name BANK --k {int(k)} 3=tumour ..., or ConceptBank.with_names)"
+            )
+        return ConceptClasses.from_names(int(k), self.names.get(int(k), {}), self.colors.get(int(k), {}))
+
+    def with_names(
+        self,
+        k: int,
+        names: Mapping[int, str] | None = None,
+        colors: Mapping[int, Any] | None = None,
+        *,
+        clear: bool = False,
+    ) -> ConceptBank:
+        """A new bank whose concepts of this k carry ``names`` ({concept: name}) and ``colors``
+        ({concept: "#rrggbb" or (r, g, b)}) on top of the ones this bank gives them (``clear``: instead of
+        them). This bank is unchanged. ValueError naming the problem for a k the bank lacks, a concept
+        outside 0..k-1, an empty name, a malformed colour or two colours for one class."""
+        self[k]
+        k = int(k)
+        keep = not clear
+        new_names = {**self.names, k: {**(self.names.get(k, {}) if keep else {}), **dict(names or {})}}
+        new_colors = {**self.colors, k: {**(self.colors.get(k, {}) if keep else {}), **dict(colors or {})}}
+        return ConceptBank(self.concepts, model=self.model, layer=self.layer, names=new_names, colors=new_colors)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ConceptBank):
             return NotImplemented
         return (
-            (self.model, self.layer, self.ks) == (other.model, other.layer, other.ks)
+            (self.model, self.layer, self.ks, self.names, self.colors)
+            == (other.model, other.layer, other.ks, other.names, other.colors)
             and all(np.array_equal(self.concepts[k], other.concepts[k]) for k in self.ks)
         )
 
     __hash__ = None
 
     def __repr__(self) -> str:
+        named = sorted(set(self.names) | set(self.colors))
         return (
-            f"ConceptBank(model={self.model!r}, layer={self.layer!r}, ks={self.ks}, feature_dim={self.feature_dim})"
+            f"ConceptBank(model={self.model!r}, layer={self.layer!r}, ks={self.ks}, feature_dim={self.feature_dim}"
+            + (f", named ks={tuple(named)})" if named else ")")
         )
 
 
@@ -196,6 +247,9 @@ def save_concepts(path: str | os.PathLike, bank: ConceptBank) -> Path:
         metadata["model"] = bank.model
     if bank.layer is not None:
         metadata["layer"] = json.dumps(list(bank.layer) if isinstance(bank.layer, tuple) else bank.layer)
+    for key, per_k in (("names", bank.names), ("colors", bank.colors)):
+        for k, entries in per_k.items():
+            metadata[f"{key}.{k}"] = json.dumps({str(c): v for c, v in entries.items()})
     data = save({f"k{k}": np.ascontiguousarray(c) for k, c in bank.concepts.items()}, metadata=metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,8 +267,10 @@ def load_concepts(path: str | os.PathLike) -> ConceptBank:
     if not path.is_file():
         raise FileNotFoundError(f"concept bank not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(2)
-    if path.suffix.lower() in (".joblib", ".pkl", ".pickle") or head[:1] == b"\x80":
+        head = f.read(9)
+    # a pickle starts with its PROTO opcode 0x80; a safetensors file with its header's length (8 bytes, little
+    # endian, which may start with 0x80 too) and then the header's "{"
+    if path.suffix.lower() in (".joblib", ".pkl", ".pickle") or (head[:1] == b"\x80" and head[8:9] != b"{"):
         raise ValueError(
             f"{path} looks like a pickle (joblib) file, not a safetensors concept bank; convert it once with "
             "`fseg-jax concepts import FILE --trust-pickle -o BANK.safetensors` (unpickling runs code: only for "
@@ -249,6 +305,13 @@ def _bank_from_file(path: Path, metadata: dict[str, str], tensors: dict[str, np.
         dim = int(metadata["feature_dim"])
         ks = tuple(int(k) for k in metadata["ks"].split(","))
         layer = json.loads(metadata["layer"]) if "layer" in metadata else None
+        labels: dict[str, dict[int, dict[int, str]]] = {"names": {}, "colors": {}}
+        for key, value in metadata.items():
+            if m := _NAMES_KEY.fullmatch(key):
+                entries = json.loads(value)
+                if not isinstance(entries, dict):
+                    raise ValueError(f"{key} is not a JSON object")
+                labels[m.group(1)][int(m.group(2))] = {int(c): v for c, v in entries.items()}
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: corrupt concept bank metadata ({e!r})") from None
     if ks != tuple(sorted(concepts)):
@@ -256,7 +319,7 @@ def _bank_from_file(path: Path, metadata: dict[str, str], tensors: dict[str, np.
     if problems:
         raise ValueError(f"{path}: corrupt concept bank: " + "; ".join(problems))
     try:
-        bank = ConceptBank(concepts, model=metadata.get("model"), layer=layer)
+        bank = ConceptBank(concepts, model=metadata.get("model"), layer=layer, **labels)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     if bank.feature_dim != dim:
