@@ -46,6 +46,7 @@ from jaxtyping import Array, Float, Int, Shaped
 
 from fseg_jax import factorization
 from fseg_jax.compilation import jit
+from fseg_jax.concepts.names import ConceptClasses
 from fseg_jax.features import layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
 from fseg_jax.methods import METHODS
@@ -112,6 +113,9 @@ class Pipeline:
         dtype: compute dtype of the forward pass (e.g. bfloat16), None for the model's own (float32).
         bucket: pad images to a multiple of this many pixels (None: of the patch size).
         batch_size: images per compiled call.
+        classes: the bank's classes for k (``ConceptBank.classes``: its concepts grouped by name), or None when
+            the bank names none of them (or the concepts came as an array); ``segment(classes=True)`` maps the
+            labels through them.
     """
 
     model: Any
@@ -127,9 +131,12 @@ class Pipeline:
     dtype: Any = None
     bucket: int | None = None
     batch_size: int = 4
+    classes: ConceptClasses | None = None
 
     def __post_init__(self):
         _check_method(self.method, self.k, self.concepts)
+        if self.classes is not None and self.method == "dff":
+            raise ValueError("method 'dff' labels NMF components, which have no names: leave classes unset")
         object.__setattr__(self, "layers", tuple(layer_list(list(self.layers), self.model)))
         _check_int("n_components", self.n_components)
         _check_int("batch_size", self.batch_size)
@@ -169,6 +176,8 @@ class Pipeline:
         checked.setflags(write=False)
         object.__setattr__(self, "concepts", checked)
         object.__setattr__(self, "k", int(self.k))
+        if self.classes is not None and (not isinstance(self.classes, ConceptClasses) or self.classes.k != self.k):
+            raise ValueError(f"classes must be the ConceptClasses of the k={self.k} concepts, got {self.classes!r}")
 
     @classmethod
     def create(
@@ -193,7 +202,8 @@ class Pipeline:
         ``model`` may be a model, a preset name or a converted model directory (loaded once per process and
         kept: ``fseg_jax.hub.resolve_model``); None takes the model the concept bank records. A bank given by
         path, preset or ``ConceptBank`` is checked against the model (width, and a warning when it was made for
-        another model or layer); ``k`` picks one of its matrices.
+        another model or layer); ``k`` picks one of its matrices, and the bank's names for that k, if any,
+        become the pipeline's ``classes``.
         """
         from fseg_jax.hub import model_source, resolve_model
 
@@ -219,9 +229,11 @@ class Pipeline:
                     raise ValueError(f"the concept bank holds k in {list(bank.ks)}: pass k= to choose one")
                 k = bank.ks[0]
             concepts = bank[int(k)]
+        classes = bank.classes(k) if bank is not None and bank.has_names(k) else None
         return cls(
             model=model, concepts=concepts, k=k, method=method, layers=layers, n_components=n_components, seed=seed,
             solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch_size=batch_size,
+            classes=classes,
         )
 
     @property
@@ -253,12 +265,17 @@ class Pipeline:
         """The model computing in ``dtype`` (parameters shared with ``model``)."""
         return self.model if self.dtype is None else with_compute_dtype(self.model, self.dtype)
 
-    def segment(self, images, *, return_weights: bool = False, devices: Sequence | None = None):
+    def segment(
+        self, images, *, return_weights: bool = False, classes: bool = False, devices: Sequence | None = None
+    ):
         """Label maps of ``images`` (as :func:`segment` takes and returns them).
 
-        ``devices`` (default: every local device): each batch is split over them along the batch axis, the
-        parameters replicated; a batch is padded to a multiple of their number.
+        ``classes``: class labels (indices into ``self.classes.names``) instead of concept labels; ValueError
+        when the pipeline has no classes. ``devices`` (default: every local device): each batch is split over
+        them along the batch axis, the parameters replicated; a batch is padded to a multiple of their number.
         """
+        if classes and self.classes is None:
+            raise ValueError(_no_classes_message(self))
         images_list, kind = collect_images(images)
         model = self.compute_model
         patch = model.config.patch_size
@@ -288,7 +305,10 @@ class Pipeline:
                 for j, i in enumerate(idx):
                     h, w = images_list[i].shape[:2]
                     labels_j, weights_j, components_j, mapping_j = (None if o is None else o[j] for o in out)
-                    outputs[i] = (labels_j[:h, :w], weights_j, components_j, mapping_j)
+                    labels_j = labels_j[:h, :w]
+                    if classes:
+                        labels_j = self.classes.map(labels_j)
+                    outputs[i] = (labels_j, weights_j, components_j, mapping_j)
 
         if kind == "single":
             pack = lambda items: items[0]  # noqa: E731
@@ -338,8 +358,9 @@ def segment(
     tol: float | None = None,
     max_iter: int | None = None,
     devices: Sequence | None = None,
+    classes: bool = False,
 ):
-    """Segment one image or many into concepts.
+    """Segment one image or many into concepts, or into the classes a named bank groups them in.
 
     Args:
         images: one image or several. One image: an (H, W, 3) array (uint8 0..255, uint16, or float in
@@ -372,6 +393,10 @@ def segment(
         solver, tol, max_iter: passed to the NMF core (``fseg_jax.factorization``) when given; its defaults otherwise.
         devices: the devices a batch is split over (default: every local device, e.g. all GPUs of a host);
             the labels are the same whatever the split.
+        classes: return class labels: each concept label mapped to its class, an index into
+            ``bank.classes(k).names`` (concepts that share a name are one class, see ``ConceptBank.with_names``).
+            Needs a ``ConceptBank`` (or bank path or preset) with names for ``k``: ValueError otherwise, before
+            anything is computed. Weights stay per concept.
 
     Returns:
         int32 labels: (H, W) for one image, (B, H, W) for a batch array, a list of (H, W) for a list input.
@@ -381,7 +406,7 @@ def segment(
         concepts, model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
         solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch_size=batch_size,
     )
-    return pipeline.segment(images, return_weights=return_weights, devices=devices)
+    return pipeline.segment(images, return_weights=return_weights, classes=classes, devices=devices)
 
 
 def make_token_fn(
@@ -450,6 +475,15 @@ def _check_method(method: str, k, concepts) -> None:
     elif concepts is None:
         raise ValueError(f"method {method!r} needs concepts: pass a ConceptBank, a (k, d) array, or a bank path "
                          "or preset")
+
+
+def _no_classes_message(pipeline: Pipeline) -> str:
+    if pipeline.method == "dff":
+        return "method 'dff' labels NMF components, which have no names: classes=True needs a concept method"
+    return (
+        f"classes=True needs concepts with names, but these k={pipeline.k} concepts have none: pass a ConceptBank "
+        "(or bank file) whose concepts are named (fseg-jax concepts name, ConceptBank.with_names)"
+    )
 
 
 def _check_int(name: str, value) -> None:

@@ -6,12 +6,15 @@ Only numpy and Pillow (a core dependency); no plotting library.
 from __future__ import annotations
 
 import colorsys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
 from fseg_jax.io import as_rgb, to_uint8
+
+if TYPE_CHECKING:
+    from fseg_jax.concepts.names import ConceptClasses
 
 # Index 0 is a neutral grey (slides use label 0 for background); 1..19 are distinct, saturated colours
 # (Sasha Trubetskoy's "20 simple, distinct colours" without white and black).
@@ -49,8 +52,9 @@ def overlay(
     legend: bool = False,
     palette: Any = None,
     names: Sequence[str] | None = None,
+    classes: ConceptClasses | None = None,
 ) -> np.ndarray:
-    """Blend a label map over an image.
+    """Blend a label map over an image; with ``classes``, the concepts of one class as one region.
 
     Args:
         image: (H, W, 3) uint8 RGB array or a PIL image (converted by :func:`fseg_jax.io.as_rgb`: alpha
@@ -58,9 +62,13 @@ def overlay(
         labels: (H, W) integer label map; values index the palette (0 <= label < len(palette)).
         alpha: opacity of the colours, 0 (image only) to 1 (colours only).
         legend: append a white strip under the picture with one entry per label present: its colour, its
-            index (and name) and its share of the pixels.
-        palette: (n, 3) uint8 colours, default :func:`palette` sized to the labels and `names`.
+            index (and name) and its share of the pixels; with `classes`, one entry per class present: its
+            colour, name (and concepts) and the summed share of its concepts.
+        palette: (n, 3) uint8 colours, default :func:`palette` sized to the labels and `names`. With `classes`,
+            the colours of the concepts, which a class without a colour of its own takes from its first concept.
         names: optional display names per label index (legend only).
+        classes: the bank's classes (``ConceptBank.classes(k)``) when `labels` are concept indices 0..k-1:
+            each concept is drawn in its class's colour, and the legend names the classes (not with `names`).
 
     Returns:
         A new (H, W, 3) uint8 array, or (H + strip, W, 3) with `legend`. The inputs are never modified.
@@ -78,11 +86,23 @@ def overlay(
     if lab.size and int(lab.min()) < 0:
         raise ValueError(f"labels must be >= 0, got a minimum of {int(lab.min())}")
     n_labels = int(lab.max()) + 1 if lab.size else 0
-    if names is not None:
-        names = [str(s) for s in names]
-        if len(names) < n_labels:
-            raise ValueError(f"names has {len(names)} entries but labels go up to {n_labels - 1}")
-    colours = _label_colours(palette, max(n_labels, len(names or ())), n_labels)
+    if classes is not None:
+        if names is not None:
+            raise ValueError("give names or classes, not both: the classes name the labels")
+        colours = classes.rgb(_label_colours(palette, classes.k, classes.k))
+        lab = classes.map(lab)
+        n_labels = len(classes)
+        texts = [
+            f"{name} ({', '.join(map(str, members))})" if classes.is_named(j) else name
+            for j, (name, members) in enumerate(zip(classes.names, classes.concepts))
+        ]
+    else:
+        if names is not None:
+            names = [str(s) for s in names]
+            if len(names) < n_labels:
+                raise ValueError(f"names has {len(names)} entries but labels go up to {n_labels - 1}")
+        colours = _label_colours(palette, max(n_labels, len(names or ())), n_labels)
+        texts = [f"{i} {names[i]}" if names is not None else f"{i}" for i in range(n_labels)]
 
     # integer blend: (image * (256 - a) + colour * a + 128) >> 8, a = round(256 * alpha); fits uint16
     a = int(round(float(alpha) * 256))
@@ -90,7 +110,7 @@ def overlay(
     if not legend:
         return out
     counts = np.bincount(lab.ravel(), minlength=n_labels)
-    return np.concatenate([out, _legend_strip(out.shape[1], counts, colours, names)], axis=0)
+    return np.concatenate([out, _legend_strip(out.shape[1], counts, colours, texts)], axis=0)
 
 
 def _rgb_uint8_array(image: Any) -> np.ndarray:
@@ -116,8 +136,8 @@ def _label_colours(given: Any, n: int, n_labels: int) -> np.ndarray:
     return colours.astype(np.uint8)
 
 
-def _legend_strip(width: int, counts: np.ndarray, colours: np.ndarray, names: list[str] | None) -> np.ndarray:
-    """A white (h, width, 3) strip: one swatch + "index name: share%" per present label, wrapped into rows."""
+def _legend_strip(width: int, counts: np.ndarray, colours: np.ndarray, texts: list[str]) -> np.ndarray:
+    """A white (h, width, 3) strip: one swatch + "text: share%" per present label, wrapped into rows."""
     from PIL import ImageDraw, ImageFont
 
     size = int(np.clip(width // 60, 10, 28))
@@ -130,8 +150,7 @@ def _legend_strip(width: int, counts: np.ndarray, colours: np.ndarray, names: li
     for idx in np.flatnonzero(counts):
         share = 100.0 * counts[idx] / total
         share_text = f"{share:.1f}%" if share >= 0.05 else "<0.1%"
-        label = f"{idx} {names[idx]}" if names is not None else f"{idx}"
-        entries.append((int(idx), f"{label}: {share_text}"))
+        entries.append((int(idx), f"{texts[idx]}: {share_text}"))
 
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = max(probe.textbbox((0, 0), "0:%Ag", font=font)[3], size) + 4

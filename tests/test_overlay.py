@@ -85,3 +85,44 @@ def test_legend_lists_present_labels_with_their_colours():
 def test_bad_inputs(image, labels, kwargs, message):
     with pytest.raises(ValueError, match=message):
         overlay(image, labels, **kwargs)
+
+
+def test_classes_colour_concepts_by_class_and_merge_their_legend_entries():
+    from fseg_jax.concepts import ConceptClasses
+
+    classes = ConceptClasses.from_names(6, {1: "tumour", 2: "stroma", 4: "stroma"}, {2: "#0000ff"})
+    image = np.full((100, 600, 3), 255, np.uint8)
+    labels = np.zeros((100, 600), np.int32)
+    labels[:, 100:200] = 1
+    labels[:, 200:300] = 2
+    labels[:, 300:400] = 4
+    labels[:, 400:] = 5
+    before = labels.copy()
+    out = overlay(image, labels, alpha=1.0, legend=True, classes=classes)
+    np.testing.assert_array_equal(labels, before)
+    expected = classes.rgb(palette(6))[classes.map(labels)]
+    np.testing.assert_array_equal(out[:100], expected)
+    assert tuple(out[50, 250]) == tuple(out[50, 350]) == (0, 0, 255)  # concepts 2 and 4: one class, one colour
+    assert tuple(out[50, 150]) == tuple(palette(6)[1])  # tumour keeps its concept's palette colour
+    # the legend is the one an overlay of the class labels with the class names draws
+    texts = ["concept 0", "tumour (1)", "stroma (2, 4)", "concept 3", "concept 5"]
+    from fseg_jax.visualize import _legend_strip
+
+    counts = np.bincount(classes.map(labels).ravel(), minlength=len(classes))
+    assert counts.tolist() == [10000, 10000, 20000, 0, 20000]  # stroma: the area of both concepts
+    np.testing.assert_array_equal(out[100:], _legend_strip(600, counts, classes.rgb(palette(6)), texts))
+    strip = {tuple(c) for c in out[100:].reshape(-1, 3)}
+    assert (0, 0, 255) in strip and tuple(palette(6)[4]) not in strip and tuple(palette(6)[3]) not in strip
+    # a custom palette colours the concepts; classes without a colour take their first concept's
+    custom = np.arange(18, dtype=np.uint8).reshape(6, 3)
+    np.testing.assert_array_equal(overlay(image, labels, alpha=1.0, palette=custom, classes=classes)[50, 450], custom[5])
+
+
+def test_classes_refuse_labels_out_of_range_and_names():
+    from fseg_jax.concepts import ConceptClasses
+
+    classes = ConceptClasses.from_names(3, {0: "a"})
+    with pytest.raises(ValueError, match=r"label 3 is out of range for the 3 concepts"):
+        overlay(np.zeros((2, 2, 3), np.uint8), np.full((2, 2), 3), classes=classes)
+    with pytest.raises(ValueError, match="names or classes, not both"):
+        overlay(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), int), classes=classes, names=["a", "b", "c"])

@@ -33,7 +33,14 @@ def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, legend: bool) -> None:
+def write_outputs(
+    out_dir: Path, stem: str, image, labels, *, alpha: float, legend: bool, classes=None, class_labels: bool = False
+) -> None:
+    """Write ``<stem>_labels.png``, ``<stem>_labels.npy`` and ``<stem>_overlay.png`` for concept `labels`.
+
+    classes: the bank's classes (``ConceptBank.classes``): the overlay shows them; class_labels: the label
+    files hold class indices instead of concept indices.
+    """
     import numpy as np
     from PIL import Image
 
@@ -41,7 +48,8 @@ def write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, lege
     from fseg_jax.io import to_uint8
     from fseg_jax.visualize import overlay
 
-    labels = np.asarray(labels)
+    concept_labels = np.asarray(labels)
+    labels = classes.map(concept_labels) if class_labels else concept_labels
     if labels.max(initial=0) < 256:
         png = Image.fromarray(labels.astype(np.uint8))  # 8-bit grayscale
     else:
@@ -50,7 +58,7 @@ def write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, lege
         png.save(p, format="PNG")
     with atomic_path(out_dir / f"{stem}_labels.npy") as p:
         np.save(p, labels.astype(np.int32))
-    picture = overlay(to_uint8(image), labels, alpha=alpha, legend=legend)
+    picture = overlay(to_uint8(image), concept_labels, alpha=alpha, legend=legend, classes=classes)
     with atomic_path(out_dir / f"{stem}_overlay.png") as p:
         Image.fromarray(picture).save(p, format="PNG")
 
@@ -79,17 +87,22 @@ def write_outputs(out_dir: Path, stem: str, image, labels, *, alpha: float, lege
               help="Compute dtype of the model (bfloat16 for GPU/TPU).")
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Overlay opacity.")
 @click.option("--legend/--no-legend", default=True, show_default=True, help="Legend strip under the overlay.")
+@click.option("--classes", "class_labels", is_flag=True,
+              help="Label files hold classes (the bank's concepts grouped by name) instead of concepts.")
 @click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
               help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
 @click.option("-o", "--out", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for <name>_labels.png, <name>_labels.npy and <name>_overlay.png.")
 def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, method, layers, n_components, seed,
-            batch_size, bucket, dtype, alpha, legend, compilation_cache, no_compilation_cache, out_dir):
+            batch_size, bucket, dtype, alpha, legend, class_labels, compilation_cache, no_compilation_cache,
+            out_dir):
     """Segment IMAGE... (files or folders of images) into concepts.
 
     Writes, per image, the label map as PNG (8-bit, or 16-bit when a label exceeds 255) and .npy (int32),
-    and the overlay of the labels on the image as PNG.
+    and the overlay of the labels on the image as PNG. When the bank names the concepts of this k
+    (fseg-jax concepts name), the overlay colours and lists their classes (concepts sharing a name as one),
+    and --classes writes class indices, in the order `fseg-jax concepts name BANK --k K` lists them.
     """
     if batch_size < 1:
         raise click.BadParameter("must be >= 1", param_hint="--batch-size")
@@ -97,6 +110,8 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
         raise click.UsageError(f"--concepts is required for method {method}")
     if method == "dff" and k is None:
         raise click.UsageError("--k (the number of components) is required for method dff")
+    if method == "dff" and class_labels:
+        raise click.UsageError("--classes needs a concept bank; method dff uses none")
     if method == "dff" and model_spec is None:
         raise click.UsageError("--model is required for method dff, which uses no concept bank")
     if not images and not sample:
@@ -126,6 +141,11 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
         )
     except (ValueError, TypeError, OSError, RuntimeError) as e:  # bad bank or options, a bank's model not found
         raise click.ClickException(one_line(e)) from None
+    if class_labels and pipeline.classes is None:
+        raise click.ClickException(
+            f"--classes needs a bank whose concepts are named, and this bank has no names for k={pipeline.k} "
+            f"(name them with: fseg-jax concepts name BANK --k {pipeline.k} INDEX=NAME...)"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -144,6 +164,7 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
                 raise click.ClickException(one_line(e)) from None
             labels = result.labels if method == "dff" else result
             for f, picture, lab in zip(chunk, pictures, labels):
-                write_outputs(out, f.stem, picture, lab, alpha=alpha, legend=legend)
+                write_outputs(out, f.stem, picture, lab, alpha=alpha, legend=legend, classes=pipeline.classes,
+                              class_labels=class_labels)
                 bar.update(1)
     click.echo(f"wrote {3 * len(files)} files for {len(files)} image(s) to {out}")
