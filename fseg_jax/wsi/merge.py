@@ -2,9 +2,14 @@
 
 The label map is assembled at the working resolution in a memory map in the work folder, one tile core at a
 time (label 0 = background, i.e. pixels of tokens without tissue; label i+1 = concept i), then written as
-labels.ome.tif (band by band), labels.geojson (traced from it), overlay.png, summary.json (the settings,
-the area of each concept, timings and versions) and, on request, weights.safetensors; then the work
-folder is removed.
+labels.ome.tif (band by band, with the labels' names), labels.geojson (traced from it), overlay.png,
+summary.json (the settings, the area of each concept, timings and versions) and, on request,
+weights.safetensors; then the work folder is removed.
+
+A run with classes (a bank that names its concepts, see `ConceptBank.classes`) writes classes where a run
+without writes concepts: label j+1 = class j in labels.ome.tif, labels.geojson and overlay.png, each named
+and coloured as the bank says, and summary.json adds the area of each class. The concept map is mapped
+to classes as it is read, so the classes change the merge only.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fseg_jax.concepts.names import ConceptClasses, default_name
 from fseg_jax.visualize import palette
 from fseg_jax.wsi.outputs import (
     label_dtype,
@@ -27,11 +33,23 @@ from fseg_jax.wsi.outputs import (
 )
 from fseg_jax.wsi.overlay import write_overlay
 from fseg_jax.wsi.plan import plan_grid
-from fseg_jax.wsi.sampling import array_sampler, expand_tokens
-from fseg_jax.wsi.store import WorkDir
+from fseg_jax.wsi.sampling import array_sampler, expand_tokens, mapped_sampler
+from fseg_jax.wsi.store import WorkDir, work_fingerprint
 
 OUTPUT_FILES = ("labels.ome.tif", "labels.geojson", "overlay.png", "summary.json")
 WEIGHTS_FILE = "weights.safetensors"
+
+
+def slide_classes(classes: ConceptClasses) -> dict:
+    """How a slide run's plan records its classes: {"names": [...], "concepts": [[concept, ...], ...],
+    "colors": [[r, g, b], ...]}, a class without a colour of its own in its first concept's slide colour
+    (concept i is drawn in ``palette(k + 1)[i + 1]``, 0 being background)."""
+    colors = classes.rgb(palette(classes.k + 1)[1:])
+    return {
+        "names": list(classes.names),
+        "concepts": [list(members) for members in classes.concepts],
+        "colors": colors.tolist(),
+    }
 
 
 def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
@@ -59,8 +77,9 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
             return json.loads(summary_path.read_text())
         raise ValueError(f"{out_dir}: no slide run to merge (no {work.plan_path.relative_to(out_dir)})")
     fingerprint = plan["fingerprint"]
+    work_key = work_fingerprint(plan)
     batches = plan["batches"]
-    missing = sorted(set(range(len(batches))) - work.done(fingerprint))
+    missing = sorted(set(range(len(batches))) - work.done(work_key))
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise ValueError(f"{out_dir}: {len(missing)} of {len(batches)} batches not computed yet ({shown})")
@@ -71,12 +90,12 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     pixel = plan["resolution"] == "pixel"
     width, height = plan["size"]
     dtype = label_dtype(k + 1)
-    thumb, tissue_tokens = work.tissue(fingerprint)
+    thumb, tissue_tokens = work.tissue(work_key)
     labels = work.label_map((height, width), dtype)
     weights = np.zeros((*grid.tokens_hw, k), np.float32) if plan["save_weights"] else None
     compute_s = read_wait_s = 0.0
     for b in range(len(batches)):
-        chunk = work.get(b, fingerprint)
+        chunk = work.get(b, work_key)
         compute_s += float(chunk["seconds"])
         read_wait_s += float(chunk["read_wait"])
         for j, t in enumerate(chunk["tiles"].tolist()):
@@ -92,12 +111,25 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
                 hh, ww = rs.stop - rs.start, cs.stop - cs.start
                 weights[rs, cs] = chunk["weights"][j, :hh, :ww]
     labels.flush()
-    sample = array_sampler(labels)
+    concept_sample = array_sampler(labels)
     if weights is not None:
         weights[~tissue_tokens] = 0.0
 
-    names = ["background"] + [f"concept {i}" for i in range(k)]
-    colors = palette(k + 1)
+    classes = plan.get("classes")
+    if classes is None:
+        names = ["background"] + [default_name(i) for i in range(k)]
+        colors = palette(k + 1)
+        concept_label = np.arange(1, k + 1)
+        sample, out_dtype = concept_sample, dtype
+    else:
+        names = ["background", *classes["names"]]
+        colors = np.asarray([palette(1)[0], *classes["colors"]], np.uint8)
+        out_dtype = label_dtype(len(names))
+        lut = np.zeros(k + 1, out_dtype)  # concept label (i + 1) -> class label (j + 1); background stays 0
+        for j, members in enumerate(classes["concepts"]):
+            lut[np.asarray(members) + 1] = j + 1
+        concept_label = lut[1:].astype(np.int64)
+        sample = mapped_sampler(concept_sample, lut)
     mpp = plan["mpp"]
     if pixel:
         step = 1
@@ -109,7 +141,9 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     # level-0 pixels per traced cell along x and y
     level0 = (plan["slide_dimensions"][0] / width * step, plan["slide_dimensions"][1] / height * step)
     outputs = {
-        "labels.ome.tif": lambda path: write_label_tiff(path, sample, size=(width, height), dtype=dtype, mpp=mpp),
+        "labels.ome.tif": lambda path: write_label_tiff(
+            path, sample, size=(width, height), dtype=out_dtype, mpp=mpp, names=names
+        ),
         "labels.geojson": lambda path: write_geojson(
             path, sample(np.arange(0, height, step), np.arange(0, width, step)), names=names, colors=colors,
             scale=level0, bounds=plan["slide_dimensions"], tolerance=tolerance,
@@ -133,9 +167,13 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     counts = np.zeros(k + 1, np.int64)
     for y in range(0, height, 256):
         counts += np.bincount(np.asarray(labels[y : y + 256]).ravel(), minlength=k + 1)
-    del labels, sample  # the memory map's file goes with the work folder
+    del labels, sample, concept_sample  # the memory map's file goes with the work folder
     pixel_mm2 = mpp**2 / 1e6
     tissue = int(counts[1:].sum())
+
+    def area(pixels) -> dict:
+        return {"area_mm2": float(pixels * pixel_mm2), "share_of_tissue": float(pixels / tissue) if tissue else 0.0}
+
     summary = {
         "slide": plan["slide_path"],
         "backend": plan["backend"],
@@ -158,15 +196,25 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
         "labels": {str(v): n for v, n in enumerate(names)},
         "concepts": [
             {
-                "label": i + 1,
+                "label": int(concept_label[i]),
                 "concept": i,
-                "name": names[i + 1],
-                "color": [int(c) for c in colors[i + 1]],
-                "area_mm2": float(counts[i + 1] * pixel_mm2),
-                "share_of_tissue": float(counts[i + 1] / tissue) if tissue else 0.0,
+                "name": default_name(i),
+                "color": [int(c) for c in colors[concept_label[i]]],
+                **area(counts[i + 1]),
+                **({} if classes is None else {"class": names[concept_label[i]]}),
             }
             for i in range(k)
         ],
+        **({} if classes is None else {"classes": [
+            {
+                "label": j + 1,
+                "name": name,
+                "color": [int(c) for c in colors[j + 1]],
+                "concepts": list(members),
+                **area(sum(int(counts[i + 1]) for i in members)),
+            }
+            for j, (name, members) in enumerate(zip(classes["names"], classes["concepts"]))
+        ]}),
         "timing_s": {
             "tissue": plan["tissue_seconds"],
             "read_wait": read_wait_s,

@@ -2,7 +2,7 @@
 
 - `write_label_tiff`: pyramidal tiled OME-TIFF of a label map given by a sampling function (see
   `fseg_jax.wsi.sampling.LabelSampler`), generated band by band while writing, so that it never needs to be
-  in memory whole;
+  in memory whole, with the labels' names in its OME-XML (`label_names` reads them back);
 - `label_polygons` / `write_geojson`: QuPath annotations, one (multi)polygon per label, in level-0 pixels;
 - `write_json`, `write_weights` (safetensors).
 """
@@ -35,6 +35,9 @@ def label_dtype(n_labels: int) -> np.dtype:
     return np.dtype(np.uint8) if n_labels <= 256 else np.dtype(np.uint16)
 
 
+LABEL_NAMES_NAMESPACE = "fseg_jax/labels"
+
+
 def write_label_tiff(
     path: str | Path,
     sample: LabelSampler,
@@ -42,6 +45,7 @@ def write_label_tiff(
     size: tuple[int, int],
     dtype,
     mpp: float,
+    names: Sequence[str] | None = None,
     tile: int = 256,
     min_level_side: int = 512,
 ) -> None:
@@ -50,7 +54,8 @@ def write_label_tiff(
     `sample(ys, xs)` gives the labels (of `dtype`) at rows ys and columns xs of the full-resolution map;
     the file is written one band of `tile` rows at a time, so memory is a band, never the whole map.
     Reduced levels (halving, the label at each block's top-left pixel) live in SubIFDs, as QuPath, napari
-    (tifffile) and Bio-Formats expect of OME-TIFF.
+    (tifffile) and Bio-Formats expect of OME-TIFF. `names[v]` names label v: the OME-XML holds them as a
+    MapAnnotation (namespace ``fseg_jax/labels``, keys "0", "1", ...), which `label_names` reads.
     """
     import tifffile
 
@@ -79,6 +84,8 @@ def write_label_tiff(
         "PhysicalSizeXUnit": "µm",
         "PhysicalSizeYUnit": "µm",
     }
+    if names is not None:
+        metadata["MapAnnotation"] = {"Namespace": LABEL_NAMES_NAMESPACE, **{str(v): n for v, n in enumerate(names)}}
     common = dict(dtype=np.dtype(dtype), tile=(tile, tile), compression="zlib", resolutionunit="CENTIMETER")
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
@@ -92,6 +99,22 @@ def write_label_tiff(
                     tiles(level), shape=(-(-height // f), -(-width // f)), subfiletype=1,
                     resolution=(res / f, res / f), **common,
                 )
+
+
+def label_names(path: str | Path) -> dict[int, str]:
+    """{label value: name} as `write_label_tiff` records them in an OME-TIFF ({} when it records none)."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.ome_metadata
+    if not xml:
+        return {}
+    for element in ET.fromstring(xml).iter():
+        if element.tag.rpartition("}")[2] == "MapAnnotation" and element.get("Namespace") == LABEL_NAMES_NAMESPACE:
+            return {int(m.get("K")): m.text or "" for m in element.iter() if m.tag.rpartition("}")[2] == "M"}
+    return {}
 
 
 def label_polygons(labels_hw: np.ndarray, value: int):

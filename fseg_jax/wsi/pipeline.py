@@ -13,7 +13,8 @@ For each slide, at a working resolution of `mpp` microns per pixel:
    label i+1 = concept i) is assembled on disk at the working resolution, one tile core at a time, and
    written: labels.ome.tif (its full-resolution level is that map, written band by band), labels.geojson
    (traced from it, see `merge_slide`), overlay.png, summary.json and, on request, weights.safetensors;
-   then the work folder is removed.
+   then the work folder is removed. When the bank names the concepts of its k, the outputs show classes
+   instead: label j+1 = class j (the concepts that share a name, see `ConceptBank.classes`).
 
 A killed run picks up from its finished batches. With several processes (one per host), each takes every
 `count`-th batch of `part=(index, count)` and writes it to the shared output folder; `merge_slide` then
@@ -38,7 +39,8 @@ import numpy as np
 
 from fseg_jax.wsi.compute import DeviceMemoryError, TileStep, TokenFn, explain_out_of_memory, prefetch_batches
 from fseg_jax.wsi.discovery import find_slides, slide_folder_name
-from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide
+from fseg_jax.concepts.names import ConceptClasses
+from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide, slide_classes
 from fseg_jax.wsi.outputs import label_dtype
 from fseg_jax.wsi.plan import (
     SlideRunMismatch,
@@ -52,7 +54,7 @@ from fseg_jax.wsi.plan import (
     tree_digest,
 )
 from fseg_jax.wsi.reader import Slide, SlideError, open_slide
-from fseg_jax.wsi.store import WorkDir
+from fseg_jax.wsi.store import WorkDir, work_fingerprint
 from fseg_jax.wsi.tiling import TileGrid
 
 __all__ = [
@@ -110,7 +112,10 @@ class SlideSegmenter:
     the devices to shard the batch over (default: all local); workers: reader threads (default: one per
     CPU core, at most 32); info: what to record in summary.json about the model and bank; params_id: what
     identifies `params` in the resume fingerprint (`from_model` gives a digest of the model's checkpoint and
-    of the concepts; default: `fseg_jax.wsi.plan.tree_digest` of every parameter value).
+    of the concepts; default: `fseg_jax.wsi.plan.tree_digest` of every parameter value); classes: the
+    bank's classes for k (`ConceptBank.classes`, which `from_model` takes from a bank with names for k):
+    the outputs show classes instead of concepts (see `merge_slide`). They enter the fingerprint but not
+    the tiles' work: a run with other names merges the batches a killed or multi-process run left.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class SlideSegmenter:
         workers: int | None = None,
         info: dict[str, Any] | None = None,
         params_id: str | None = None,
+        classes: ConceptClasses | None = None,
     ):
         # one tile's grid: checks tile and margin against the patch size and settles the default margin
         grid = TileGrid.for_slide((tile, tile), patch=int(patch_size), tile=int(tile), margin=margin)
@@ -148,6 +154,9 @@ class SlideSegmenter:
             with_weights=save_weights, devices=devices,
         )
         self.params_id = params_id or tree_digest(params)
+        if classes is not None and (not isinstance(classes, ConceptClasses) or classes.k != self.k):
+            raise ValueError(f"classes must be the ConceptClasses of the k={self.k} concepts, got {classes!r}")
+        self.classes = classes
 
     @classmethod
     def from_model(
@@ -169,15 +178,15 @@ class SlideSegmenter:
         """From a model (object, preset name or folder) and concepts (ConceptBank, path, preset or (k, d) array).
 
         k, method, layer, dtype, n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment` (k may
-        be left out when the bank holds one k), all passed to `make_token_fn`. dtype: compute dtype of the
-        forward pass, e.g. "bfloat16" (default: the model's own, float32). Other keyword arguments as for
-        the constructor. For method "factorize" the tile step upsamples each concept's largest component
+        be left out when the bank holds one k), all passed to `fseg_jax.segmentation.Pipeline.create`. dtype:
+        compute dtype of the forward pass, e.g. "bfloat16" (default: the model's own, float32). A bank that
+        names the concepts of k gives the run its classes. Other keyword arguments as for the constructor. For method "factorize" the tile step upsamples each concept's largest component
         weight (`make_token_fn`'s scores), where `segment` upsamples the component weights and maps the
         argmax, so labels between token centres may differ from `segment`'s.
         """
         import jax.numpy as jnp
 
-        from fseg_jax.segmentation import make_token_fn
+        from fseg_jax.segmentation import Pipeline
 
         dtype = None if dtype is None else jnp.dtype(dtype)
         model_desc = None
@@ -188,12 +197,12 @@ class SlideSegmenter:
             model = resolve_model(model)
         config = model.config
         model_desc = model_desc or getattr(config, "name", type(model).__name__)
-        # make_token_fn resolves and checks the bank (path, preset, ConceptBank or array) against the model
-        options = dict(
-            k=k, method=method, layer=layer, dtype=dtype, n_components=n_components, seed=seed, solver=solver,
-            tol=tol, max_iter=max_iter,
+        # Pipeline.create resolves and checks the bank (path, preset, ConceptBank or array) against the model
+        segmentation = Pipeline.create(
+            concepts, model=model, k=k, method=method, layer=layer, dtype=dtype, n_components=n_components,
+            seed=seed, solver=solver, tol=tol, max_iter=max_iter,
         )
-        fn, params = make_token_fn(model, concepts, **options)
+        fn, params = segmentation.token_fn()
         k = int(params["concepts"].shape[0])
         params_id = f"model {model_digest(model)}, concepts {tree_digest(params['concepts'])}"
         info = {
@@ -201,7 +210,10 @@ class SlideSegmenter:
             "dtype": "float32" if dtype is None else dtype.name, "n_components": n_components, "seed": seed,
             "solver": solver, "tol": tol, "max_iter": max_iter,
         }
-        return cls(fn, params, patch_size=config.patch_size, k=k, info=info, params_id=params_id, **kwargs)
+        return cls(
+            fn, params, patch_size=config.patch_size, k=k, info=info, params_id=params_id,
+            classes=segmentation.classes, **kwargs,
+        )
 
     # -- one slide ---------------------------------------------------------------------------------
     def run(
@@ -264,6 +276,7 @@ class SlideSegmenter:
             "save_weights": self.save_weights,
             "info": self.info,
             "params": self.params_id,
+            **({} if self.classes is None else {"classes": slide_classes(self.classes)}),
         }
 
     def _compute(
@@ -296,7 +309,7 @@ class SlideSegmenter:
             b, ids, handle, t0, waited = entry
             labels, weights = self.step.collect(handle)
             now = time.perf_counter()
-            work.put(b, plan["fingerprint"], ids, labels, weights, seconds=now - max(t0, last), read_wait=waited)
+            work.put(b, work_fingerprint(plan), ids, labels, weights, seconds=now - max(t0, last), read_wait=waited)
             last = time.perf_counter()
             computed += len(ids)
             bar.update(len(ids))

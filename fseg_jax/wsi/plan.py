@@ -2,10 +2,11 @@
 
 A run's plan (plan.json in the work folder, see `fseg_jax.wsi.store`) records every setting that changes
 its outputs, the slide's geometry and the batches of tiles with tissue; its fingerprint is the hash of the
-settings. A batch file counts only for the fingerprint its name carries, so a run resumes exactly the work
-done under its own settings. The model and the concepts enter the settings as digests of what is computed
-with: the converted model's files (for a model loaded from a folder) or every parameter value, and the
-concept matrix actually used.
+settings. A batch file counts only for the work fingerprint its name carries (the hash of the settings
+without the classes, which change only the merge), so a run resumes exactly the work done under its own
+settings, and a run whose concepts were named (or renamed) since merges the finished batches anew. The
+model and the concepts enter the settings as digests of what is computed with: the converted model's files
+(for a model loaded from a folder) or every parameter value, and the concept matrix actually used.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from fseg_jax.wsi.reader import Slide
-from fseg_jax.wsi.store import WorkDir
+from fseg_jax.wsi.store import WorkDir, work_fingerprint
 from fseg_jax.wsi.tiling import TileGrid
 from fseg_jax.wsi.tissue import detect_tissue
 
 # plan entries that are not settings: they follow from the settings or describe the machine that ran them
-_NOT_SETTINGS = ("batches", "tissue_seconds", "fingerprint", "slide_path", "backend")
+_NOT_SETTINGS = ("batches", "tissue_seconds", "fingerprint", "work_fingerprint", "slide_path", "backend")
 
 
 class SlideRunMismatch(ValueError):
@@ -65,7 +66,8 @@ def model_digest(model) -> str:
 def plan_slide(reader: Slide, mpp: float, settings: dict[str, Any]) -> dict:
     """The plan of a run over `reader` at `mpp` microns per pixel with the segmenter's `settings`, fingerprinted.
 
-    The batches are left out: `start_or_resume` adds them once the tissue is known.
+    The batches are left out: `start_or_resume` adds them once the tissue is known. The work fingerprint
+    leaves the settings' "classes" out; without classes it equals the fingerprint.
     """
     rp = reader.plan(mpp)
     plan = {
@@ -80,8 +82,15 @@ def plan_slide(reader: Slide, mpp: float, settings: dict[str, Any]) -> dict:
         "size": list(rp.size),
         **settings,
     }
-    fingerprint = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
-    return {**plan, "slide_path": str(reader.path), "backend": reader.backend, "fingerprint": fingerprint}
+    work = {key: value for key, value in plan.items() if key != "classes"}
+    return {
+        **plan, "slide_path": str(reader.path), "backend": reader.backend, "fingerprint": _digest(plan),
+        "work_fingerprint": _digest(work),
+    }
+
+
+def _digest(plan: dict) -> str:
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def plan_grid(plan: dict) -> TileGrid:
@@ -103,13 +112,18 @@ def finished_summary(out_dir: Path, fingerprint: str) -> dict | None:
 def start_or_resume(work: WorkDir, reader: Slide, plan: dict, *, batch: int, shared: bool) -> dict:
     """The plan the work folder holds for these settings, or a new one started there.
 
-    A new plan finds the tissue, groups the tiles with tissue into batches of `batch` and replaces whatever
-    run the folder held, unless it is `shared` by the processes of a multi-process run: a folder holding
-    other settings is then a `SlideRunMismatch`.
+    A plan that differs from the folder's in its classes only takes its place and keeps its finished
+    batches. A new plan finds the tissue, groups the tiles with tissue into batches of `batch` and replaces
+    whatever run the folder held, unless it is `shared` by the processes of a multi-process run: a folder
+    holding other settings is then a `SlideRunMismatch`.
     """
     old = work.read_plan()
     if old is not None and old["fingerprint"] == plan["fingerprint"]:
         return old
+    if old is not None and not shared and work_fingerprint(old) == plan["work_fingerprint"]:
+        plan = {**plan, "batches": old["batches"], "tissue_seconds": old["tissue_seconds"]}
+        work.replace_plan(plan)
+        return plan
     if old is not None and shared:
         raise SlideRunMismatch(mismatch_message(work, old, plan))
     t0 = time.perf_counter()
@@ -134,7 +148,7 @@ def check_unchanged(work: WorkDir, plan: dict) -> None:
 def batches_to_do(plan: dict, work: WorkDir, part: tuple[int, int]) -> tuple[list[int], list[int]]:
     """(this process's batches, those of them not finished yet) for `part` = (index, count)."""
     index, count = part
-    done = work.done(plan["fingerprint"])
+    done = work.done(work_fingerprint(plan))
     mine = list(range(index, len(plan["batches"]), count))
     return mine, [b for b in mine if b not in done]
 

@@ -47,6 +47,11 @@ def array_sampler(labels_hw: np.ndarray, *, read_bytes: int = 2**26) -> LabelSam
     return sample
 
 
+def mapped_sampler(sample: LabelSampler, lut: np.ndarray) -> LabelSampler:
+    """`sample`'s labels looked up in `lut` (label -> new label), e.g. concepts to their classes."""
+    return lambda ys, xs: lut[sample(ys, xs)]
+
+
 def cell_centres(cells: int, length: int) -> np.ndarray:
     """The pixel (of `length`) under the centre of each of `cells` equal cells spanning it, as indices."""
     return np.minimum((np.arange(cells) + 0.5) * length / cells, length - 1).astype(np.intp)

@@ -1,6 +1,7 @@
 """The work folder of a slide run: its plan and finished batches, so that a killed run resumes.
 
-Layout of `<slide out dir>/.fseg-work/`, F the first 12 hex digits of the plan's settings fingerprint:
+Layout of `<slide out dir>/.fseg-work/`, F the first 12 hex digits of the plan's work fingerprint (that of the
+settings that decide what the tiles compute: all but the classes, see `work_fingerprint`):
     plan.json           what is being computed (settings, fingerprint, tile grid, the batches of tiles)
     tissue.F.npz        thumbnail (h, w, 3) uint8 and token tissue mask (h_tok, w_tok) bool
     batch-000042.F.npz  compressed: tiles (n,) int64, labels (n, c p, c p) or (n, c, c) (pixel or token
@@ -28,6 +29,12 @@ from fseg_jax.wsi.outputs import atomic_path, write_json
 
 WORK_DIR_NAME = ".fseg-work"
 _BATCH_RE = re.compile(r"^batch-(\d{6})\.([0-9a-f]{12})\.npz$")
+
+
+def work_fingerprint(plan: dict) -> str:
+    """The fingerprint a plan's tissue and batch files carry: that of its settings without the classes, which
+    change only how the finished batches are merged (for a run without classes, the plan's fingerprint)."""
+    return plan.get("work_fingerprint", plan["fingerprint"])
 
 
 class WorkDir:
@@ -60,10 +67,14 @@ class WorkDir:
         if old is not None:
             self.clear()
         self.path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self._tissue_path(plan["fingerprint"])) as tmp:
+        with atomic_path(self._tissue_path(work_fingerprint(plan))) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, thumbnail=thumbnail, tissue_tokens=tissue_tokens)
         write_json(self.plan_path, plan)  # last: a plan on disk means the folder is usable
+
+    def replace_plan(self, plan: dict) -> None:
+        """Put `plan` in place of the folder's plan of the same work fingerprint, keeping its finished files."""
+        write_json(self.plan_path, plan)
 
     def _tissue_path(self, fingerprint: str) -> Path:
         return self.path / f"tissue.{fingerprint[:12]}.npz"

@@ -1,0 +1,185 @@
+"""Slides with a named bank: classes in labels.ome.tif, labels.geojson, overlay.png and summary.json.
+
+The runs use test_wsi's local stand-in token function (k = 4), so the class outputs can be checked against
+the concept outputs of the same slide, mapped by hand.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_wsi import PATCH, K, standin_token_fn, synthetic_he, write_ome_tiff
+
+from fseg_jax.concepts import ConceptClasses
+from fseg_jax.visualize import palette
+from fseg_jax.wsi import pipeline
+from fseg_jax.wsi.outputs import label_names
+from fseg_jax.wsi.store import WorkDir
+
+CLASSES = ConceptClasses.from_names(K, {0: "stroma", 3: "stroma", 1: "nuclei"}, {1: "#123456"})
+# concept label (i + 1) -> class label (j + 1): stroma = concepts 0 and 3, nuclei = 1, "concept 2" = 2
+BY_HAND = np.array([0, 1, 2, 3, 1])
+
+
+def _segmenter(classes=None, **kwargs):
+    fn, params = standin_token_fn()
+    return pipeline.SlideSegmenter(
+        fn, params, patch_size=PATCH, k=K, tile=128, margin=16, batch=2, mpp=1.0, classes=classes, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    image, _ = synthetic_he(600, 800, seed=1)
+    return write_ome_tiff(tmp_path_factory.mktemp("slide") / "tissue.ome.tif", image, mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def runs(slide, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    concepts = _segmenter().run(slide, root / "concepts")
+    classes = _segmenter(CLASSES).run(slide, root / "classes")
+    return concepts, classes
+
+
+def _labels(result) -> np.ndarray:
+    import tifffile
+
+    return tifffile.imread(result.out_dir / "labels.ome.tif")
+
+
+def test_label_map_holds_classes_named_in_the_ome_xml(runs):
+    concepts, classes = runs
+    concept_labels, class_labels = _labels(concepts), _labels(classes)
+    assert set(np.unique(concept_labels)) == {0, 1, 2, 4}  # concepts 0, 1 and 3: two of them merge as stroma
+    np.testing.assert_array_equal(class_labels, BY_HAND[concept_labels])
+    assert label_names(classes.out_dir / "labels.ome.tif") == {0: "background", 1: "stroma", 2: "nuclei",
+                                                               3: "concept 2"}
+    assert label_names(concepts.out_dir / "labels.ome.tif") == {0: "background", **{i + 1: f"concept {i}" for i in range(K)}}
+
+
+def test_summary_areas_per_class_are_the_sums_of_their_concepts(runs):
+    concepts, classes = runs
+    summary = json.loads((classes.out_dir / "summary.json").read_text())
+    assert summary == classes.summary
+    stroma, nuclei, other = summary["classes"]
+    assert set(stroma) == {"label", "name", "color", "concepts", "area_mm2", "share_of_tissue"}
+    assert [(c["label"], c["name"], c["concepts"]) for c in summary["classes"]] == [
+        (1, "stroma", [0, 3]), (2, "nuclei", [1]), (3, "concept 2", [2])
+    ]
+    # colours: given, else the slide colour of the class's first concept (concept i is palette(k + 1)[i + 1])
+    assert nuclei["color"] == [0x12, 0x34, 0x56] and stroma["color"] == palette(K + 1)[1].tolist()
+    assert other["color"] == palette(K + 1)[3].tolist() and other["area_mm2"] == 0.0  # concept 2 is absent
+    by_concept = {c["concept"]: c for c in summary["concepts"]}
+    unnamed = {c["concept"]: c for c in concepts.summary["concepts"]}
+    for entry in summary["classes"]:
+        members = [by_concept[i] for i in entry["concepts"]]
+        assert entry["area_mm2"] == pytest.approx(sum(m["area_mm2"] for m in members), rel=1e-12)
+        assert entry["area_mm2"] == pytest.approx(sum(unnamed[i]["area_mm2"] for i in entry["concepts"]), rel=1e-12)
+        assert entry["share_of_tissue"] == pytest.approx(sum(m["share_of_tissue"] for m in members), rel=1e-12)
+        for m in members:  # each concept: the label and colour of its class
+            assert (m["class"], m["label"], m["color"]) == (entry["name"], entry["label"], entry["color"])
+    counts = np.bincount(_labels(classes).ravel(), minlength=4)
+    assert [c["area_mm2"] for c in summary["classes"]] == pytest.approx(counts[1:] * 1e-6)
+    assert sum(c["share_of_tissue"] for c in summary["classes"]) == pytest.approx(1.0)
+    assert summary["labels"] == {"0": "background", "1": "stroma", "2": "nuclei", "3": "concept 2"}
+    assert summary["tissue_area_mm2"] == concepts.summary["tissue_area_mm2"]
+
+
+def test_geojson_has_one_qupath_classification_per_class(runs):
+    import shapely
+
+    _, classes = runs
+    summary = classes.summary
+    doc = json.loads((classes.out_dir / "labels.geojson").read_text())
+    counts = np.bincount(_labels(classes).ravel(), minlength=4)
+    assert [f["properties"]["label"] for f in doc["features"]] == [1, 2]  # the absent class has no feature
+    for feature, entry in zip(doc["features"], summary["classes"]):
+        props = feature["properties"]
+        assert props["classification"] == {"name": entry["name"], "color": entry["color"]}
+        assert props["name"] == entry["name"]
+        geom = shapely.geometry.shape(feature["geometry"])
+        assert shapely.is_valid(geom) and geom.area == pytest.approx(counts[entry["label"]] * 2 * 2, rel=0.02)
+
+
+def test_overlay_draws_classes(runs):
+    from PIL import Image
+
+    concepts, classes = runs
+    picture = np.asarray(Image.open(classes.out_dir / "overlay.png"))
+    colours = {tuple(c) for c in picture.reshape(-1, 3)}
+    assert (0x12, 0x34, 0x56) in colours  # the nuclei swatch of the legend, in its given colour
+    assert tuple(palette(K + 1)[4]) not in colours  # concept 3 is drawn as stroma, in concept 0's colour
+    unnamed = np.asarray(Image.open(concepts.out_dir / "overlay.png"))
+    assert tuple(palette(K + 1)[4]) in {tuple(c) for c in unnamed.reshape(-1, 3)}
+
+
+def test_a_run_without_names_writes_concepts_as_before(runs):
+    concepts, _ = runs
+    summary = concepts.summary
+    assert "classes" not in summary and "classes" not in _segmenter().settings()
+    assert all(set(c) == {"label", "concept", "name", "color", "area_mm2", "share_of_tissue"} for c in summary["concepts"])
+    assert [c["label"] for c in summary["concepts"]] == [1, 2, 3, 4]
+    doc = json.loads((concepts.out_dir / "labels.geojson").read_text())
+    assert [f["properties"]["classification"]["name"] for f in doc["features"]] == ["concept 0", "concept 1", "concept 3"]
+
+
+def test_names_enter_the_fingerprint_and_other_names_merge_the_finished_batches(slide, runs, tmp_path, monkeypatch):
+    concepts, classes = runs
+    assert classes.summary["fingerprint"] != concepts.summary["fingerprint"]
+    again = _segmenter(CLASSES).run(slide, classes.out_dir)
+    assert again.tiles_computed == 0 and again.summary == classes.summary
+
+    # killed before its outputs, without names: a run with names resumes from the finished batches
+    out = tmp_path / "killed"
+    real_merge = pipeline.merge_slide
+
+    def killed(out_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "merge_slide", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _segmenter().run(slide, out)
+    monkeypatch.setattr(pipeline, "merge_slide", real_merge)
+    plan = WorkDir(out).read_plan()
+    assert "classes" not in plan and len(WorkDir(out).done(plan["fingerprint"])) == len(plan["batches"])
+    resumed = _segmenter(CLASSES).run(slide, out)
+    assert resumed.tiles_computed == 0 and resumed.tiles == classes.tiles
+    np.testing.assert_array_equal(_labels(resumed), _labels(classes))
+    assert resumed.summary["classes"] == classes.summary["classes"]
+    assert resumed.summary["fingerprint"] == classes.summary["fingerprint"]
+
+    # a finished run with other names: new outputs with the new names
+    renamed = ConceptClasses.from_names(K, {0: "pink", 1: "pink", 2: "pink", 3: "glass"})
+    result = _segmenter(renamed).run(slide, out)
+    assert [c["name"] for c in result.summary["classes"]] == ["pink", "glass"]
+    np.testing.assert_array_equal(_labels(result), np.array([0, 1, 1, 1, 2])[_labels(concepts)])
+    assert label_names(out / "labels.ome.tif") == {0: "background", 1: "pink", 2: "glass"}
+
+
+def test_multi_process_runs_must_agree_on_names(slide, tmp_path):
+    out = tmp_path / "parts"
+    _segmenter(CLASSES).run(slide, out, part=(0, 2))
+    with pytest.raises(pipeline.SlideRunMismatch, match="classes"):
+        _segmenter().run(slide, out, part=(1, 2))
+
+
+def test_classes_must_fit_k():
+    with pytest.raises(ValueError, match="ConceptClasses of the k=4 concepts"):
+        _segmenter(ConceptClasses.from_names(3, {0: "a"}))
+
+
+def test_from_model_takes_the_classes_of_a_named_bank():
+    from tiny_models import tiny_config, tiny_vit
+
+    from fseg_jax.concepts import ConceptBank
+
+    model = tiny_vit(tiny_config(patch_size=16, embed_dim=32, depth=1, num_heads=2, reg_tokens=0))
+    rng = np.random.default_rng(0)
+    bank = ConceptBank({3: rng.random((3, 32)), 4: rng.random((4, 32))}).with_names(4, {1: "a", 3: "a"})
+    named = pipeline.SlideSegmenter.from_model(model, bank, k=4, tile=64, margin=16)
+    assert named.classes.names == ("concept 0", "a", "concept 2")
+    assert named.settings()["classes"]["concepts"] == [[0], [1, 3], [2]]
+    assert pipeline.SlideSegmenter.from_model(model, bank, k=3, tile=64, margin=16).classes is None
