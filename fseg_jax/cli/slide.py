@@ -54,7 +54,8 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
     """Segment SLIDES (a slide, an image, or a folder of them) into OUT/<slide name>/.
 
     Writes labels.ome.tif (0 = background, i+1 = concept i), labels.geojson (QuPath annotations),
-    overlay.png and summary.json per slide. A re-run resumes an interrupted one; a slide that fails is
+    overlay.png and summary.json per slide. When the bank names the concepts of this k (fseg-jax concepts
+    name), they show classes instead: i+1 = class i, the concepts that share a name as one. A re-run resumes an interrupted one; a slide that fails is
     reported and skipped. Several processes (one per host) share the tiles of each slide with
     --coordinator/--num-processes/--process-id (or --distributed); then run --merge once.
     """

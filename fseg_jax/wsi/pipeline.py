@@ -417,8 +417,10 @@ def segment_slide(
     (h, w, k) token weights. part: (index, count) of a multi-process run (see `SlideSegmenter.run`).
 
     Outputs in `out_dir`: labels.ome.tif (label 0 = background, i+1 = concept i, pyramidal, physical pixel
-    size set), labels.geojson (QuPath annotations in level-0 pixels), overlay.png, summary.json (and
-    weights.safetensors). Re-running resumes a killed run; finished outputs are not recomputed.
+    size and label names set), labels.geojson (QuPath annotations in level-0 pixels), overlay.png,
+    summary.json (and weights.safetensors). A bank that names the concepts of k (`ConceptBank.with_names`)
+    makes them classes: i+1 = class i, with the class's name and colour, and summary.json adds each
+    class's area. Re-running resumes a killed run; finished outputs are not recomputed.
     """
     segmenter = SlideSegmenter.from_model(
         model, concepts, k=k, method=method, layer=layer, dtype=dtype, n_components=n_components, seed=seed,
