@@ -184,3 +184,12 @@ def test_a_header_whose_length_starts_with_the_pickle_byte_is_still_a_bank(tmp_p
     else:
         pytest.fail("no name length gave a header length with low byte 0x80")
     assert load_concepts(path).names[16][0] == "x" * n
+
+
+def test_classes_from_names_check_their_input():
+    with pytest.raises(ValueError, match=r"concept 4 is out of range for k=4 \(0\.\.3\)"):
+        ConceptClasses.from_names(4, {4: "a"})
+    with pytest.raises(ValueError, match=r"concept -1 is out of range"):
+        ConceptClasses.from_names(4, {}, {-1: "#000000"})
+    with pytest.raises(ValueError, match="non-empty strings"):
+        ConceptClasses.from_names(4, {1: ""})

@@ -52,6 +52,20 @@ def slide_classes(classes: ConceptClasses) -> dict:
     }
 
 
+def _written_labels(k: int, classes: dict | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(names, (n, 3) uint8 colours, lut) of the labels a run writes, n of them, and the (k + 1,) table from
+    the concept map's labels to them: concepts as they are without classes, else label j + 1 = class j
+    (`slide_classes`); 0 = background either way."""
+    if classes is None:
+        names = ["background", *(default_name(i) for i in range(k))]
+        return names, palette(k + 1), np.arange(k + 1, dtype=label_dtype(k + 1))
+    names = ["background", *classes["names"]]
+    lut = np.zeros(k + 1, label_dtype(len(names)))
+    for j, members in enumerate(classes["concepts"]):
+        lut[np.asarray(members) + 1] = j + 1
+    return names, np.asarray([palette(1)[0], *classes["colors"]], np.uint8), lut
+
+
 def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     """Write a slide's outputs from its finished work folder; return the summary (see the module docstring).
 
@@ -116,20 +130,8 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
         weights[~tissue_tokens] = 0.0
 
     classes = plan.get("classes")
-    if classes is None:
-        names = ["background"] + [default_name(i) for i in range(k)]
-        colors = palette(k + 1)
-        concept_label = np.arange(1, k + 1)
-        sample, out_dtype = concept_sample, dtype
-    else:
-        names = ["background", *classes["names"]]
-        colors = np.asarray([palette(1)[0], *classes["colors"]], np.uint8)
-        out_dtype = label_dtype(len(names))
-        lut = np.zeros(k + 1, out_dtype)  # concept label (i + 1) -> class label (j + 1); background stays 0
-        for j, members in enumerate(classes["concepts"]):
-            lut[np.asarray(members) + 1] = j + 1
-        concept_label = lut[1:].astype(np.int64)
-        sample = mapped_sampler(concept_sample, lut)
+    names, colors, lut = _written_labels(k, classes)
+    sample = mapped_sampler(concept_sample, lut)
     mpp = plan["mpp"]
     if pixel:
         step = 1
@@ -142,7 +144,7 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     level0 = (plan["slide_dimensions"][0] / width * step, plan["slide_dimensions"][1] / height * step)
     outputs = {
         "labels.ome.tif": lambda path: write_label_tiff(
-            path, sample, size=(width, height), dtype=out_dtype, mpp=mpp, names=names
+            path, sample, size=(width, height), dtype=lut.dtype, mpp=mpp, names=names
         ),
         "labels.geojson": lambda path: write_geojson(
             path, sample(np.arange(0, height, step), np.arange(0, width, step)), names=names, colors=colors,
@@ -196,12 +198,12 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
         "labels": {str(v): n for v, n in enumerate(names)},
         "concepts": [
             {
-                "label": int(concept_label[i]),
+                "label": int(lut[i + 1]),
                 "concept": i,
                 "name": default_name(i),
-                "color": [int(c) for c in colors[concept_label[i]]],
+                "color": [int(c) for c in colors[lut[i + 1]]],
                 **area(counts[i + 1]),
-                **({} if classes is None else {"class": names[concept_label[i]]}),
+                **({} if classes is None else {"class": names[lut[i + 1]]}),
             }
             for i in range(k)
         ],
