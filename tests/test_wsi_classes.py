@@ -183,3 +183,47 @@ def test_from_model_takes_the_classes_of_a_named_bank():
     assert named.classes.names == ("concept 0", "a", "concept 2")
     assert named.settings()["classes"]["concepts"] == [[0], [1, 3], [2]]
     assert pipeline.SlideSegmenter.from_model(model, bank, k=3, tile=64, margin=16).classes is None
+
+
+def test_cli_slide_with_a_named_bank_on_a_real_slide(shared_data, tmp_path):
+    """fseg-jax slide on the CMU SVS with a tiny random UNI-shaped model: the bank file's names reach the
+    outputs, which are the unnamed run's concepts mapped to classes."""
+    import tifffile
+    from click.testing import CliRunner
+    from test_wsi_model import uni_tiny_config
+    from tiny_models import tiny_vit
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+    from fseg_jax.hub import save_model
+
+    save_model(tiny_vit(uni_tiny_config()), tmp_path / "model")
+    rng = np.random.default_rng(0)
+    plain = ConceptBank({5: np.abs(rng.normal(size=(5, 64)))}, model=str(tmp_path / "model"), layer=-1)
+    save_concepts(tmp_path / "plain.safetensors", plain)
+    save_concepts(tmp_path / "named.safetensors", plain.with_names(5, {0: "tumour", 2: "stroma", 4: "stroma"}))
+    outs = {}
+    for bank in ("plain", "named"):
+        args = ["slide", str(shared_data / "he" / "cmu_small_region.svs"), "--model", str(tmp_path / "model"),
+                "--concepts", str(tmp_path / f"{bank}.safetensors"), "--mpp", "4", "--tile", "128", "--margin",
+                "16", "--batch", "4", "--no-compilation-cache", "-o", str(tmp_path / bank)]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        outs[bank] = tmp_path / bank / "cmu_small_region"
+    plain_labels = tifffile.imread(outs["plain"] / "labels.ome.tif")
+    named_labels = tifffile.imread(outs["named"] / "labels.ome.tif")
+    assert {3, 5} <= set(np.unique(plain_labels).tolist())  # concepts 2 and 4 are both there to merge
+    # classes: tumour (0), concept 1, stroma (2, 4), concept 3
+    np.testing.assert_array_equal(named_labels, np.array([0, 1, 2, 3, 4, 3])[plain_labels])
+    assert label_names(outs["named"] / "labels.ome.tif") == {0: "background", 1: "tumour", 2: "concept 1",
+                                                             3: "stroma", 4: "concept 3"}
+    summary = json.loads((outs["named"] / "summary.json").read_text())
+    plain_summary = json.loads((outs["plain"] / "summary.json").read_text())
+    stroma = summary["classes"][2]
+    assert (stroma["name"], stroma["concepts"]) == ("stroma", [2, 4])
+    assert stroma["area_mm2"] == pytest.approx(sum(plain_summary["concepts"][i]["area_mm2"] for i in (2, 4)))
+    doc = json.loads((outs["named"] / "labels.geojson").read_text())
+    present = sorted({int(v) for v in np.unique(named_labels) if v > 0})
+    assert [f["properties"]["label"] for f in doc["features"]] == present
+    assert {f["properties"]["classification"]["name"] for f in doc["features"]} <= {
+        "tumour", "concept 1", "stroma", "concept 3"}
