@@ -193,3 +193,17 @@ def test_classes_from_names_check_their_input():
         ConceptClasses.from_names(4, {}, {-1: "#000000"})
     with pytest.raises(ValueError, match="non-empty strings"):
         ConceptClasses.from_names(4, {1: ""})
+
+
+def test_cli_names_the_published_uni_bank_and_changes_nothing_else(shared_data, tmp_path):
+    from fseg_jax.concepts import import_joblib_concepts
+
+    original = import_joblib_concepts(shared_data / "concepts" / "uni.joblib", trust_pickle=True, model="uni")
+    path = save_concepts(tmp_path / "uni.safetensors", original)
+    result = _run(path, "--k", 16, "3=tumour", "5=stroma", "7=stroma", "--color", "3=#d62728")
+    assert result.exit_code == 0, result.output
+    named = load_concepts(path)
+    assert named.names == {16: {3: "tumour", 5: "stroma", 7: "stroma"}} and named.ks == original.ks
+    assert (named.model, named.layer) == (original.model, original.layer)
+    assert all(np.array_equal(named[k], original[k]) for k in original.ks)
+    assert named.with_names(16, clear=True) == original
