@@ -227,3 +227,41 @@ def test_cli_slide_with_a_named_bank_on_a_real_slide(shared_data, tmp_path):
     assert [f["properties"]["label"] for f in doc["features"]] == present
     assert {f["properties"]["classification"]["name"] for f in doc["features"]} <= {
         "tumour", "concept 1", "stroma", "concept 3"}
+
+
+def test_naming_after_a_finished_run_merges_its_label_map_anew(slide, runs, tmp_path, monkeypatch):
+    from fseg_jax.wsi import merge
+
+    _, classes = runs
+    out = tmp_path / "named_later"
+    first = _segmenter(save_weights=True).run(slide, out)
+    weights = (out / "weights.safetensors").read_bytes()
+    named = _segmenter(CLASSES, save_weights=True).run(slide, out)
+    assert named.tiles_computed == 0 and named.tiles == first.tiles == classes.tiles
+    np.testing.assert_array_equal(_labels(named), _labels(classes))
+    assert label_names(out / "labels.ome.tif") == label_names(classes.out_dir / "labels.ome.tif")
+    for key in ("classes", "concepts", "labels", "tiles", "tissue_area_mm2"):
+        assert named.summary[key] == classes.summary[key], key
+    assert _segmenter(CLASSES, save_weights=True).run(slide, out).summary == named.summary  # finished as named
+    assert (out / "labels.geojson").read_text() == (classes.out_dir / "labels.geojson").read_text()
+    assert (out / "weights.safetensors").read_bytes() == weights  # the weights do not depend on the names
+    assert named.summary["outputs"] == sorted([*pipeline.OUTPUT_FILES, "weights.safetensors"])
+    assert named.summary["timing_s"]["compute"] == first.summary["timing_s"]["compute"]
+    assert not WorkDir(out).path.exists()
+    assert json.loads((out / "summary.json").read_text()) == named.summary
+
+    # stopped while writing the classes' outputs: no finished run is left, so the next run computes
+    again = tmp_path / "stopped"
+    _segmenter().run(slide, again)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "_write_outputs", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        _segmenter(CLASSES).run(slide, again)
+    monkeypatch.undo()
+    assert not (again / "summary.json").exists()
+    resumed = _segmenter(CLASSES).run(slide, again)
+    assert resumed.tiles_computed == resumed.tiles > 0
+    np.testing.assert_array_equal(_labels(resumed), _labels(classes))

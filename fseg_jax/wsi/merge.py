@@ -90,7 +90,6 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
         if summary_path.is_file():
             return json.loads(summary_path.read_text())
         raise ValueError(f"{out_dir}: no slide run to merge (no {work.plan_path.relative_to(out_dir)})")
-    fingerprint = plan["fingerprint"]
     work_key = work_fingerprint(plan)
     batches = plan["batches"]
     missing = sorted(set(range(len(batches))) - work.done(work_key))
@@ -125,10 +124,83 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
                 hh, ww = rs.stop - rs.start, cs.stop - cs.start
                 weights[rs, cs] = chunk["weights"][j, :hh, :ww]
     labels.flush()
-    concept_sample = array_sampler(labels)
     if weights is not None:
         weights[~tissue_tokens] = 0.0
+    timing = {"tissue": plan["tissue_seconds"], "read_wait": read_wait_s, "compute": compute_s}
+    summary = _write_outputs(
+        out_dir, plan, labels, thumb=thumb, tissue_tokens=tissue_tokens, weights=weights, timing=timing, t0=t0,
+        max_trace_pixels=max_trace_pixels,
+    )
+    del labels  # the memory map's file goes with the work folder
+    work.clear()
+    return summary
 
+
+def remerge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
+    """Write a finished run's outputs anew with the classes of the work folder's plan, computing no tile.
+
+    The finished run is one without classes whose tiles the plan computes alike: its summary's fingerprint
+    is the plan's work fingerprint, so its labels.ome.tif holds the concept map (0 = background, i + 1 =
+    concept i), which is read back into the work folder one TIFF tile at a time, then written out as
+    `merge_slide` does. summary.json is removed before the first output is replaced, so a run stopped on
+    the way leaves no finished run behind (the next one computes the tiles). Its weights file, when there is
+    one, stays: the weights do not depend on the classes. ValueError when there is no such finished run.
+    """
+    import tifffile
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    work = WorkDir(out_dir)
+    plan = work.read_plan()
+    summary_path = out_dir / "summary.json"
+    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if plan is None or previous.get("fingerprint") != work_fingerprint(plan) or "classes" not in plan:
+        raise ValueError(f"{out_dir}: no finished run without classes of these settings to merge anew")
+    width, height = plan["size"]
+    labels = work.label_map((height, width), label_dtype(plan["k"] + 1))
+    with tifffile.TiffFile(out_dir / "labels.ome.tif") as tif:
+        page = tif.pages[0]
+        if page.shape != (height, width) or page.dtype != labels.dtype:
+            raise ValueError(f"{out_dir}: labels.ome.tif is not the finished run's label map")
+        for segment, (_, _, y, x, _), _ in page.segments():
+            if segment is not None:
+                tile = segment[0, :, :, 0]
+                labels[y : y + tile.shape[0], x : x + tile.shape[1]] = tile[: height - y, : width - x]
+    labels.flush()
+    thumb, tissue_tokens = work.tissue(work_fingerprint(plan))
+    summary_path.unlink()
+    timing = {**{key: previous["timing_s"][key] for key in ("read_wait", "compute")}, "tissue": plan["tissue_seconds"]}
+    summary = _write_outputs(
+        out_dir, plan, labels, thumb=thumb, tissue_tokens=tissue_tokens, weights=None, timing=timing, t0=t0,
+        max_trace_pixels=max_trace_pixels, keep_weights=plan["save_weights"],
+    )
+    del labels  # the memory map's file goes with the work folder
+    work.clear()
+    return summary
+
+
+def _write_outputs(
+    out_dir: Path,
+    plan: dict,
+    labels: np.memmap,
+    *,
+    thumb: np.ndarray,
+    tissue_tokens: np.ndarray,
+    weights: np.ndarray | None,
+    timing: dict[str, float],
+    t0: float,
+    max_trace_pixels: int,
+    keep_weights: bool = False,
+) -> dict:
+    """Write the outputs of `plan`'s run from its concept label map `labels` (0 = background, i + 1 = concept
+    i), summary.json last; return the summary. weights: the token weights to write, or None (then
+    keep_weights: the weights file already there is this run's; else it is removed)."""
+    grid = plan_grid(plan)
+    p = grid.patch
+    k = plan["k"]
+    pixel = plan["resolution"] == "pixel"
+    width, height = plan["size"]
+    concept_sample = array_sampler(labels)
     classes = plan.get("classes")
     names, colors, lut = _written_labels(k, classes)
     sample = mapped_sampler(concept_sample, lut)
@@ -161,15 +233,16 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
         )
     # a kill while writing outputs leaves temporaries; a run with other settings may have left weights
     remove_stale_temporaries(out_dir, [*outputs, "summary.json"])
-    if weights is None:
+    if weights is None and not keep_weights:
         (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)
     for name, write in outputs.items():
         write(out_dir / name)
+    written = sorted([*outputs, *([WEIGHTS_FILE] if keep_weights else []), "summary.json"])
 
     counts = np.zeros(k + 1, np.int64)
     for y in range(0, height, 256):
         counts += np.bincount(np.asarray(labels[y : y + 256]).ravel(), minlength=k + 1)
-    del labels, sample, concept_sample  # the memory map's file goes with the work folder
+    del sample, concept_sample
     pixel_mm2 = mpp**2 / 1e6
     tissue = int(counts[1:].sum())
 
@@ -192,7 +265,7 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
         "tile": grid.tile,
         "margin": grid.margin,
         "tokens": list(grid.tokens_hw),
-        "tiles": {"grid": len(grid), "tissue": sum(len(b) for b in batches)},
+        "tiles": {"grid": len(grid), "tissue": sum(len(b) for b in plan["batches"])},
         "geojson": {"step_px": step, "tolerance_px": tolerance * step},
         "tissue_area_mm2": tissue * pixel_mm2,
         "labels": {str(v): n for v, n in enumerate(names)},
@@ -217,18 +290,12 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
             }
             for j, (name, members) in enumerate(zip(classes["names"], classes["concepts"]))
         ]}),
-        "timing_s": {
-            "tissue": plan["tissue_seconds"],
-            "read_wait": read_wait_s,
-            "compute": compute_s,
-            "write": time.perf_counter() - t0,
-        },
+        "timing_s": {**timing, "write": time.perf_counter() - t0},
         "versions": _versions(),
-        "outputs": sorted([*outputs, "summary.json"]),
-        "fingerprint": fingerprint,
+        "outputs": written,
+        "fingerprint": plan["fingerprint"],
     }
     write_json(out_dir / "summary.json", summary)
-    work.clear()
     return summary
 
 

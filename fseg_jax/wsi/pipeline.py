@@ -40,7 +40,7 @@ import numpy as np
 from fseg_jax.wsi.compute import DeviceMemoryError, TileStep, TokenFn, explain_out_of_memory, prefetch_batches
 from fseg_jax.wsi.discovery import find_slides, slide_folder_name
 from fseg_jax.concepts.names import ConceptClasses
-from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide, slide_classes
+from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide, remerge_slide, slide_classes
 from fseg_jax.wsi.outputs import label_dtype
 from fseg_jax.wsi.plan import (
     SlideRunMismatch,
@@ -115,7 +115,8 @@ class SlideSegmenter:
     of the concepts; default: `fseg_jax.wsi.plan.tree_digest` of every parameter value); classes: the
     bank's classes for k (`ConceptBank.classes`, which `from_model` takes from a bank with names for k):
     the outputs show classes instead of concepts (see `merge_slide`). They enter the fingerprint but not
-    the tiles' work: a run with other names merges the batches a killed or multi-process run left.
+    the tiles' work: a run with other names merges the batches a killed or multi-process run left, or the
+    label map of a finished run without names (`remerge_slide`).
     """
 
     def __init__(
@@ -234,6 +235,8 @@ class SlideSegmenter:
         holding a run with other settings is an error (`SlideRunMismatch`), not replaced: the processes
         must agree, and a batch computed under other settings never counts as done. A device without the
         memory for a batch raises `DeviceMemoryError`, which says which smaller batch or tile to try.
+        With classes, a finished run of the same settings without them is merged anew (`remerge_slide`):
+        its label map becomes the classes' and no tile is computed.
         """
         t_start = time.perf_counter()
         index, count = part if part is not None else (0, 1)
@@ -253,6 +256,11 @@ class SlideSegmenter:
             out_dir.mkdir(parents=True, exist_ok=True)
             work = WorkDir(out_dir)
             plan = start_or_resume(work, reader, plan, batch=self.step.batch, shared=count > 1)
+            if count == 1 and "classes" in plan and finished_summary(out_dir, work_fingerprint(plan)):
+                # a finished run of these tiles without names: its label map becomes classes, no tile computed
+                summary = remerge_slide(out_dir)
+                n_tiles = summary["tiles"]["tissue"]
+                return SlideResult(reader.path, out_dir, True, n_tiles, 0, time.perf_counter() - t_start, summary)
             computed = self._compute(reader, plan, work, (index, count), progress, progress_position)
         finally:
             if owned:
