@@ -159,11 +159,17 @@ def test_names_enter_the_fingerprint_and_other_names_merge_the_finished_batches(
     assert label_names(out / "labels.ome.tif") == {0: "background", 1: "pink", 2: "glass"}
 
 
-def test_multi_process_runs_must_agree_on_names(slide, tmp_path):
+def test_multi_process_runs_must_agree_on_names(slide, runs, tmp_path):
+    import tifffile
+
     out = tmp_path / "parts"
     _segmenter(CLASSES).run(slide, out, part=(0, 2))
     with pytest.raises(pipeline.SlideRunMismatch, match="classes"):
         _segmenter().run(slide, out, part=(1, 2))
+    _segmenter(CLASSES).run(slide, out, part=(1, 2))
+    summary = pipeline.merge_slide(out)
+    assert summary["classes"] == runs[1].summary["classes"]
+    np.testing.assert_array_equal(tifffile.imread(out / "labels.ome.tif"), _labels(runs[1]))
 
 
 def test_classes_must_fit_k():

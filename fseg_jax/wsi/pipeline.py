@@ -256,7 +256,8 @@ class SlideSegmenter:
             out_dir.mkdir(parents=True, exist_ok=True)
             work = WorkDir(out_dir)
             plan = start_or_resume(work, reader, plan, batch=self.step.batch, shared=count > 1)
-            if count == 1 and "classes" in plan and finished_summary(out_dir, work_fingerprint(plan)):
+            finished_without_names = finished_summary(out_dir, work_fingerprint(plan)) if "classes" in plan else None
+            if count == 1 and finished_without_names and (out_dir / "labels.ome.tif").is_file():
                 # a finished run of these tiles without names: its label map becomes classes, no tile computed
                 summary = remerge_slide(out_dir)
                 n_tiles = summary["tiles"]["tissue"]
