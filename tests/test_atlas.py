@@ -138,3 +138,26 @@ def test_slide_atlas_equals_the_top_tissue_tokens_of_the_slide_pipeline(tmp_path
     assert [i["kind"] for i in numbers["inputs"]] == ["image", "slide"]
     entry = next(p for c in numbers["concepts"] for p in c["patches"] if p["image"] == 1)
     assert entry["level0_xy"] == [(entry["token"][1] + 0.5) * 32, (entry["token"][0] + 0.5) * 32]  # 16 px at 1 um = 32 at 0.5
+
+
+def test_cli_atlas_of_a_folder_of_slides(tmp_path):
+    from click.testing import CliRunner
+    from test_wsi import synthetic_he, write_ome_tiff
+    from test_wsi_model import uni_tiny_config
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+    from fseg_jax.hub import save_model
+
+    model_dir = save_model(tiny_vit(uni_tiny_config()), tmp_path / "model")
+    bank = np.abs(np.random.default_rng(1).normal(size=(4, 64))).astype(np.float32)
+    bank_path = save_concepts(tmp_path / "bank.safetensors", ConceptBank({4: bank}, model=str(model_dir), layer=-1))
+    (tmp_path / "slides").mkdir()
+    write_ome_tiff(tmp_path / "slides" / "a.ome.tif", synthetic_he(400, 600, seed=5)[0], mpp=0.5, levels=2)
+    run = CliRunner().invoke(main, ["concepts", "atlas", str(tmp_path / "slides"), "--concepts", str(bank_path),
+                                    "--mpp", "1", "--tile", "128", "--n", "2", "-o", str(tmp_path / "atlas.png")])
+    assert run.exit_code == 0, run.output
+    summary = json.loads((tmp_path / "atlas.json").read_text())
+    assert summary["inputs"][0]["kind"] == "slide" and summary["inputs"][0]["width"] == 300
+    assert 0 < summary["tokens"] < 19 * 13  # tissue tokens only, of the 300 x 200 px slide's 19 x 13 tokens
+    assert Image.open(tmp_path / "atlas.png").size[1] > 4 * 64
