@@ -458,3 +458,17 @@ def test_cli_slide_writes_the_viewer(ome_slide, tmp_path):
     index = tmp_path / "out" / "tissue" / "viewer" / "index.html"
     assert f"tissue.ome.tif: viewer -> {index}" in result.output
     assert index.is_file() and (index.parent / "labels.dzi").is_file()
+
+
+def test_the_page_and_openseadragon_ship_as_package_data():
+    import tomllib
+    from importlib import resources
+
+    from fseg_jax.viewer import build
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for name in ("index.html", *build._STATIC):
+        folder, _, file = f"static/{name}".rpartition("/")
+        package = "fseg_jax.viewer." + folder.replace("/", ".")
+        assert package in setuptools["packages"] and file in setuptools["package-data"][package]
+        assert (resources.files("fseg_jax.viewer") / "static" / name).is_file()
