@@ -214,9 +214,13 @@ def test_a_killed_write_resumes_and_keeps_finished_levels(ome_slide, tmp_path, m
     finished = {p: p.stat().st_mtime_ns for level in (g.max_level, g.max_level - 1) for p in (files / str(level)).iterdir()}
     finished |= {files / str(level): (files / str(level)).stat().st_mtime_ns for level in (g.max_level, g.max_level - 1)}
 
+    stale_page = viewer / ".index.html.99999.tmp.html"  # a page a kill interrupted while it was written
+    stale_page.write_text("<html")
+
     monkeypatch.setattr(sources.SlideTiles, "level_tiles", original)
     write_viewer(out, tile_size=64)
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    assert not stale_page.exists()
     assert {p.name for p in files.iterdir()} == {str(level) for level in range(g.level_count)}
     assert all(len(list((files / str(level)).iterdir())) == np.prod(g.level_tiles[level]) for level in range(g.level_count))
     assert (viewer / "slide.dzi").read_text() == g.dzi("jpeg") and (viewer / "index.html").is_file()
@@ -275,12 +279,41 @@ def test_bad_folders_are_one_clear_error(ome_slide, tmp_path):
             write_viewer(out)
         with pytest.raises(ViewerError, match="not the slide the run segmented"):
             write_viewer(out, slide=write_ome_tiff(tmp_path / "other.ome.tif", synthetic_he(300, 300)[0], mpp=0.5))
+        broken = tmp_path / "broken.svs"
+        broken.write_bytes(b"\x00garbage" * 100)
+        with pytest.raises(ViewerError, match="cannot cut the viewer's tiles from the slide: .*not a readable slide"):
+            write_viewer(out, slide=broken)
         assert write_viewer(out, slide=moved).is_file()
     finally:
         os.replace(moved, ome_slide)
     (out / "labels.ome.tif").unlink()
     with pytest.raises(ViewerError, match="no labels.ome.tif"):
         write_viewer(out)
+
+
+def test_label_tiles_of_a_16_bit_label_map(tmp_path):
+    """Label maps with more than 256 labels: red holds the low byte, green the high byte."""
+    from fseg_jax.viewer.sources import LabelTiles
+    from fseg_jax.wsi.outputs import write_label_tiff
+    from fseg_jax.wsi.sampling import array_sampler
+
+    labels = np.random.default_rng(0).integers(0, 700, (300, 1100)).astype(np.uint16)
+    write_label_tiff(tmp_path / "labels.ome.tif", array_sampler(labels), size=(1100, 300), dtype=np.uint16, mpp=1.0)
+    g = DeepZoomGeometry((1100, 300), tile_size=128, overlap=1)
+    with LabelTiles(tmp_path / "labels.ome.tif", g) as tiles:
+        assert tiles.encoding == "rg"
+        for level in (g.max_level, g.max_level - 1, g.max_level - 3):
+            d = g.downsample(level)
+            seen = 0
+            for col, row, image in tiles.level_tiles(level):
+                x, y, w, h = g.tile_box(level, (col, row))
+                rgb = np.asarray(image).astype(np.int32)
+                assert image.mode == "RGB" and (rgb[..., 2] == 0).all()
+                np.testing.assert_array_equal(
+                    rgb[..., 0] + 256 * rgb[..., 1], labels[y * d : (y + h) * d : d, x * d : (x + w) * d : d]
+                )
+                seen += 1
+            assert seen == np.prod(g.level_tiles[level])
 
 
 # --- the page -----------------------------------------------------------------------------------------

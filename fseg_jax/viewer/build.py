@@ -21,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from fseg_jax.viewer.deepzoom import DeepZoomGeometry, write_if_changed, write_pyramid
+from fseg_jax.wsi.outputs import remove_stale_temporaries
 from fseg_jax.wsi.reader import SlideError
 
 VIEWER_FOLDER = "viewer"
@@ -74,6 +75,9 @@ def write_viewer(
         _clear(folder)
         manifest = {"built_from": built_from}
     folder.mkdir(parents=True, exist_ok=True)
+    # temporaries of the files written whole that a killed run left (levels: see write_pyramid)
+    remove_stale_temporaries(folder, ["index.html", "slide.dzi", "labels.dzi", MANIFEST])
+    remove_stale_temporaries(folder / "openseadragon", [Path(name).name for name in _STATIC])
     _write_manifest(folder, manifest)
 
     if not _complete(folder, "slide", geometry, "jpeg"):

@@ -121,7 +121,7 @@ def write_pyramid(
         tmp = files / f".{level}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        expected = set()
+        written_tiles = set()
         cols, rows = geometry.level_tiles[level]
         for col, row, image in level_tiles(level):
             if image.size != geometry.tile_dimensions(level, (col, row)):
@@ -130,9 +130,9 @@ def write_pyramid(
                     f"expected {geometry.tile_dimensions(level, (col, row))}"
                 )
             image.save(tmp / f"{col}_{row}.{fmt}", **save_options)
-            expected.add((col, row))
-        if len(expected) != cols * rows:
-            raise ValueError(f"level {level}: {len(expected)} tiles written, {cols * rows} expected")
+            written_tiles.add((col, row))
+        if len(written_tiles) != cols * rows:
+            raise ValueError(f"level {level}: {len(written_tiles)} tiles written, {cols * rows} expected")
         os.replace(tmp, final)
         written.append(level)
     _fsync_dir(files)
