@@ -49,6 +49,10 @@ def write_viewer(
     already written for the same run and settings is kept (see the module docstring). Raises ViewerError
     when the folder holds no finished run or the slide cannot be read.
     """
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be 1 .. 100, got {quality}")
+    if not 0 <= opacity <= 1:
+        raise ValueError(f"opacity must be 0 .. 1, got {opacity}")
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"
     labels_path = out_dir / "labels.ome.tif"
@@ -59,8 +63,6 @@ def write_viewer(
     summary = json.loads(summary_path.read_text())
     width, height = summary["size"]
     geometry = DeepZoomGeometry((int(width), int(height)), tile_size=int(tile_size), overlap=int(overlap))
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be 1 .. 100, got {quality}")
 
     folder = out_dir / VIEWER_FOLDER
     built_from = {

@@ -61,6 +61,8 @@ class SlideTiles:
         dz = DeepZoomGenerator(self._openslide, tile_size=g.tile_size, overlap=g.overlap, limit_bounds=False)
         dims = [tuple(d) for d in dz.level_dimensions]
         if tuple(g.size) not in dims:
+            self._openslide.close()
+            self._openslide = None
             return None
         return dz, dims.index(tuple(g.size)) - g.max_level
 
