@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -29,10 +30,14 @@ class ConceptAtlas:
         patches: (k, n, patch, patch, 3) uint8 crops centred on the tokens, strongest first (white where a
             concept has fewer than n tokens with positive weight).
         weights: (k, n) float32 weight of each patch's token (-inf where there is none).
-        sources: (k, n, 3) int64 (image index, token row, token column) of each patch (-1 where none).
+        sources: (k, n, 3) int64 (input index, token row, token column) of each patch (-1 where none); a
+            slide's tokens are on its token grid at the working resolution.
         share: (k,) share of all tokens on which the concept has the largest weight.
         mean_weight: (k,) mean weight of the concept over all tokens.
-        tokens: number of tokens seen.
+        tokens: number of tokens seen (for slides, tissue tokens only).
+        patch_size: the model's patch (token) size in pixels.
+        inputs: per input, what it was: {"kind": "image" | "slide", "source", "width", "height"} and for
+            slides the working and level-0 microns per pixel ("mpp", "slide_mpp").
     """
 
     patches: np.ndarray
@@ -41,6 +46,8 @@ class ConceptAtlas:
     share: np.ndarray
     mean_weight: np.ndarray
     tokens: int
+    patch_size: int
+    inputs: tuple[dict[str, Any], ...] = ()
 
     def picture(self, *, gap: int = 2, label_width: int = 40) -> np.ndarray:
         """The atlas as one (H, W, 3) uint8 image: a row per concept, its colour and index first."""
@@ -62,23 +69,31 @@ class ConceptAtlas:
         return np.asarray(canvas)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready numbers: per concept its share of tokens, mean weight and its patches' sources."""
+        """JSON-ready numbers: per concept its share of tokens, mean weight and its patches' sources (for a
+        slide also the token centre in level-0 pixels, ready to find in a slide viewer)."""
         return {
             "tokens": self.tokens,
+            "patch_size": self.patch_size,
+            "inputs": list(self.inputs),
             "concepts": [
                 {
                     "index": c,
                     "share": float(self.share[c]),
                     "mean_weight": float(self.mean_weight[c]),
-                    "patches": [
-                        {"image": int(i), "token": [int(y), int(x)], "weight": float(w)}
-                        for (i, y, x), w in zip(self.sources[c], self.weights[c])
-                        if i >= 0
-                    ],
+                    "patches": [self._patch_entry(int(i), int(y), int(x), float(w))
+                                for (i, y, x), w in zip(self.sources[c], self.weights[c]) if i >= 0],
                 }
                 for c in range(self.weights.shape[0])
             ],
         }
+
+    def _patch_entry(self, i: int, y: int, x: int, weight: float) -> dict[str, Any]:
+        entry: dict[str, Any] = {"image": i, "token": [y, x], "weight": weight}
+        source = self.inputs[i] if i < len(self.inputs) else {}
+        if source.get("kind") == "slide":
+            level0 = (self.patch_size * source["mpp"] / source["slide_mpp"])
+            entry["level0_xy"] = [round((x + 0.5) * level0, 1), round((y + 0.5) * level0, 1)]
+        return entry
 
 
 def concept_atlas(
@@ -89,16 +104,24 @@ def concept_atlas(
     k: int | None = None,
     n: int = 8,
     patch: int = 64,
+    mpp: float = 0.5,
+    slide_mpp: float | None = None,
+    tile: int = 512,
     **pipeline_options,
 ) -> ConceptAtlas:
     """The ``n`` strongest ``patch`` x ``patch`` pixel patches of every concept over ``images``.
 
     Args:
-        images: an iterable of images (arrays, PIL images or paths, as :func:`fseg_jax.segment` takes one),
-            read one at a time.
+        images: an iterable of images and whole slides, read one at a time. Images: arrays, PIL images or
+            image paths (as :func:`fseg_jax.segment` takes one). Slides: :class:`fseg_jax.wsi.Slide` objects or
+            paths of whole-slide files (.svs, .ndpi, .mrxs, ..., and TIFFs that open as tiled slides); a slide
+            is read at ``mpp`` microns per pixel in tissue tiles of ``tile`` pixels with the context margins of
+            :func:`fseg_jax.segment_slide`, and only its tissue tokens count.
         concepts, model, k: as for :func:`fseg_jax.segment` (the model defaults to the one the bank records).
         n: patches kept per concept.
-        patch: side of each crop in pixels, centred on the token (white beyond the image).
+        patch: side of each crop in pixels, centred on the token (white beyond the image or slide).
+        mpp, slide_mpp, tile: for slides: the working microns per pixel, the slides' own level-0 microns per
+            pixel where a file does not record it, and the tile side (a multiple of the model's patch size).
         **pipeline_options: other options of ``Pipeline.create`` (``layer``, ``solver``, ``dtype``, ...).
             The method is ``"project"``: the weights are the NNLS weights F-Seg labels with.
 
@@ -111,41 +134,128 @@ def concept_atlas(
         raise ValueError(f"n and patch must be positive, got n={n}, patch={patch}")
     pipeline = Pipeline.create(concepts, model=model, k=k, method="project", **pipeline_options)
     p = pipeline.model.config.patch_size
-    kk = pipeline.program_concepts.shape[0]
-    best_w = np.full((kk, n), -np.inf, np.float32)
-    best_src = np.full((kk, n, 3), -1, np.int64)
-    best_patch = np.full((kk, n, patch, patch, 3), 255, np.uint8)
-    wins = np.zeros(kk, np.int64)
-    weight_sum = np.zeros(kk, np.float64)
-    tokens = 0
-    for index, image in enumerate(images):
-        rgb = to_uint8(as_rgb(image, name=f"image {index}"))
-        w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
-        h, w, _ = w_hwk.shape
-        flat = w_hwk.reshape(h * w, kk)
-        tokens += h * w
-        wins += np.bincount(flat.argmax(axis=1), minlength=kk)
-        weight_sum += flat.sum(axis=0)
-        top = np.argsort(-flat, axis=0, kind="stable")[:n]  # (<=n, k) token indices, strongest first
-        for c in range(kk):
-            candidates = [t for t in top[:, c] if flat[t, c] > 0]
+    top = _TopPatches(pipeline.program_concepts.shape[0], n, patch)
+    inputs: list[dict[str, Any]] = []
+    for index, item in enumerate(images):
+        slide = _as_slide(item, slide_mpp)
+        if slide is None:
+            rgb = to_uint8(as_rgb(item, name=f"image {index}"))
+            w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
+            h, w, kk = w_hwk.shape
+            coords = np.stack(np.divmod(np.arange(h * w), w), axis=1)
+            top.add(w_hwk.reshape(h * w, kk), coords, index, _image_crop(rgb, p, patch))
+            inputs.append({"kind": "image", "source": _source_name(item), "height": rgb.shape[0], "width": rgb.shape[1]})
+            continue
+        with slide:
+            plan = slide.plan(mpp)
+            for rgb, (rows, cols), margin, tissue in _tissue_tiles(slide, plan, tile, p):
+                w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
+                core = w_hwk[margin : margin + rows.stop - rows.start, margin : margin + cols.stop - cols.start]
+                ys, xs = np.nonzero(tissue)
+                coords = np.stack([ys + rows.start, xs + cols.start], axis=1)
+                top.add(core[ys, xs], coords, index, _slide_crop(slide, plan, p, patch))
+            inputs.append({"kind": "slide", "source": str(slide.path), "mpp": plan.mpp, "slide_mpp": slide.mpp,
+                           "width": plan.size[0], "height": plan.size[1]})
+    if top.tokens == 0:
+        raise ValueError("no images, or no tissue in the slides, to build the atlas from")
+    return top.result(p, inputs)
+
+
+class _TopPatches:
+    """The streaming state of an atlas: per concept the n strongest tokens so far, win counts, weight sums."""
+
+    def __init__(self, k: int, n: int, patch: int):
+        self.n = n
+        self.weights = np.full((k, n), -np.inf, np.float32)
+        self.sources = np.full((k, n, 3), -1, np.int64)
+        self.patches = np.full((k, n, patch, patch, 3), 255, np.uint8)
+        self.wins = np.zeros(k, np.int64)
+        self.weight_sum = np.zeros(k, np.float64)
+        self.tokens = 0
+
+    def add(self, w_mk: np.ndarray, coords_m2: np.ndarray, source: int, crop: Callable[[int, int], np.ndarray]):
+        """Fold in m tokens' weights, their (row, col) on the source's token grid and a crop maker."""
+        m, k = w_mk.shape
+        if m == 0:
+            return
+        self.tokens += m
+        self.wins += np.bincount(w_mk.argmax(axis=1), minlength=k)
+        self.weight_sum += w_mk.sum(axis=0)
+        n = self.n
+        strongest = np.argsort(-w_mk, axis=0, kind="stable")[:n]  # (<=n, k) token indices, strongest first
+        for c in range(k):
+            candidates = [t for t in strongest[:, c] if w_mk[t, c] > 0]
             if not candidates:
                 continue
-            merged_w = np.concatenate([best_w[c], flat[candidates, c]])
+            merged_w = np.concatenate([self.weights[c], w_mk[candidates, c]])
             order = np.argsort(-merged_w, kind="stable")[:n]
-            new_patch = np.empty_like(best_patch[c])
-            new_src = np.empty_like(best_src[c])
-            for slot, source in enumerate(order):
-                if source < n:
-                    new_patch[slot], new_src[slot] = best_patch[c, source], best_src[c, source]
+            new_patch = np.empty_like(self.patches[c])
+            new_src = np.empty_like(self.sources[c])
+            for slot, i in enumerate(order):
+                if i < n:
+                    new_patch[slot], new_src[slot] = self.patches[c, i], self.sources[c, i]
                 else:
-                    y, x = divmod(int(candidates[source - n]), w)
-                    new_patch[slot] = _crop(rgb, (y + 0.5) * p, (x + 0.5) * p, patch)
-                    new_src[slot] = (index, y, x)
-            best_w[c], best_patch[c], best_src[c] = merged_w[order], new_patch, new_src
-    if tokens == 0:
-        raise ValueError("no images to build the atlas from")
-    return ConceptAtlas(best_patch, best_w, best_src, wins / tokens, weight_sum / tokens, tokens)
+                    y, x = (int(v) for v in coords_m2[candidates[i - n]])
+                    new_patch[slot], new_src[slot] = crop(y, x), (source, y, x)
+            self.weights[c], self.patches[c], self.sources[c] = merged_w[order], new_patch, new_src
+
+    def result(self, patch_size: int, inputs: list[dict[str, Any]]) -> ConceptAtlas:
+        return ConceptAtlas(
+            self.patches, self.weights, self.sources, self.wins / self.tokens, self.weight_sum / self.tokens,
+            self.tokens, patch_size, tuple(inputs),
+        )
+
+
+def _as_slide(item: Any, slide_mpp: float | None):
+    """`item` as an open whole slide, or None when it is an image (array, PIL image or image file)."""
+    if isinstance(item, (str, os.PathLike)):
+        from fseg_jax.io import IMAGE_SUFFIXES
+        from fseg_jax.wsi.reader import SLIDE_SUFFIXES, ImageSlide, open_slide
+
+        path = Path(item)
+        suffix = path.suffix.lower()
+        if suffix not in SLIDE_SUFFIXES or (suffix in IMAGE_SUFFIXES and suffix not in (".tif", ".tiff")):
+            return None
+
+        slide = open_slide(path, slide_mpp=slide_mpp)
+        if isinstance(slide, ImageSlide):  # a plain (untiled) TIFF is an image
+            slide.close()
+            return None
+        return slide
+    from fseg_jax.wsi.reader import Slide
+
+    return item if isinstance(item, Slide) else None
+
+
+def _tissue_tiles(slide, plan, tile: int, p: int):
+    """Each tissue tile of `slide` at `plan`: (RGB, token-grid (rows, cols) of its core, margin in tokens,
+    tissue mask of the core's tokens), the tiling and tissue rule of the slide pipeline."""
+    from fseg_jax.wsi.tiling import TileGrid
+    from fseg_jax.wsi.tissue import detect_tissue
+
+    grid = TileGrid.for_slide(plan.size, patch=p, tile=tile)
+    _, tissue = detect_tissue(slide, size=plan.size, patch=p)
+    for t in grid.tiles_with(tissue):
+        rows, cols = grid.core_slices(int(t))
+        yield slide.read(plan, *grid.read_box(int(t))), (rows, cols), grid.margin_tokens, tissue[rows, cols]
+
+
+def _image_crop(rgb: np.ndarray, p: int, size: int) -> Callable[[int, int], np.ndarray]:
+    return lambda y, x: _crop(rgb, (y + 0.5) * p, (x + 0.5) * p, size)
+
+
+def _slide_crop(slide, plan, p: int, size: int) -> Callable[[int, int], np.ndarray]:
+    """Crops read from the slide itself, so a patch at a tile's edge shows its real surroundings."""
+
+    def crop(y: int, x: int) -> np.ndarray:
+        top, left = int(round((y + 0.5) * p - size / 2)), int(round((x + 0.5) * p - size / 2))
+        return slide.read(plan, left, top, size, size)
+
+    return crop
+
+
+def _source_name(item: Any) -> str:
+    return str(item) if isinstance(item, (str, os.PathLike)) else type(item).__name__
 
 
 def save_atlas(path: str | Path, atlas: ConceptAtlas) -> tuple[Path, Path]:

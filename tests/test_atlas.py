@@ -96,3 +96,68 @@ def test_cli_writes_the_atlas_of_a_folder(setup, tmp_path):
                                                                      (im.shape for im in images))
     run = CliRunner().invoke(main, ["concepts", "atlas", "--concepts", str(bank_path), "-o", str(tmp_path / "x.png")])
     assert run.exit_code != 0 and "give IMAGE" in run.output
+
+
+def test_slide_atlas_equals_the_top_tissue_tokens_of_the_slide_pipeline(tmp_path):
+    """A slide's atlas streams tissue tiles with the slide pipeline's tiling and tissue rule, so its top tokens
+    are the top tokens of the token weights `segment_slide` saves (background tokens count for neither)."""
+    from safetensors.numpy import load_file
+    from test_wsi import synthetic_he, write_ome_tiff
+    from test_wsi_model import uni_tiny_config
+
+    from fseg_jax.wsi import open_slide, segment_slide
+
+    model = tiny_vit(uni_tiny_config())
+    bank = np.abs(np.random.default_rng(1).normal(size=(5, 64))).astype(np.float32)
+    image, _ = synthetic_he(600, 800, seed=3)
+    slide = write_ome_tiff(tmp_path / "s.ome.tif", image, mpp=0.5, levels=2)
+    settings = {"mpp": 1.0, "tile": 256}  # the default margin, 16 px, as in segment_slide
+    segment_slide(slide, tmp_path / "out", model=model, concepts=bank, save_weights=True, **settings)
+    saved = load_file(tmp_path / "out" / "weights.safetensors")
+    tissue = saved["labels"] > 0
+    assert 0 < tissue.sum() < tissue.size
+
+    atlas = concept_atlas([image[:64, :64], slide], bank, model=model, n=3, patch=32, **settings)
+    ys, xs = np.nonzero(tissue)
+    flat = saved["weights"][ys, xs]
+    own = np.asarray(fseg_jax.segment(image[:64, :64], bank, model=model, return_weights=True).weights)
+    assert atlas.tokens == len(ys) + own.shape[0] * own.shape[1]
+    slide_wins = atlas.share * atlas.tokens - np.bincount(own.reshape(-1, 5).argmax(1), minlength=5)
+    np.testing.assert_allclose(slide_wins, np.bincount(flat.argmax(1), minlength=5), atol=1e-6)
+    with open_slide(slide) as reader:
+        plan = reader.plan(1.0)
+        for c in range(5):
+            from_slide = [j for j in range(3) if atlas.sources[c, j, 0] == 1]
+            expected = np.argsort(-flat[:, c], kind="stable")[: len(from_slide)]
+            np.testing.assert_allclose(atlas.weights[c, from_slide], flat[expected, c], rtol=1e-4)
+            assert [tuple(atlas.sources[c, j, 1:]) for j in from_slide] == list(zip(ys[expected], xs[expected]))
+            for j in from_slide:  # crops come from the slide itself, centred on the token
+                y, x = atlas.sources[c, j, 1:]
+                np.testing.assert_array_equal(atlas.patches[c, j], reader.read(plan, 16 * x - 8, 16 * y - 8, 32, 32))
+    numbers = atlas.summary()
+    assert [i["kind"] for i in numbers["inputs"]] == ["image", "slide"]
+    entry = next(p for c in numbers["concepts"] for p in c["patches"] if p["image"] == 1)
+    assert entry["level0_xy"] == [(entry["token"][1] + 0.5) * 32, (entry["token"][0] + 0.5) * 32]  # 16 px at 1 um = 32 at 0.5
+
+
+def test_cli_atlas_of_a_folder_of_slides(tmp_path):
+    from click.testing import CliRunner
+    from test_wsi import synthetic_he, write_ome_tiff
+    from test_wsi_model import uni_tiny_config
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+    from fseg_jax.hub import save_model
+
+    model_dir = save_model(tiny_vit(uni_tiny_config()), tmp_path / "model")
+    bank = np.abs(np.random.default_rng(1).normal(size=(4, 64))).astype(np.float32)
+    bank_path = save_concepts(tmp_path / "bank.safetensors", ConceptBank({4: bank}, model=str(model_dir), layer=-1))
+    (tmp_path / "slides").mkdir()
+    write_ome_tiff(tmp_path / "slides" / "a.ome.tif", synthetic_he(400, 600, seed=5)[0], mpp=0.5, levels=2)
+    run = CliRunner().invoke(main, ["concepts", "atlas", str(tmp_path / "slides"), "--concepts", str(bank_path),
+                                    "--mpp", "1", "--tile", "128", "--n", "2", "-o", str(tmp_path / "atlas.png")])
+    assert run.exit_code == 0, run.output
+    summary = json.loads((tmp_path / "atlas.json").read_text())
+    assert summary["inputs"][0]["kind"] == "slide" and summary["inputs"][0]["width"] == 300
+    assert 0 < summary["tokens"] < 19 * 13  # tissue tokens only, of the 300 x 200 px slide's 19 x 13 tokens
+    assert Image.open(tmp_path / "atlas.png").size[1] > 4 * 64

@@ -16,6 +16,7 @@ _COMMANDS = {
     "concepts": "fseg_jax.cli.concepts:concepts",
     "slide": "fseg_jax.cli.slide:slide",
     "evaluate": "fseg_jax.cli.evaluate:evaluate",
+    "view": "fseg_jax.cli.view:view",
 }
 
 

@@ -145,21 +145,27 @@ def learn(model_spec, images, sample, random_seed, depth, output, ks, layer, til
 @click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax.")
 @click.option("--n", default=8, show_default=True, type=int, help="Patches per concept.")
 @click.option("--patch", default=64, show_default=True, type=int, help="Patch side in pixels.")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Slides: working microns per pixel.")
+@click.option("--slide-mpp", type=float, help="Slides: their own microns per pixel, for files that do not record it.")
+@click.option("--tile", type=int, default=512, show_default=True, help="Slides: tile side in working pixels.")
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Atlas picture to write (.png); its numbers go beside it as .json.")
-def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, patch, output):
-    """Show what each concept of a bank is: the patches of IMAGES (files or folders) where it weighs most.
+def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, patch, mpp, slide_mpp, tile, output):
+    """Show what each concept of a bank is: the patches of IMAGES (image or slide files, or folders of them)
+    where it weighs most.
 
-    Writes one PNG (a row per concept: its colour and index, then its N strongest patches) and a JSON file
-    with each concept's share of tokens, mean weight and the patches' sources.
+    Slides are read in tissue tiles at --mpp. Writes one PNG (a row per concept: its colour and index, then
+    its N strongest patches) and a JSON file with each concept's share of tokens, mean weight and the
+    patches' sources (for slides also their level-0 pixel position).
     """
     from fseg_jax.atlas import concept_atlas, save_atlas
     from fseg_jax.io import expand_image_paths
+    from fseg_jax.wsi.reader import SLIDE_SUFFIXES
 
     if not images and not sample:
         raise click.UsageError("give IMAGE... (files or folders), or --sample")
     try:
-        files = expand_image_paths(images)
+        files = expand_image_paths(images, sorted(SLIDE_SUFFIXES))
     except (ValueError, OSError) as e:
         raise click.ClickException(one_line(e)) from None
     if sample:
@@ -169,7 +175,8 @@ def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, p
     bank = concepts_option(concepts_spec, k)
     model = model_from_options(model_spec, random_seed, depth)
     try:
-        result = concept_atlas((str(f) for f in files), bank, model=model, k=k, n=n, patch=patch)
+        result = concept_atlas((str(f) for f in files), bank, model=model, k=k, n=n, patch=patch, mpp=mpp,
+                               slide_mpp=slide_mpp, tile=tile)
         png, numbers = save_atlas(output, result)
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         raise click.ClickException(one_line(e)) from None

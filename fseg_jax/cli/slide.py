@@ -43,6 +43,9 @@ SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here s
 @click.option("--process-id", type=int, help="This process's index, 0 .. N-1; process 0 runs the coordinator.")
 @click.option("--coordinator-timeout", type=int, default=300, show_default=True,
               help="Seconds to wait for the coordinator and the other processes.")
+@click.option("--viewer", is_flag=True,
+              help="Also write a zoomable viewer per slide (OUT/<slide name>/viewer/index.html; serve it with "
+                   "`fseg-jax view`).")
 @click.option("--merge", "merge_only", is_flag=True, help="Only write the outputs of a finished multi-process run.")
 @click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
               help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
@@ -50,12 +53,13 @@ SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here s
 @click.option("-o", "--out", "--output", "out_root", type=click.Path(path_type=Path), required=True, help="Output folder (one sub-folder per slide).")
 def slide(slides, model, concepts, k, method, layer, n_components, seed, solver, tol, max_iter, resolution, mpp,
           slide_mpp, tile, margin, batch, dtype, save_weights, distributed, coordinator, num_processes, process_id,
-          coordinator_timeout, merge_only, compilation_cache, no_compilation_cache, out_root):
+          coordinator_timeout, viewer, merge_only, compilation_cache, no_compilation_cache, out_root):
     """Segment SLIDES (a slide, an image, or a folder of them) into OUT/<slide name>/.
 
     Writes labels.ome.tif (0 = background, i+1 = concept i), labels.geojson (QuPath annotations),
-    overlay.png and summary.json per slide. When the bank names the concepts of this k (fseg-jax concepts
-    name), they show classes instead: i+1 = class i, the concepts that share a name as one. A re-run resumes an interrupted one; a slide that fails is
+    overlay.png and summary.json per slide (and with --viewer, viewer/). When the bank names the concepts
+    of this k (fseg-jax concepts name), they show classes instead: i+1 = class i, the concepts that share a
+    name as one. A re-run resumes an interrupted one; a slide that fails is
     reported and skipped. Several processes (one per host) share the tiles of each slide with
     --coordinator/--num-processes/--process-id (or --distributed); then run --merge once.
     """
@@ -70,6 +74,9 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
             except ValueError as err:
                 failed += 1
                 click.echo(f"{path.name}: {err}", err=True)
+                continue
+            if viewer and not _write_viewer(path, out_root / slide_folder_name(path)):
+                failed += 1
         raise SystemExit(1 if failed else 0)
 
     if model is None or concepts is None:
@@ -120,6 +127,8 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
     except (ValueError, TypeError, OSError, RuntimeError) as err:  # an unknown model or bank, a k the bank lacks, ...
         raise click.ClickException(str(err)) from None
 
+    viewer_failures = []
+
     def report(result) -> None:
         if isinstance(result, SlideFailure):
             click.echo(f"FAILED {result.slide.name}: {result.error}", err=True)
@@ -128,6 +137,8 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
         else:
             note = "already done" if result.tiles_computed == 0 and result.tiles else f"{result.tiles_computed} tiles computed"
             click.echo(f"{result.slide.name}: {result.tiles} tissue tiles, {note}, {result.seconds:.1f} s -> {result.out_dir}")
+            if viewer and not _write_viewer(result.slide, result.out_dir):
+                viewer_failures.append(result.slide)
 
     try:
         results = segment_slides(
@@ -138,7 +149,24 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
     failures = [r for r in results if isinstance(r, SlideFailure)]
     if failures:
         click.echo(f"{len(failures)} of {len(results)} slides failed", err=True)
+    if viewer_failures:
+        click.echo(f"{len(viewer_failures)} viewers could not be written", err=True)
+    if failures or viewer_failures:
         raise SystemExit(1)
+
+
+def _write_viewer(slide_path: Path, out_dir: Path) -> bool:
+    """Write a finished slide's viewer and say where; False (and why, on stderr) when it cannot be written."""
+    from fseg_jax.cli.common import one_line
+    from fseg_jax.viewer import write_viewer
+
+    try:
+        index = write_viewer(out_dir, slide=slide_path)
+    except (ValueError, OSError) as err:
+        click.echo(f"FAILED viewer of {slide_path.name}: {one_line(err)}", err=True)
+        return False
+    click.echo(f"{slide_path.name}: viewer -> {index}")
+    return True
 
 
 def _check_coordinator(address: str, process_id: int, timeout: float) -> None:
