@@ -271,3 +271,14 @@ def test_naming_after_a_finished_run_merges_its_label_map_anew(slide, runs, tmp_
     resumed = _segmenter(CLASSES).run(slide, again)
     assert resumed.tiles_computed == resumed.tiles > 0
     np.testing.assert_array_equal(_labels(resumed), _labels(classes))
+
+
+def test_the_viewer_legend_lists_the_classes(runs):
+    from fseg_jax.viewer.build import legend_entries
+
+    concepts, classes = runs
+    kind, entries = legend_entries(classes.summary)
+    assert kind == "Classes" and [(e["label"], e["name"]) for e in entries] == [
+        (1, "stroma"), (2, "nuclei"), (3, "concept 2")]
+    assert entries[1]["color"] == [0x12, 0x34, 0x56]
+    assert legend_entries(concepts.summary)[0] == "Concepts"
