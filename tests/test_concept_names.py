@@ -71,7 +71,8 @@ def test_names_round_trip_and_banks_without_names_load_unchanged(tmp_path):
 
     with safe_open(str(tmp_path / "named.safetensors"), framework="numpy") as f:
         meta = f.metadata()
-    assert meta["names.16"] == '{"3": "tumour", "5": "stroma", "7": "stroma"}' and meta["colors.16"] == '{"3": "#d62728"}'
+    assert meta["names.16"] == '{"3": "tumour", "5": "stroma", "7": "stroma"}'
+    assert meta["colors.16"] == '{"3": "#d62728"}'
     with safe_open(str(tmp_path / "plain.safetensors"), framework="numpy") as f:
         assert not any(key.startswith(("names", "colors")) for key in f.metadata())
 
@@ -108,7 +109,7 @@ def test_corrupt_names_in_a_file_are_a_clear_error(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = dict(f.metadata()), {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, "names.16": '{"20": "x"}'})
     with pytest.raises(ValueError, match=r"bad.safetensors: .*concept 20 is out of range \(0\.\.15\)"):
         load_concepts(tmp_path / "bad.safetensors")

@@ -115,7 +115,8 @@ def test_classes_colour_concepts_by_class_and_merge_their_legend_entries():
     assert (0, 0, 255) in strip and tuple(palette(6)[4]) not in strip and tuple(palette(6)[3]) not in strip
     # a custom palette colours the concepts; classes without a colour take their first concept's
     custom = np.arange(18, dtype=np.uint8).reshape(6, 3)
-    np.testing.assert_array_equal(overlay(image, labels, alpha=1.0, palette=custom, classes=classes)[50, 450], custom[5])
+    drawn = overlay(image, labels, alpha=1.0, palette=custom, classes=classes)
+    np.testing.assert_array_equal(drawn[50, 450], custom[5])
 
 
 def test_classes_refuse_labels_out_of_range_and_names():

@@ -57,7 +57,8 @@ def test_label_map_holds_classes_named_in_the_ome_xml(runs):
     np.testing.assert_array_equal(class_labels, BY_HAND[concept_labels])
     assert label_names(classes.out_dir / "labels.ome.tif") == {0: "background", 1: "stroma", 2: "nuclei",
                                                                3: "concept 2"}
-    assert label_names(concepts.out_dir / "labels.ome.tif") == {0: "background", **{i + 1: f"concept {i}" for i in range(K)}}
+    unnamed = {0: "background", **{i + 1: f"concept {i}" for i in range(K)}}
+    assert label_names(concepts.out_dir / "labels.ome.tif") == unnamed
 
 
 def test_summary_areas_per_class_are_the_sums_of_their_concepts(runs):
@@ -120,10 +121,12 @@ def test_a_run_without_names_writes_concepts_as_before(runs):
     concepts, _ = runs
     summary = concepts.summary
     assert "classes" not in summary and "classes" not in _segmenter().settings()
-    assert all(set(c) == {"label", "concept", "name", "color", "area_mm2", "share_of_tissue"} for c in summary["concepts"])
+    fields = {"label", "concept", "name", "color", "area_mm2", "share_of_tissue"}
+    assert all(set(c) == fields for c in summary["concepts"])
     assert [c["label"] for c in summary["concepts"]] == [1, 2, 3, 4]
     doc = json.loads((concepts.out_dir / "labels.geojson").read_text())
-    assert [f["properties"]["classification"]["name"] for f in doc["features"]] == ["concept 0", "concept 1", "concept 3"]
+    names = [f["properties"]["classification"]["name"] for f in doc["features"]]
+    assert names == ["concept 0", "concept 1", "concept 3"]
 
 
 def test_names_enter_the_fingerprint_and_other_names_merge_the_finished_batches(slide, runs, tmp_path, monkeypatch):

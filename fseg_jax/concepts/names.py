@@ -136,7 +136,7 @@ class ConceptClasses:
         """Group concepts 0..k-1 by name (``names``: {concept: name}; unnamed concepts: ``"concept i"``), each
         class coloured by the colour given to any of its concepts (``colors``: {concept: "#rrggbb"}).
         ValueError for a concept outside 0..k-1, an empty name, or a class given two different colours."""
-        for concept, name in [*names.items(), *(colors or {}).items()]:
+        for concept in [*names, *(colors or {})]:
             if isinstance(concept, bool) or not isinstance(concept, (int, np.integer)) or not 0 <= concept < k:
                 raise ValueError(f"concept {concept!r} is out of range for k={k} (0..{k - 1})")
         if any(not isinstance(name, str) or not name.strip() for name in names.values()):
@@ -178,7 +178,8 @@ class ConceptClasses:
             raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
         if lab.size and (int(lab.min()) < 0 or int(lab.max()) >= self.k):
             bad = int(lab.min()) if int(lab.min()) < 0 else int(lab.max())
-            raise ValueError(f"label {bad} is out of range for the {self.k} concepts of these classes (0..{self.k - 1})")
+            raise ValueError(f"label {bad} is out of range for the {self.k} concepts of these classes "
+                             f"(0..{self.k - 1})")
         return self.lut[lab]
 
     def rgb(self, concept_rgb: Any) -> np.ndarray:

@@ -242,7 +242,6 @@ def _write_outputs(
     counts = np.zeros(k + 1, np.int64)
     for y in range(0, height, 256):
         counts += np.bincount(np.asarray(labels[y : y + 256]).ravel(), minlength=k + 1)
-    del sample, concept_sample
     pixel_mm2 = mpp**2 / 1e6
     tissue = int(counts[1:].sum())
 

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from fseg_jax.concepts.names import ConceptClasses
 from fseg_jax.wsi.compute import DeviceMemoryError, TileStep, TokenFn, explain_out_of_memory, prefetch_batches
 from fseg_jax.wsi.discovery import find_slides, slide_folder_name
-from fseg_jax.concepts.names import ConceptClasses
 from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide, remerge_slide, slide_classes
 from fseg_jax.wsi.outputs import label_dtype
 from fseg_jax.wsi.plan import (
@@ -181,9 +181,10 @@ class SlideSegmenter:
         k, method, layer, dtype, n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment` (k may
         be left out when the bank holds one k), all passed to `fseg_jax.segmentation.Pipeline.create`. dtype:
         compute dtype of the forward pass, e.g. "bfloat16" (default: the model's own, float32). A bank that
-        names the concepts of k gives the run its classes. Other keyword arguments as for the constructor. For method "factorize" the tile step upsamples each concept's largest component
-        weight (`make_token_fn`'s scores), where `segment` upsamples the component weights and maps the
-        argmax, so labels between token centres may differ from `segment`'s.
+        names the concepts of k gives the run its classes. Other keyword arguments as for the constructor.
+        For method "factorize" the tile step upsamples each concept's largest component weight
+        (`make_token_fn`'s scores), where `segment` upsamples the component weights and maps the argmax, so
+        labels between token centres may differ from `segment`'s.
         """
         import jax.numpy as jnp
 
