@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Mapping
 
 import numpy as np
@@ -47,8 +46,7 @@ def color_rgb(color: str) -> tuple[int, int, int]:
 def validated_names(
     names: Any, colors: Any, ks: tuple[int, ...]
 ) -> tuple[dict[int, dict[int, str]], dict[int, dict[int, str]]]:
-    """``({k: {concept: name}}, {k: {concept: "#rrggbb"}})`` checked against the bank's ks, as sorted read-only
-    mappings.
+    """``({k: {concept: name}}, {k: {concept: "#rrggbb"}})`` checked against the bank's ks, as new sorted dicts.
 
     One ValueError lists every problem: a k the bank lacks, a concept out of 0..k-1, an empty name, a colour
     that is not #rrggbb, two colours for one class. Empty per-k entries are dropped.
@@ -87,7 +85,7 @@ def validated_names(
                     except ValueError as e:
                         problems.append(f"colours for k={k}: concept {int(concept)}: {e}")
             if checked:
-                out[k] = dict(sorted(checked.items()))
+                out[k] = checked
     if not problems:
         for k in sorted(set(out_names) | set(out_colors)):
             try:
@@ -96,12 +94,11 @@ def validated_names(
                 problems.append(f"k={k}: {e}")
     if problems:
         raise ValueError("invalid concept names: " + "; ".join(problems))
-    return _frozen(out_names), _frozen(out_colors)
+    return _sorted(out_names), _sorted(out_colors)
 
 
-def _frozen(per_k: dict[int, dict[int, str]]) -> Mapping[int, Mapping[int, str]]:
-    """Read-only views of sorted copies, so that a frozen bank's names cannot change under it."""
-    return MappingProxyType({k: MappingProxyType(dict(sorted(v.items()))) for k, v in sorted(per_k.items())})
+def _sorted(per_k: dict[int, dict[int, str]]) -> dict[int, dict[int, str]]:
+    return {k: dict(sorted(v.items())) for k, v in sorted(per_k.items())}
 
 
 @dataclass(frozen=True, eq=False)
