@@ -59,9 +59,9 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
     Writes labels.ome.tif (0 = background, i+1 = concept i), labels.geojson (QuPath annotations),
     overlay.png and summary.json per slide (and with --viewer, viewer/). When the bank names the concepts
     of this k (fseg-jax concepts name), they show classes instead: i+1 = class i, the concepts that share a
-    name as one. A re-run resumes an interrupted one; a slide that fails is
-    reported and skipped. Several processes (one per host) share the tiles of each slide with
-    --coordinator/--num-processes/--process-id (or --distributed); then run --merge once.
+    name as one. A re-run resumes an interrupted one; a slide that fails is reported and skipped. Several
+    processes (one per host) share the tiles of each slide with --coordinator/--num-processes/--process-id
+    (or --distributed); then run --merge once.
     """
     from fseg_jax.wsi.pipeline import SlideFailure, find_slides, merge_slide, segment_slides, slide_folder_name
 

@@ -5,9 +5,9 @@ its outputs, the slide's geometry and the batches of tiles with tissue; its fing
 settings. A batch file counts only for the work fingerprint its name carries (the hash of the settings
 without the classes, which change only the merge), so a run resumes exactly the work done under its own
 settings, and a run whose concepts were named (or renamed) since merges the finished batches anew (or a
-finished run's concept map, see `fseg_jax.wsi.merge.remerge_slide`). The
-model and the concepts enter the settings as digests of what is computed with: the converted model's files
-(for a model loaded from a folder) or every parameter value, and the concept matrix actually used.
+finished run's concept map, see `fseg_jax.wsi.merge.remerge_slide`). The model and the concepts enter the
+settings as digests of what is computed with: the converted model's files (for a model loaded from a
+folder) or every parameter value, and the concept matrix actually used.
 """
 
 from __future__ import annotations
