@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from fseg_jax._files import atomic_path
+from fseg_jax.concepts.names import ConceptClasses
 from fseg_jax.io.images import as_rgb, to_uint8
 from fseg_jax.visualize import palette
 
@@ -38,6 +39,8 @@ class ConceptAtlas:
         patch_size: the model's patch (token) size in pixels.
         inputs: per input, what it was: {"kind": "image" | "slide", "source", "width", "height"} and for
             slides the working and level-0 microns per pixel ("mpp", "slide_mpp").
+        classes: the bank's classes for k when it names its concepts (rows then show each concept's class
+            name in its class colour), else None.
     """
 
     patches: np.ndarray
@@ -48,13 +51,15 @@ class ConceptAtlas:
     tokens: int
     patch_size: int
     inputs: tuple[dict[str, Any], ...] = ()
+    classes: ConceptClasses | None = None
 
-    def picture(self, *, gap: int = 2, label_width: int = 40) -> np.ndarray:
-        """The atlas as one (H, W, 3) uint8 image: a row per concept, its colour and index first."""
+    def picture(self, *, gap: int = 2) -> np.ndarray:
+        """The atlas as one (H, W, 3) uint8 image: a row per concept, its colour, index and class name first."""
         from PIL import Image, ImageDraw
 
         k, n, size = self.patches.shape[:3]
-        colours = palette(k)
+        colours, texts = self._legend()
+        label_width = max(40, 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t)) for t in texts))
         height = k * (size + gap) + gap
         width = label_width + n * (size + gap) + gap
         canvas = Image.new("RGB", (width, height), (255, 255, 255))
@@ -62,11 +67,21 @@ class ConceptAtlas:
         for c in range(k):
             top = gap + c * (size + gap)
             draw.rectangle([gap, top, label_width - gap, top + size - 1], fill=tuple(int(v) for v in colours[c]))
-            draw.text((gap + 3, top + 3), str(c), fill=(0, 0, 0))
+            draw.text((gap + 3, top + 3), texts[c], fill=(0, 0, 0))
             for j in range(n):
                 left = label_width + gap + j * (size + gap)
                 canvas.paste(Image.fromarray(self.patches[c, j]), (left, top))
         return np.asarray(canvas)
+
+    def _legend(self) -> tuple[np.ndarray, list[str]]:
+        """(k, 3) uint8 colour and the text of each concept's row: its index, and its class name if named."""
+        k = self.patches.shape[0]
+        if self.classes is None:
+            return palette(k), [str(c) for c in range(k)]
+        lut = self.classes.lut
+        named = [self.classes.is_named(int(j)) for j in lut]
+        texts = [f"{c} {self.classes.names[j]}" if named[c] else str(c) for c, j in enumerate(lut)]
+        return self.classes.rgb(palette(k))[lut], texts
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers: per concept its share of tokens, mean weight and its patches' sources (for a
@@ -78,6 +93,7 @@ class ConceptAtlas:
             "concepts": [
                 {
                     "index": c,
+                    **({"class": self.classes.names[self.classes.lut[c]]} if self.classes is not None else {}),
                     "share": float(self.share[c]),
                     "mean_weight": float(self.mean_weight[c]),
                     "patches": [self._patch_entry(int(i), int(y), int(x), float(w))
@@ -158,7 +174,7 @@ def concept_atlas(
                            "width": plan.size[0], "height": plan.size[1]})
     if top.tokens == 0:
         raise ValueError("no images, or no tissue in the slides, to build the atlas from")
-    return top.result(p, inputs)
+    return top.result(p, inputs, pipeline.classes)
 
 
 class _TopPatches:
@@ -199,10 +215,10 @@ class _TopPatches:
                     new_patch[slot], new_src[slot] = crop(y, x), (source, y, x)
             self.weights[c], self.patches[c], self.sources[c] = merged_w[order], new_patch, new_src
 
-    def result(self, patch_size: int, inputs: list[dict[str, Any]]) -> ConceptAtlas:
+    def result(self, patch_size: int, inputs: list[dict[str, Any]], classes) -> ConceptAtlas:
         return ConceptAtlas(
             self.patches, self.weights, self.sources, self.wins / self.tokens, self.weight_sum / self.tokens,
-            self.tokens, patch_size, tuple(inputs),
+            self.tokens, patch_size, tuple(inputs), classes,
         )
 
 

@@ -161,3 +161,20 @@ def test_cli_atlas_of_a_folder_of_slides(tmp_path):
     assert summary["inputs"][0]["kind"] == "slide" and summary["inputs"][0]["width"] == 300
     assert 0 < summary["tokens"] < 19 * 13  # tissue tokens only, of the 300 x 200 px slide's 19 x 13 tokens
     assert Image.open(tmp_path / "atlas.png").size[1] > 4 * 64
+
+
+def test_named_bank_rows_show_class_names_and_colours(setup):
+    from fseg_jax.concepts import ConceptBank
+    from fseg_jax.visualize import palette
+
+    model, bank, images = setup
+    named = ConceptBank({5: bank}, model=None, layer=-1).with_names(5, {0: "tumour", 2: "tumour"}, {2: "#d62728"})
+    atlas = concept_atlas(images, named, model=model, n=2, patch=16)
+    assert [c.get("class") for c in atlas.summary()["concepts"]] == ["tumour", "concept 1", "tumour", "concept 3",
+                                                                      "concept 4"]
+    picture = atlas.picture()
+    row_colour = [tuple(picture[2 + c * 18 + 12, 4]) for c in range(5)]  # inside each row's colour box
+    assert row_colour[0] == row_colour[2] == (214, 39, 40)
+    assert row_colour[1] == tuple(palette(5)[1]) and row_colour[3] == tuple(palette(5)[3])
+    plain = concept_atlas(images, bank, model=model, n=2, patch=16)
+    assert plain.classes is None and "class" not in plain.summary()["concepts"][0]
