@@ -15,6 +15,7 @@ import torch
 from hf_models import hf_hidden_states, make_hf_model, make_hf_preset, save_hf_folder
 from test_convert_hf import assert_hidden_state_parity
 from test_hub import fake_hub_cache, use_hf_home
+from test_wsi import standin_token_fn
 from timm_models import make_timm_model, random_input, relative_error, save_hub_files, timm_intermediates
 
 import fseg_jax
@@ -24,6 +25,7 @@ from fseg_jax.convert.timm import ConversionError, convert_dinov2_teacher_state_
 from fseg_jax.hub import random_model
 from fseg_jax.models.config import read_manifest
 from fseg_jax.models.vit import torch_bicubic_matrix
+from fseg_jax.wsi.pipeline import SlideSegmenter
 
 # preset -> an input size (multiples of the patch) whose grid differs from the stored one
 TIMM_PRESETS = {"kaiko_vits16": (224, 160), "kaiko_vits8": (200, 136), "kaiko_vitb16": (160, 224),
@@ -274,3 +276,14 @@ def test_custom_dinov2_configs_are_read_only_with_their_keys():
         ViTConfig.from_hf({k: v for k, v in hibou.items() if k != "interpolate_offset"})
     with pytest.raises(ValueError, match="apply to pos_embed_resample='dinov2' only"):
         dataclasses.replace(ViTConfig.from_preset("phikon"), interpolate_antialias=True)
+
+
+@pytest.mark.parametrize("patch, tile, margin", [(16, 1024, 64), (14, 1022, 56), (8, 1024, 64)])
+def test_slide_tiles_default_to_a_multiple_of_the_patch(patch, tile, margin):
+    """The slide pipeline's default tile is 1024 px rounded down to whole patches, so patch-14 models run
+    without a --tile; a tile that is not a multiple of the patch is refused by name."""
+    fn, params = standin_token_fn(patch=patch)
+    segmenter = SlideSegmenter(fn, params, patch_size=patch, k=4)
+    assert (segmenter.tile, segmenter.margin) == (tile, margin)
+    with pytest.raises(ValueError, match="multiples of the patch size 14"):
+        SlideSegmenter(fn, params, patch_size=14, k=4, tile=1024)
