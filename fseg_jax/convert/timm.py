@@ -126,7 +126,8 @@ def convert_timm_state_dict(state_dict: Mapping[str, Any], config: ViTConfig | R
 # key names under ``backbone.``, blocks optionally chunked for FSDP (``blocks.<chunk>.<block>.``, the block index
 # running on across chunks), and the training-only DINO head and mask token.
 DINOV2_TEACHER_RULES: tuple[Rule, ...] = tuple(
-    (r"backbone\." + src.replace(r"blocks\.(\d+)\.", r"blocks\.(?:\d+\.)?(\d+)\."), dst, fn) for src, dst, fn in VIT_RULES
+    (r"backbone\." + src.replace(r"blocks\.(\d+)\.", r"blocks\.(?:\d+\.)?(\d+)\."), dst, fn)
+    for src, dst, fn in VIT_RULES
 )
 DINOV2_TEACHER_IGNORED: tuple[str, ...] = (r"backbone\.mask_token", r"dino_head\..*")
 

@@ -403,8 +403,8 @@ def segment_slide(
     mpp: working resolution in microns per pixel (0.5 ~ 20x; a pyramid level within 2 % of it is used
     as it is, at its own resolution, which summary.json records); slide_mpp: the slide's own level-0
     resolution when its file does not record it (or records it wrongly). tile: tile side in working
-    pixels, a multiple of the patch size (default: 1024 rounded down to one, 1022 at patch 14); margin: context computed then discarded on each side (default
-    tile/16). batch: tiles per compiled step, sharded over `devices` (default: all local devices).
+    pixels, a multiple of the patch size (default: 1024 rounded down to one, 1022 at patch 14); margin:
+    context computed then discarded on each side (default tile/16). batch: tiles per compiled step, sharded over `devices` (default: all local devices).
     dtype: "bfloat16" for a bfloat16 forward pass. resolution: "pixel" (F-Seg's per-pixel argmax of the
     bilinearly upsampled weights, continuous across tiles) or "token" (one label per token, faster).
     n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment`. save_weights: also write the
