@@ -164,6 +164,18 @@ def test_dinov2_teacher_accounting():
 
 # --- transformers: Midnight and Hibou-B ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("preset", ["midnight", "hibou_b"])
+def test_preset_matches_its_manifest_transformers_config(preset):
+    """The preset is what from_hf reads from the manifest's config.json, with the image processor's mean/std
+    (which transformers keeps outside config.json); the config survives its dict form (the converted folder's)."""
+    manifest = read_manifest(preset)
+    derived = ViTConfig.from_hf(manifest["transformers"], name=preset)
+    processor = manifest["preprocessor"]
+    config = ViTConfig.from_preset(preset)
+    assert dataclasses.replace(derived, mean=tuple(processor["image_mean"]), std=tuple(processor["image_std"])) == config
+    assert ViTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
 def test_midnight_parity_from_a_hub_folder(tmp_path):
     """Dinov2Model of Midnight's manifest config (ViT-G/14, SwiGLU), two blocks at full width, 224 px stored grid
     (16 x 16) resampled to 13 x 17."""
