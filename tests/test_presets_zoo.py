@@ -172,7 +172,8 @@ def test_preset_matches_its_manifest_transformers_config(preset):
     derived = ViTConfig.from_hf(manifest["transformers"], name=preset)
     processor = manifest["preprocessor"]
     config = ViTConfig.from_preset(preset)
-    assert dataclasses.replace(derived, mean=tuple(processor["image_mean"]), std=tuple(processor["image_std"])) == config
+    mean, std = tuple(processor["image_mean"]), tuple(processor["image_std"])
+    assert dataclasses.replace(derived, mean=mean, std=std) == config
     assert ViTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
