@@ -19,7 +19,7 @@ from fseg_jax.models import with_compute_dtype
 from fseg_jax.models.config import ResNetConfig, read_manifest
 
 PRESETS = ["uni", "uni2_h", "gigapath", "virchow", "virchow2", "h_optimus_0", "h_optimus_1", "h0_mini", "mstar",
-           "kaiko_vits16", "kaiko_vits8", "kaiko_vitb16", "kaiko_vitb8", "lunit_vits8"]
+           "kaiko_vits16", "kaiko_vits8", "kaiko_vitb16", "kaiko_vitb8", "lunit_vits8", "gpfm", "kaiko_vitl14"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

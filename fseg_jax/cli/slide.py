@@ -29,7 +29,9 @@ SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here s
                    "token (faster).")
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Working microns per pixel (0.5 ~ 20x).")
 @click.option("--slide-mpp", type=float, help="The slides' own microns per pixel, for files that do not record it.")
-@click.option("--tile", type=int, default=1024, show_default=True, help="Tile side in working pixels (multiple of the patch).")
+@click.option("--tile", type=int, default=None,
+              help="Tile side in working pixels, a multiple of the patch [default: 1024 rounded down to one: 1022 "
+                   "at patch 14].")
 @click.option("--margin", type=int, help="Context discarded on each tile side, in pixels [default: tile/16].")
 @click.option("--batch", type=int, default=16, show_default=True, help="Tiles per step, split over all local devices.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)

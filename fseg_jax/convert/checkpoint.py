@@ -105,19 +105,21 @@ def open_checkpoint(path: str | Path) -> Mapping[str, Any]:
     raise ConversionError(f"unknown checkpoint format {path.suffix!r} ({path}); expected .safetensors or .bin")
 
 
-LAYOUTS = ("timm", "transformers")
+LAYOUTS = ("timm", "transformers", "dinov2_teacher")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 
 
 def convert_checkpoint(path: str | Path, config, *, layout: str = "timm", **model_kwargs):
-    """A checkpoint file to the NNX model: ``convert_timm_state_dict`` (``layout="timm"``) or
-    ``convert_hf_state_dict`` (``layout="transformers"``) of ``open_checkpoint(path)``."""
+    """A checkpoint file to the NNX model: ``convert_timm_state_dict`` (``layout="timm"``),
+    ``convert_hf_state_dict`` (``layout="transformers"``) or ``convert_dinov2_teacher_state_dict``
+    (``layout="dinov2_teacher"``, a DINOv2 training checkpoint) of ``open_checkpoint(path)``."""
     from fseg_jax.convert.hf import convert_hf_state_dict
-    from fseg_jax.convert.timm import convert_timm_state_dict
+    from fseg_jax.convert.timm import convert_dinov2_teacher_state_dict, convert_timm_state_dict
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
-    convert = convert_hf_state_dict if layout == "transformers" else convert_timm_state_dict
+    convert = {"timm": convert_timm_state_dict, "transformers": convert_hf_state_dict,
+               "dinov2_teacher": convert_dinov2_teacher_state_dict}[layout]
     state = open_checkpoint(path)
     try:
         return convert(state, config, **model_kwargs)

@@ -122,6 +122,35 @@ def convert_timm_state_dict(state_dict: Mapping[str, Any], config: ViTConfig | R
     return fill_model(state_dict, config, RESNET_RULES, RESNET_IGNORED, **model_kwargs)
 
 
+# The teacher of a DINOv2 training checkpoint (the DINOv2 repository's ``SSLMetaArch``, ``{"teacher": {...}}``): timm's
+# key names under ``backbone.``, blocks optionally chunked for FSDP (``blocks.<chunk>.<block>.``, the block index
+# running on across chunks), and the training-only DINO head and mask token.
+DINOV2_TEACHER_RULES: tuple[Rule, ...] = tuple(
+    (r"backbone\." + src.replace(r"blocks\.(\d+)\.", r"blocks\.(?:\d+\.)?(\d+)\."), dst, fn)
+    for src, dst, fn in VIT_RULES
+)
+DINOV2_TEACHER_IGNORED: tuple[str, ...] = (r"backbone\.mask_token", r"dino_head\..*")
+
+
+def convert_dinov2_teacher_state_dict(checkpoint: Mapping[str, Any], config: ViTConfig, **model_kwargs):
+    """Build the ``VisionTransformer`` of ``config`` from a DINOv2 training checkpoint ``{"teacher": state}``
+    (GPFM's release), with :data:`DINOV2_TEACHER_RULES` and the strict accounting of :func:`fill_model`.
+
+    Raises:
+        ConversionError: the checkpoint holds no ``"teacher"`` state dict, or holds other entries (named), or its
+            teacher does not match ``config`` (every problem listed).
+    """
+    teacher = checkpoint.get("teacher")
+    others = sorted(k for k in checkpoint if k != "teacher")
+    if not isinstance(teacher, Mapping) or others:
+        raise ConversionError(
+            "expected a DINOv2 training checkpoint holding only {'teacher': state dict}; "
+            f"found {'no teacher state dict' if not isinstance(teacher, Mapping) else 'a teacher'}"
+            + (f" and unexpected entries {others}" if others else "")
+        )
+    return fill_model(teacher, config, DINOV2_TEACHER_RULES, DINOV2_TEACHER_IGNORED, **model_kwargs)
+
+
 NATIVE_RULES: tuple[Rule, ...] = ((r"(.+)", r"\1", identity),)
 """fseg_jax's own format (``fseg_jax.save_model``): keys are the dotted NNX parameter paths."""
 

@@ -3,7 +3,8 @@
 Every number a preset stores is one its checkpoint proves (e.g. ``mlp_hidden=8192``, the fc1 width), not the
 float ratio timm derives it from. ``ViTConfig.from_timm`` reads a timm hub ``config.json`` and
 ``ViTConfig.from_hf`` a Hugging Face transformers one (``ViTModel``, ``Dinov2Model``,
-``Dinov2WithRegistersModel``); both refuse any option this port does not implement.
+``Dinov2WithRegistersModel``, and ``Dinov2Model`` re-hosted with the DINOv2 repository's registers and
+position-embedding options, as Hibou ships it); both refuse any option this port does not implement.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 HALF = (0.5, 0.5, 0.5)
 LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
 LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
+HIBOU_MEAN = (0.7068, 0.5755, 0.722)
+HIBOU_STD = (0.195, 0.2316, 0.1816)
 
 MLP_LAYERS = ("mlp", "swiglu_packed")
 ACT_LAYERS = ("gelu", "silu")
-POS_EMBED_RESAMPLES = ("timm", "transformers")
+POS_EMBED_RESAMPLES = ("timm", "transformers", "dinov2")
 
 
 class _DictConfig:
@@ -67,7 +70,12 @@ class ViTConfig(_DictConfig):
         pos_embed_resample: how the stored position grid is resized to another patch grid. ``"timm"``:
             timm's ``resample_abs_pos_embed`` (bicubic with antialiasing). ``"transformers"``: the
             ``interpolate_pos_encoding`` of transformers' ``ViTModel`` and ``Dinov2Model`` (torch's bicubic,
-            ``align_corners=False``, no antialiasing, resized to the target grid size).
+            ``align_corners=False``, no antialiasing, resized to the target grid size). ``"dinov2"``: the
+            ``interpolate_pos_encoding`` of the DINOv2 repository's ``DinoVisionTransformer`` (torch's bicubic, with
+            ``interpolate_antialias`` and ``interpolate_offset``).
+        interpolate_antialias: ``"dinov2"`` resampling only: torch's antialiased bicubic kernel.
+        interpolate_offset: ``"dinov2"`` resampling only: 0 resizes to the target grid size; otherwise torch is
+            given the scale factor ``(grid + offset) / stored grid`` (the DINOv2 repository's default is 0.1).
         mean, std: per-channel input normalisation on the 0..1 scale (RGB).
     """
 
@@ -86,6 +94,8 @@ class ViTConfig(_DictConfig):
     layer_scale: bool = True
     norm_eps: float = 1e-6
     pos_embed_resample: str = "timm"
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -97,6 +107,10 @@ class ViTConfig(_DictConfig):
             problems.append(f"act_layer must be one of {ACT_LAYERS}, got {self.act_layer!r}")
         if self.pos_embed_resample not in POS_EMBED_RESAMPLES:
             problems.append(f"pos_embed_resample must be one of {POS_EMBED_RESAMPLES}, got {self.pos_embed_resample!r}")
+        if self.pos_embed_resample != "dinov2" and (self.interpolate_antialias or self.interpolate_offset):
+            problems.append("interpolate_antialias and interpolate_offset apply to pos_embed_resample='dinov2' only")
+        if self.interpolate_offset < 0:
+            problems.append(f"interpolate_offset must be non-negative, got {self.interpolate_offset}")
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
         if self.mlp_layer == "swiglu_packed" and self.mlp_hidden % 2:
@@ -107,6 +121,7 @@ class ViTConfig(_DictConfig):
             raise ValueError("invalid ViTConfig: " + "; ".join(problems))
         # normalise list inputs (e.g. from JSON) to tuples so configs compare and hash by value
         object.__setattr__(self, "pos_embed_grid", tuple(int(v) for v in self.pos_embed_grid))
+        object.__setattr__(self, "interpolate_offset", float(self.interpolate_offset))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -151,7 +166,9 @@ class ViTConfig(_DictConfig):
         Position embeddings are resampled as transformers does: ``pos_embed_resample="transformers"`` for ViT and
         DINOv2, timm's antialiased bicubic for DINOv2 with registers (its ``interpolate_pos_encoding`` passes
         ``antialias=True``), whose registers carry no position embedding (``convert_hf_state_dict`` gives them
-        zero rows); mean/std
+        zero rows). A ``"dinov2"`` config with an ``auto_map`` naming a custom ``Dinov2Model`` (Hibou's) is read as
+        the DINOv2 repository's ViT: ``num_register_tokens``, ``interpolate_antialias`` and ``interpolate_offset``
+        are required, and position embeddings are resampled with ``pos_embed_resample="dinov2"``. Mean/std
         are ImageNet's (transformers keeps them in the image processor's config, not here). Every key must be
         one this port implements with the value it implements, or one that cannot change the features
         (dropout rates, initialisation, backbone-head options); anything else is an error that names the key.
@@ -229,8 +246,10 @@ def read_manifest(name: str) -> dict[str, Any]:
 
 
 def preset_layout(name: str) -> str:
-    """The checkpoint layout of a preset's hub file: ``"transformers"`` or ``"timm"`` (timm and torchvision)."""
-    return "transformers" if "transformers" in read_manifest(name) else "timm"
+    """The checkpoint layout of a preset's hub file: the manifest's ``layout`` where it names one
+    (``"dinov2_teacher"``), else ``"transformers"`` or ``"timm"`` (timm and torchvision)."""
+    manifest = read_manifest(name)
+    return manifest.get("layout") or ("transformers" if "transformers" in manifest else "timm")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,6 +293,18 @@ _PRESETS: dict[str, ViTConfig] = {
                         pos_embed_resample="transformers"),
     # transformers Dinov2Model, ViT-L/16
     "phikon_v2": ViTConfig("phikon_v2", 16, 1024, 24, 16, 4096, pos_embed_resample="transformers"),
+    # transformers Dinov2Model, ViT-G/14 (DINOv2 giant: SwiGLU 2 x 4096), 224 px (16 x 16 position grid), mean/std 0.5
+    "midnight": ViTConfig("midnight", 14, 1536, 40, 24, 8192, **_SWIGLU, pos_embed_grid=(16, 16),
+                          pos_embed_resample="transformers", mean=HALF, std=HALF),
+    # Dinov2Model with custom code: ViT-B/14, SwiGLU 2 x 2048, 4 registers (no position embedding), 224 px,
+    # the DINOv2 repository's resampling with antialiasing and offset 0
+    "hibou_b": ViTConfig("hibou_b", 14, 768, 12, 12, 4096, **_SWIGLU, reg_tokens=4, pos_embed_grid=(16, 16),
+                         pos_embed_resample="dinov2", interpolate_antialias=True, mean=HIBOU_MEAN, std=HIBOU_STD),
+    # timm vit_large_patch14_dinov2, img_size 224 (a DINOv2 teacher checkpoint, see weights/gpfm.json)
+    "gpfm": ViTConfig("gpfm", 14, 1024, 24, 16, 4096, pos_embed_grid=(16, 16)),
+    # timm vit_large_patch14_reg4_dinov2 (img_size 518: a 37 x 37 position grid), mean/std 0.5
+    "kaiko_vitl14": ViTConfig("kaiko_vitl14", 14, 1024, 24, 16, 4096, reg_tokens=4, no_embed_class=True,
+                              pos_embed_grid=(37, 37), mean=HALF, std=HALF),
 }
 
 
@@ -296,6 +327,9 @@ _TIMM_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "vit_giant_patch14_reg4_dinov2": dict(
         patch_size=14, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=2.66667 * 2,
         mlp_layer="swiglu_packed", act_layer="silu", reg_tokens=4, no_embed_class=True, img_size=518,
+    ),
+    "vit_large_patch14_dinov2": dict(
+        patch_size=14, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5, img_size=518,
     ),
     "vit_base_patch14_reg4_dinov2": dict(
         patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5, reg_tokens=4,
@@ -438,6 +472,11 @@ _HF_INERT = {
 }
 # keys accepted only with the value this port implements
 _HF_FIXED = {"num_channels": 3, "qkv_bias": True, "pruned_heads": {}}
+# A Dinov2Model re-hosted with its own modeling code (``auto_map``, loaded with ``trust_remote_code``), as Hibou ships
+# it: the DINOv2 repository's ViT, with register tokens inserted after the position embeddings are added and that
+# repository's position-embedding resampling. Read only with such an ``auto_map``, and all required: the custom
+# code's own defaults are not known here.
+_HF_DINOV2_REMOTE_KEYS = ("num_register_tokens", "interpolate_antialias", "interpolate_offset")
 
 
 def _pair(value) -> tuple[int, int]:
@@ -452,6 +491,16 @@ def _from_hf(cls, hf_config: Mapping[str, Any], name: str | None) -> ViTConfig:
         )
     architecture, defaults = _HF_MODELS[model_type]
     problems: list[str] = []
+    remote = model_type == "dinov2" and "auto_map" in hf_config
+    if remote:
+        auto_map = hf_config["auto_map"]
+        auto_model = auto_map.get("AutoModel") if isinstance(auto_map, dict) else None
+        if not (isinstance(auto_model, str) and auto_model.endswith(".Dinov2Model")):
+            problems.append(f"auto_map={hf_config['auto_map']!r} is not implemented (only a custom '*.Dinov2Model')")
+        missing = [k for k in _HF_DINOV2_REMOTE_KEYS if k not in hf_config]
+        if missing:
+            problems.append(f"a custom-code Dinov2Model config needs {missing} (their defaults are the custom code's)")
+        defaults = {**defaults, **{k: None for k in _HF_DINOV2_REMOTE_KEYS}, "auto_map": None}
     for key in sorted(set(hf_config) - set(defaults) - _HF_INERT - set(_HF_FIXED)):
         problems.append(f"unknown transformers option {key!r}={hf_config[key]!r}")
     for key, allowed in _HF_FIXED.items():
@@ -475,6 +524,11 @@ def _from_hf(cls, hf_config: Mapping[str, Any], name: str | None) -> ViTConfig:
             f"cannot build a ViTConfig from the transformers {model_type!r} config: " + "; ".join(problems)
         )
 
+    if remote:
+        resample = dict(pos_embed_resample="dinov2", interpolate_antialias=bool(args["interpolate_antialias"]),
+                        interpolate_offset=float(args["interpolate_offset"]))
+    else:
+        resample = dict(pos_embed_resample="timm" if model_type == "dinov2_with_registers" else "transformers")
     d = int(args["hidden_size"])
     if model_type == "vit":
         mlp = dict(mlp_hidden=int(args["intermediate_size"]))
@@ -491,8 +545,8 @@ def _from_hf(cls, hf_config: Mapping[str, Any], name: str | None) -> ViTConfig:
         num_heads=int(args["num_attention_heads"]),
         **mlp,
         pos_embed_grid=grid,
-        reg_tokens=int(args.get("num_register_tokens", 0)),
+        reg_tokens=int(args.get("num_register_tokens") or 0),
         layer_scale=model_type != "vit",
         norm_eps=float(args["layer_norm_eps"]),
-        pos_embed_resample="timm" if model_type == "dinov2_with_registers" else "transformers",
+        **resample,
     )

@@ -47,10 +47,26 @@ def _linear(din: int, dout: int, dtype, precision, rngs: nnx.Rngs) -> nnx.Linear
     return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, precision=precision, rngs=rngs)
 
 
-def torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) weights of torch's ``interpolate(mode="bicubic", align_corners=False)`` along one axis,
-    resizing to a given size without antialiasing: Keys' cubic with a = -0.75, source index
-    ``(i + 0.5) * n_in / n_out - 0.5``, taps past the border clamped to the edge (as ATen's CPU kernel)."""
+def torch_bicubic_matrix(n_in: int, n_out: int, *, antialias: bool = False, offset: float = 0.0) -> np.ndarray:
+    """(n_out, n_in) weights of torch's ``interpolate(mode="bicubic", align_corners=False)`` along one axis, as
+    ATen's CPU kernels compute them.
+
+    ``offset`` 0 resizes to the size ``n_out``; otherwise the call is the DINOv2 repository's
+    ``scale_factor=(n_out + offset) / n_in`` (whose output size is still ``n_out``), which places the source
+    samples at ``(i + 0.5) / scale - 0.5``. Without antialiasing: Keys' cubic with a = -0.75, taps past the
+    border clamped to the edge. With ``antialias=True`` (``_upsample_bicubic2d_aa``): Keys' cubic with a = -0.5,
+    stretched by the scale when shrinking, taps past the border dropped and the row renormalised, and an axis
+    that keeps its size left unchanged.
+    """
+    if offset:
+        scale = (n_out + offset) / n_in
+        if int(np.floor(n_in * scale)) != n_out:
+            raise ValueError(f"scale factor {scale} maps {n_in} to {int(np.floor(n_in * scale))} rows, not {n_out}")
+        step = 1.0 / scale
+    else:
+        step = n_in / n_out
+    if antialias:
+        return _torch_antialiased_cubic(n_in, n_out, step)
     a = -0.75
 
     def near(x):  # |x| <= 1
@@ -59,13 +75,39 @@ def torch_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
     def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-    real = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    real = (np.arange(n_out, dtype=np.float64) + 0.5) * step - 0.5
     base = np.floor(real)
     t = real - base
     weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
     taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, n_in - 1)
     matrix = np.zeros((n_out, n_in), np.float64)
     np.add.at(matrix, (np.repeat(np.arange(n_out), 4), taps.ravel()), weights.ravel())
+    return matrix.astype(np.float32)
+
+
+def _torch_antialiased_cubic(n_in: int, n_out: int, step: float) -> np.ndarray:
+    """ATen's ``_compute_index_ranges_weights`` for bicubic with antialiasing; ``step`` is input rows per output row.
+    ATen leaves an axis whose size does not change as it is, whatever the scale factor."""
+    if n_in == n_out:
+        return np.eye(n_in, dtype=np.float32)
+    a = -0.5
+
+    def kernel(x):
+        x = np.abs(x)
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+    support = 2.0 * step if step >= 1.0 else 2.0
+    inv = 1.0 / step if step >= 1.0 else 1.0
+    matrix = np.zeros((n_out, n_in), np.float64)
+    for i in range(n_out):
+        center = step * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        w = kernel((np.arange(lo, hi) - center + 0.5) * inv)
+        total = w.sum()
+        matrix[i, lo:hi] = w / total if total != 0 else w
     return matrix.astype(np.float32)
 
 
@@ -213,8 +255,9 @@ class VisionTransformer(nnx.Module):
 
     def _pos_embed_for(self, grid_h: int, grid_w: int) -> Array:
         """Position embeddings for a (grid_h, grid_w) patch grid, resampled in float32 with the prefix rows
-        split off first: like timm's ``resample_abs_pos_embed`` (bicubic with antialias), or, with
-        ``pos_embed_resample="transformers"``, like transformers' ``interpolate_pos_encoding``."""
+        split off first: like timm's ``resample_abs_pos_embed`` (bicubic with antialias); with
+        ``pos_embed_resample="transformers"``, like transformers' ``interpolate_pos_encoding``; with ``"dinov2"``,
+        like the DINOv2 repository's (``interpolate_antialias``, ``interpolate_offset``)."""
         cfg = self.config
         pos = self.pos_embed[...]
         n_prefix = 0 if cfg.no_embed_class else cfg.num_prefix_tokens
@@ -222,8 +265,9 @@ class VisionTransformer(nnx.Module):
         gh, gw = cfg.pos_embed_grid
         if (grid_h, grid_w) != (gh, gw):
             grid = grid.reshape(gh, gw, -1).astype(jnp.float32)
-            if cfg.pos_embed_resample == "transformers":
-                rows, cols = torch_bicubic_matrix(gh, grid_h), torch_bicubic_matrix(gw, grid_w)
+            if cfg.pos_embed_resample in ("transformers", "dinov2"):
+                options = dict(antialias=cfg.interpolate_antialias, offset=cfg.interpolate_offset)
+                rows, cols = torch_bicubic_matrix(gh, grid_h, **options), torch_bicubic_matrix(gw, grid_w, **options)
                 grid = jnp.einsum("ih,hwd,jw->ijd", rows, grid, cols, precision=jax.lax.Precision.HIGHEST)
             else:
                 grid = jax.image.resize(grid, (grid_h, grid_w, grid.shape[-1]), method="cubic", antialias=True)

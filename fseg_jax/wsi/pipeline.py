@@ -99,16 +99,21 @@ class SlideFailure:
     error: str
 
 
+DEFAULT_TILE = 1024
+"""Working pixels a tile side when none is given, rounded down to a multiple of the model's patch."""
+
+
 class SlideSegmenter:
     """A compiled tile step and the settings of a slide run; `run` it on any number of slides.
 
     fn, params: a token function as `fseg_jax.segmentation.make_token_fn` returns it, fn(params, (B, T, T, 3)
     uint8) -> (B, T/p, T/p, k) concept weights; `from_model` builds one from a model and a concept bank.
     patch_size: the model's patch (token) size p in pixels. tile: tile side in working pixels (a multiple
-    of p); margin: context discarded on each side (a multiple of p; default tile/16); batch: tiles per step
-    (rounded up to a multiple of the device count; smaller batches are computed at the next power of two);
-    mpp: working microns per pixel; resolution: "pixel" (labels per pixel by F-Seg's rule, the default) or
-    "token" (one label per token, faster); save_weights: also keep the (h, w, k) token weights; devices:
+    of p; default ``DEFAULT_TILE`` rounded down to a multiple of p: 1024 at patch 8 or 16, 1022 at 14);
+    margin: context discarded on each side (a multiple of p; default tile/16); batch: tiles per step (rounded
+    up to a multiple of the device count; smaller batches are computed at the next power of two); mpp: working
+    microns per pixel; resolution: "pixel" (labels per pixel by F-Seg's rule, the default) or "token" (one
+    label per token, faster); save_weights: also keep the (h, w, k) token weights; devices:
     the devices to shard the batch over (default: all local); workers: reader threads (default: one per
     CPU core, at most 32); info: what to record in summary.json about the model and bank; params_id: what
     identifies `params` in the resume fingerprint (`from_model` gives a digest of the model's checkpoint and
@@ -126,7 +131,7 @@ class SlideSegmenter:
         *,
         patch_size: int,
         k: int,
-        tile: int = 1024,
+        tile: int | None = None,
         margin: int | None = None,
         batch: int = 16,
         mpp: float = 0.5,
@@ -138,6 +143,8 @@ class SlideSegmenter:
         params_id: str | None = None,
         classes: ConceptClasses | None = None,
     ):
+        if tile is None:
+            tile = DEFAULT_TILE // int(patch_size) * int(patch_size)
         # one tile's grid: checks tile and margin against the patch size and settles the default margin
         grid = TileGrid.for_slide((tile, tile), patch=int(patch_size), tile=int(tile), margin=margin)
         self.patch_size = grid.patch
@@ -396,7 +403,7 @@ def segment_slide(
     layer: int | Sequence[int] = -1,
     mpp: float = 0.5,
     slide_mpp: float | None = None,
-    tile: int = 1024,
+    tile: int | None = None,
     margin: int | None = None,
     batch: int = 16,
     dtype=None,
@@ -419,8 +426,8 @@ def segment_slide(
     mpp: working resolution in microns per pixel (0.5 ~ 20x; a pyramid level within 2 % of it is used
     as it is, at its own resolution, which summary.json records); slide_mpp: the slide's own level-0
     resolution when its file does not record it (or records it wrongly). tile: tile side in working
-    pixels, a multiple of the patch size; margin: context computed then discarded on each side (default
-    tile/16). batch: tiles per compiled step, sharded over `devices` (default: all local devices).
+    pixels, a multiple of the patch size (default: 1024 rounded down to one, 1022 at patch 14); margin:
+    context computed then discarded on each side (default tile/16). batch: tiles per compiled step, sharded over `devices` (default: all local devices).
     dtype: "bfloat16" for a bfloat16 forward pass. resolution: "pixel" (F-Seg's per-pixel argmax of the
     bilinearly upsampled weights, continuous across tiles) or "token" (one label per token, faster).
     n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment`. save_weights: also write the
