@@ -16,6 +16,7 @@ differs from the current run (another fingerprint, tiling or quality) clears the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -146,7 +147,9 @@ def _page(template: str, summary: dict, geometry: DeepZoomGeometry, encoding: st
     }
     # inside <script>, "</" would end the element: JSON allows "<\/" for it
     data = json.dumps(config, ensure_ascii=False).replace("</", "<\\/")
-    return template.replace("__TITLE__", escape(title)).replace("__CONFIG__", data)
+    # one pass, so that a placeholder inside the title or the config is left as it is
+    values = {"__TITLE__": escape(title), "__CONFIG__": data}
+    return re.sub("__TITLE__|__CONFIG__", lambda m: values[m.group()], template)
 
 
 def _read_manifest(folder: Path) -> dict:
