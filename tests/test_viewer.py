@@ -251,19 +251,50 @@ def test_another_run_or_other_settings_rebuild_the_viewer(ome_slide, tmp_path):
     assert json.loads((viewer / "viewer.json").read_text())["built_from"]["fingerprint"] == "another run"
 
 
-def test_classes_replace_concepts_in_the_legend(ome_slide, tmp_path):
-    out = _ome_run(ome_slide, tmp_path / "tissue")
-    summary = json.loads((out / "summary.json").read_text())
-    assert legend_entries(summary) == (
-        "Concepts", [{k: c[k] for k in ("label", "name", "color", "area_mm2", "share_of_tissue")} for c in summary["concepts"]]
+def test_the_legend_lists_classes_when_the_run_has_them_else_concepts():
+    concepts = [
+        {"label": 1, "concept": 0, "name": "concept 0", "color": [230, 25, 75], "area_mm2": 0.5,
+         "share_of_tissue": 0.625, "class": "tumour"},
+        {"label": 2, "concept": 1, "name": "concept 1", "color": [60, 180, 75], "area_mm2": 0.3,
+         "share_of_tissue": 0.375, "class": "stroma"},
+    ]
+    assert legend_entries({"concepts": concepts}) == (
+        "Concepts",
+        [
+            {"label": 1, "name": "concept 0", "color": [230, 25, 75], "area_mm2": 0.5, "share_of_tissue": 0.625},
+            {"label": 2, "name": "concept 1", "color": [60, 180, 75], "area_mm2": 0.3, "share_of_tissue": 0.375},
+        ],
     )
     classes = [
-        {"label": 1, "name": "tumour </script>", "color": [200, 0, 0], "area_mm2": 0.1, "share_of_tissue": 0.75},
-        {"label": 2, "name": "stroma", "color": [0, 0, 200], "area_mm2": 0.03, "share_of_tissue": 0.25},
+        {"label": 1, "name": "tumour", "color": [200, 0, 0], "concepts": [0], "area_mm2": 0.5, "share_of_tissue": 0.625},
+        {"label": 2, "name": "stroma", "color": [0, 0, 200], "concepts": [1], "area_mm2": 0.3, "share_of_tissue": 0.375},
     ]
-    (out / "summary.json").write_text(json.dumps({**summary, "classes": classes}))
-    page = write_viewer(out).read_text()
+    assert legend_entries({"concepts": concepts, "classes": classes}) == (
+        "Classes",
+        [
+            {"label": 1, "name": "tumour", "color": [200, 0, 0], "area_mm2": 0.5, "share_of_tissue": 0.625},
+            {"label": 2, "name": "stroma", "color": [0, 0, 200], "area_mm2": 0.3, "share_of_tissue": 0.375},
+        ],
+    )
+
+
+def test_the_page_holds_the_legend_and_the_title_as_given(ome_slide, tmp_path):
+    """Names that look like markup or like the page's placeholders reach the page as they are."""
+    from html import escape
+
+    out = _ome_run(ome_slide, tmp_path / "tissue")
+    summary = json.loads((out / "summary.json").read_text())
+    classes = [
+        {"label": 1, "name": "tumour </script>", "color": [200, 0, 0], "area_mm2": 0.1, "share_of_tissue": 0.75},
+        {"label": 2, "name": "stroma __TITLE__", "color": [0, 0, 200], "area_mm2": 0.03, "share_of_tissue": 0.25},
+    ]
+    title = "case <1> __CONFIG__ & __TITLE__.ome.tif"
+    (out / "summary.json").write_text(json.dumps({**summary, "slide": f"/moved/{title}", "classes": classes}))
+    page = write_viewer(out, slide=ome_slide).read_text()
+    assert page.count("<title>") == 1
+    assert page.split("<title>")[1].split("</title>")[0] == escape(title)
     config = json.loads(page.split('<script id="config" type="application/json">')[1].split("</script>")[0])
+    assert config["title"] == title
     assert config["legend_title"] == "Classes" and config["legend"] == classes
     assert config["mpp"] == summary["mpp"] and config["labels"]["encoding"] == "gray"
 
