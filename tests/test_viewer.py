@@ -322,6 +322,44 @@ def test_bad_folders_are_one_clear_error(ome_slide, tmp_path):
         write_viewer(out)
 
 
+def test_a_slide_read_that_fails_is_a_viewer_error(svs_run, ome_slide, tmp_path, monkeypatch):
+    """Whatever the slide's library raises while tiles are cut, write_viewer raises ViewerError naming the
+    slide and the tile: through openslide's Deep Zoom tiler and through the package's reader."""
+    import shutil
+
+    import openslide
+
+    from fseg_jax.wsi.reader import SlideError, TiffSlideSlide
+
+    svs_copy = tmp_path / "svs"
+    svs_copy.mkdir()
+    for name in ("summary.json", "labels.ome.tif"):
+        shutil.copy(svs_run / name, svs_copy / name)
+
+    def read_region(*args, **kwargs):
+        raise openslide.OpenSlideError("Cannot read raw tile")
+
+    monkeypatch.setattr(openslide.OpenSlide, "read_region", read_region)
+    with pytest.raises(
+        ViewerError, match=r"cmu_small_region\.svs: reading tile 0_0 of Deep Zoom level 12 failed "
+        r"\(OpenSlideError: Cannot read raw tile\)"
+    ) as raised:
+        write_viewer(svs_copy)
+    assert isinstance(raised.value.__cause__, SlideError)
+    assert isinstance(raised.value.__cause__.__cause__, openslide.OpenSlideError)
+    assert not (svs_copy / "viewer" / "slide.dzi").exists()
+
+    out = _ome_run(ome_slide, tmp_path / "tissue")
+
+    def read(*args, **kwargs):
+        raise RuntimeError("codec failed")
+
+    monkeypatch.setattr(TiffSlideSlide, "_read", read)
+    with pytest.raises(ViewerError, match=r"tissue\.ome\.tif: reading tile 0_0 of Deep Zoom level 9 failed "
+                       r"\(RuntimeError: codec failed\)"):
+        write_viewer(out)
+
+
 def test_label_tiles_of_a_16_bit_label_map(tmp_path):
     """Label maps with more than 256 labels: red holds the low byte, green the high byte."""
     from fseg_jax.viewer.sources import LabelTiles
@@ -500,28 +538,73 @@ def test_cli_view_errors(ome_slide, tmp_path):
     assert busy.output.strip() == f"Error: port {port} on 127.0.0.1 is in use; choose another port"
 
 
-def test_cli_slide_writes_the_viewer(ome_slide, tmp_path):
+def test_cli_slide_writes_the_viewers_and_reports_one_that_fails(ome_slide, tmp_path, monkeypatch):
+    """A folder of two slides: the first one's viewer fails to read its slide, which is one FAILED line for it;
+    the second slide is segmented and its viewer written all the same."""
+    import shutil
+
+    import openslide
     from click.testing import CliRunner
     from tiny_models import tiny_vit
 
     from fseg_jax.cli import main
     from fseg_jax.concepts import ConceptBank, save_concepts
     from fseg_jax.hub import save_model
+    from fseg_jax.viewer import sources
 
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a.ome.tif", "b.ome.tif"):
+        shutil.copy(ome_slide, slides / name)
+    opened = sources.open_slide
+
+    def a_cannot_be_read(path, **kwargs):  # the viewer's reader only: the segmentation reads the slide as it is
+        slide = opened(path, **kwargs)
+        if Path(path).name == "a.ome.tif":
+
+            def read(*args):
+                raise openslide.OpenSlideError("Cannot read raw tile")
+
+            slide._read = read
+        return slide
+
+    monkeypatch.setattr(sources, "open_slide", a_cannot_be_read)
     model = tiny_vit()
     concepts = np.abs(np.random.default_rng(0).normal(size=(3, model.config.embed_dim))).astype(np.float32)
     save_model(model, tmp_path / "model")
     save_concepts(tmp_path / "bank.safetensors", ConceptBank({3: concepts}, model="tiny", layer=-1))
     args = [
-        "slide", str(ome_slide), "--model", str(tmp_path / "model"), "--concepts", str(tmp_path / "bank.safetensors"),
+        "slide", str(slides), "--model", str(tmp_path / "model"), "--concepts", str(tmp_path / "bank.safetensors"),
         "--mpp", "2", "--tile", "128", "--margin", "16", "--batch", "4", "--no-compilation-cache", "--viewer",
         "-o", str(tmp_path / "out"),
     ]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    index = tmp_path / "out" / "tissue" / "viewer" / "index.html"
-    assert f"tissue.ome.tif: viewer -> {index}" in result.output
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    failed = [line for line in result.output.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1 and failed[0].startswith(
+        "FAILED viewer of a.ome.tif: cannot cut the viewer's tiles from the slide: "
+    ) and failed[0].endswith("failed (OpenSlideError: Cannot read raw tile)"), result.output
+    assert (tmp_path / "out" / "a" / "labels.ome.tif").is_file()
+    assert not (tmp_path / "out" / "a" / "viewer" / "index.html").exists()
+    index = tmp_path / "out" / "b" / "viewer" / "index.html"
+    assert f"b.ome.tif: viewer -> {index}" in result.output
     assert index.is_file() and (index.parent / "labels.dzi").is_file()
+    assert "1 viewers could not be written" in result.output and "Traceback" not in result.output
+
+
+def test_cli_slide_reports_any_viewer_error_as_one_line(tmp_path, monkeypatch, capsys):
+    import fseg_jax.viewer
+    from fseg_jax.cli.slide import _write_viewer
+
+    def write_viewer(out_dir, *, slide):
+        raise RuntimeError("the label map's codec\nfailed")
+
+    monkeypatch.setattr(fseg_jax.viewer, "write_viewer", write_viewer)
+    assert _write_viewer(tmp_path / "a.svs", tmp_path / "a") is False
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "FAILED viewer of a.svs: RuntimeError: the label map's codec failed\n"
 
 
 def test_the_page_and_openseadragon_ship_as_package_data():

@@ -158,14 +158,18 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
 
 
 def _write_viewer(slide_path: Path, out_dir: Path) -> bool:
-    """Write a finished slide's viewer and say where; False (and why, on stderr) when it cannot be written."""
+    """Write a finished slide's viewer and say where; False (and why, on stderr) when it cannot be written.
+
+    Any error is reported this way: a viewer that fails must not end a batch of slides.
+    """
     from fseg_jax.cli.common import one_line
     from fseg_jax.viewer import write_viewer
 
     try:
         index = write_viewer(out_dir, slide=slide_path)
-    except (ValueError, OSError) as err:
-        click.echo(f"FAILED viewer of {slide_path.name}: {one_line(err)}", err=True)
+    except Exception as err:  # noqa: BLE001 - reported for this slide; the next slides go on
+        reason = one_line(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {one_line(err)}"
+        click.echo(f"FAILED viewer of {slide_path.name}: {reason}", err=True)
         return False
     click.echo(f"{slide_path.name}: viewer -> {index}")
     return True

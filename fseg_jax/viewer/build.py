@@ -93,15 +93,16 @@ def write_viewer(
                 "(slide=..., or --slide on the command line)"
             )
         try:
-            tiles = SlideTiles(slide_path, geometry, target_mpp=summary["target_mpp"], slide_mpp=summary["slide_mpp"])
+            with SlideTiles(
+                slide_path, geometry, target_mpp=summary["target_mpp"], slide_mpp=summary["slide_mpp"]
+            ) as tiles:
+                write_pyramid(
+                    folder, "slide", geometry, tiles.level_tiles, fmt="jpeg",
+                    save_options={"format": "JPEG", "quality": int(quality)},
+                )
+                manifest = {**manifest, "slide": str(slide_path), "slide_tiles": tiles.source}
         except SlideError as err:
-            raise ViewerError(f"cannot cut the viewer's tiles from the slide: {err}") from None
-        with tiles:
-            write_pyramid(
-                folder, "slide", geometry, tiles.level_tiles, fmt="jpeg",
-                save_options={"format": "JPEG", "quality": int(quality)},
-            )
-            manifest = {**manifest, "slide": str(slide_path), "slide_tiles": tiles.source}
+            raise ViewerError(f"cannot cut the viewer's tiles from the slide: {err}") from err
         _write_manifest(folder, manifest)
 
     from fseg_jax.viewer.sources import LabelTiles

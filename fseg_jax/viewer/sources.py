@@ -2,7 +2,8 @@
 
 `SlideTiles` cuts the slide into Deep Zoom tiles at the working resolution: through openslide's
 DeepZoomGenerator when openslide reads the slide and one of its Deep Zoom levels is exactly the working size,
-else through `fseg_jax.wsi.reader` (any slide or image it reads), one tile read at a time either way.
+else through `fseg_jax.wsi.reader` (any slide or image it reads), one tile read at a time either way; a
+read that fails raises the reader's SlideError, whatever the library underneath raised.
 `LabelTiles` cuts labels.ome.tif into tiles of label values, one band of tile rows at a time, from the
 TIFF level whose halvings match the Deep Zoom level (each pixel the label at the top-left of its block).
 """
@@ -24,7 +25,8 @@ class SlideTiles:
     """The tiles of `geometry` (whose size is the run's working size) cut from the slide at `path`.
 
     target_mpp and slide_mpp: as the run's summary.json records them; the slide must plan to the working
-    size `geometry.size` at `target_mpp`, or it is not the slide the run segmented (SlideError).
+    size `geometry.size` at `target_mpp`, or it is not the slide the run segmented (SlideError). Tiles that
+    cannot be read raise SlideError too.
     """
 
     def __init__(self, path: str | Path, geometry: DeepZoomGeometry, *, target_mpp: float, slide_mpp: float):
@@ -41,7 +43,10 @@ class SlideTiles:
                     f"{geometry.size[0]} x {geometry.size[1]}: it is not the slide the run segmented"
                 )
             if self._reader.backend == "openslide":
-                self._deepzoom = self._openslide_deepzoom()
+                try:
+                    self._deepzoom = self._openslide_deepzoom()
+                except Exception as err:  # noqa: BLE001 - openslide.OpenSlideError and the like
+                    raise SlideError(f"{self._reader.path}: openslide cannot tile this slide ({err})") from err
         except Exception:
             self.close()
             raise
@@ -67,18 +72,29 @@ class SlideTiles:
         return dz, dims.index(tuple(g.size)) - g.max_level
 
     def level_tiles(self, level: int) -> Iterator[tuple[int, int, Image.Image]]:
+        """Every tile of `level`; a read the slide's library fails raises SlideError, naming the slide and tile."""
         cols, rows = self.geometry.level_tiles[level]
         if self._deepzoom is not None:
             dz, offset = self._deepzoom
-            for row in range(rows):
-                for col in range(cols):
-                    yield col, row, self._deepzoom_tile(dz, level + offset, (col, row))
-            return
-        plan = self._level_plan(level)
+
+            def read(address: tuple[int, int]) -> Image.Image:
+                return self._deepzoom_tile(dz, level + offset, address)
+        else:
+            plan = self._level_plan(level)
+
+            def read(address: tuple[int, int]) -> Image.Image:
+                return Image.fromarray(self._reader.read(plan, *self.geometry.tile_box(level, address)))
+
         for row in range(rows):
             for col in range(cols):
-                x, y, w, h = self.geometry.tile_box(level, (col, row))
-                yield col, row, Image.fromarray(self._reader.read(plan, x, y, w, h))
+                try:
+                    tile = read((col, row))
+                except Exception as err:  # noqa: BLE001 - openslide, tiffslide and their codecs raise many types
+                    raise SlideError(
+                        f"{self._reader.path}: reading tile {col}_{row} of Deep Zoom level {level} failed "
+                        f"({type(err).__name__}: {err})"
+                    ) from err
+                yield col, row, tile
 
     def _deepzoom_tile(self, dz, dz_level: int, address: tuple[int, int]) -> Image.Image:
         """DeepZoomGenerator.get_tile, resized to the tile's exact dimensions (get_tile keeps the read
