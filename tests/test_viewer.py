@@ -232,6 +232,32 @@ def test_a_killed_write_resumes_and_keeps_finished_levels(ome_slide, tmp_path, m
     assert {p: p.stat().st_mtime_ns for p in viewer.rglob("*")} == everything
 
 
+def test_one_process_writes_a_viewer_at_a_time(ome_slide, tmp_path):
+    """A writer that finds another one at work on the same viewer folder stops with ViewerError, and leaves
+    that writer's files alone; once the other has finished, it writes."""
+    import fcntl
+
+    from fseg_jax.viewer.build import LOCK
+
+    out = _ome_run(ome_slide, tmp_path / "tissue")
+    viewer = out / "viewer"
+    viewer.mkdir()
+    level = viewer / "slide_files" / ".9.99999.tmp"  # a level the other writer is writing
+    level.mkdir(parents=True)
+    other = os.open(viewer / LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ViewerError, match=f"^{viewer}: another process is writing this viewer; run again once"):
+            write_viewer(out)
+        assert sorted(p.relative_to(viewer).as_posix() for p in viewer.rglob("*")) == [
+            LOCK, "slide_files", "slide_files/.9.99999.tmp"
+        ]
+    finally:
+        os.close(other)
+    assert write_viewer(out).is_file()
+    assert not level.exists()
+
+
 def test_another_run_or_other_settings_rebuild_the_viewer(ome_slide, tmp_path):
     out = _ome_run(ome_slide, tmp_path / "tissue")
     write_viewer(out, quality=80)

@@ -11,13 +11,18 @@ Each pyramid level is written into a temporary folder and renamed into place whe
 descriptors and index.html are written after the levels (temporary file, then rename): a killed run leaves
 no pyramid that looks complete, and the next run keeps the levels already in place. A viewer.json that
 differs from the current run (another fingerprint, tiling or quality) clears the viewer folder first.
+One process writes a viewer folder at a time: it holds a lock on ``.writing.lock`` there, and another process
+that would write the same folder meanwhile raises ViewerError instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from fseg_jax.wsi.reader import SlideError
 
 VIEWER_FOLDER = "viewer"
 MANIFEST = "viewer.json"
+LOCK = ".writing.lock"
 _STATIC = ("openseadragon/openseadragon.min.js", "openseadragon/LICENSE.txt")
 
 
@@ -73,52 +79,53 @@ def write_viewer(
         "overlap": geometry.overlap,
         "quality": int(quality),
     }
-    manifest = _read_manifest(folder)
-    if manifest.get("built_from") != built_from:
-        _clear(folder)
-        manifest = {"built_from": built_from}
     folder.mkdir(parents=True, exist_ok=True)
-    # temporaries of the files written whole that a killed run left (levels: see write_pyramid)
-    remove_stale_temporaries(folder, ["index.html", "slide.dzi", "labels.dzi", MANIFEST])
-    remove_stale_temporaries(folder / "openseadragon", [Path(name).name for name in _STATIC])
-    _write_manifest(folder, manifest)
-
-    if not _complete(folder, "slide", geometry, "jpeg"):
-        from fseg_jax.viewer.sources import SlideTiles
-
-        slide_path = Path(slide) if slide is not None else Path(summary["slide"])
-        if not slide_path.is_file():
-            raise ViewerError(
-                f"{slide_path}: the slide this run segmented is not there; give its current path "
-                "(slide=..., or --slide on the command line)"
-            )
-        try:
-            with SlideTiles(
-                slide_path, geometry, target_mpp=summary["target_mpp"], slide_mpp=summary["slide_mpp"]
-            ) as tiles:
-                write_pyramid(
-                    folder, "slide", geometry, tiles.level_tiles, fmt="jpeg",
-                    save_options={"format": "JPEG", "quality": int(quality)},
-                )
-                manifest = {**manifest, "slide": str(slide_path), "slide_tiles": tiles.source}
-        except SlideError as err:
-            raise ViewerError(f"cannot cut the viewer's tiles from the slide: {err}") from err
+    with _writing(folder):
+        manifest = _read_manifest(folder)
+        if manifest.get("built_from") != built_from:
+            _clear(folder)
+            manifest = {"built_from": built_from}
+        # temporaries of the files written whole that a killed run left (levels: see write_pyramid)
+        remove_stale_temporaries(folder, ["index.html", "slide.dzi", "labels.dzi", MANIFEST])
+        remove_stale_temporaries(folder / "openseadragon", [Path(name).name for name in _STATIC])
         _write_manifest(folder, manifest)
 
-    from fseg_jax.viewer.sources import LabelTiles
+        if not _complete(folder, "slide", geometry, "jpeg"):
+            from fseg_jax.viewer.sources import SlideTiles
 
-    with LabelTiles(labels_path, geometry) as labels:
-        encoding = labels.encoding
-        if not _complete(folder, "labels", geometry, "png"):
-            write_pyramid(folder, "labels", geometry, labels.level_tiles, fmt="png", save_options={"format": "PNG"})
+            slide_path = Path(slide) if slide is not None else Path(summary["slide"])
+            if not slide_path.is_file():
+                raise ViewerError(
+                    f"{slide_path}: the slide this run segmented is not there; give its current path "
+                    "(slide=..., or --slide on the command line)"
+                )
+            try:
+                with SlideTiles(
+                    slide_path, geometry, target_mpp=summary["target_mpp"], slide_mpp=summary["slide_mpp"]
+                ) as tiles:
+                    write_pyramid(
+                        folder, "slide", geometry, tiles.level_tiles, fmt="jpeg",
+                        save_options={"format": "JPEG", "quality": int(quality)},
+                    )
+                    manifest = {**manifest, "slide": str(slide_path), "slide_tiles": tiles.source}
+            except SlideError as err:
+                raise ViewerError(f"cannot cut the viewer's tiles from the slide: {err}") from err
+            _write_manifest(folder, manifest)
 
-    static = resources.files("fseg_jax.viewer") / "static"
-    for name in _STATIC:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        write_if_changed(folder / name, (static / name).read_bytes())
-    page = _page((static / "index.html").read_text(), summary, geometry, encoding, opacity)
-    write_if_changed(folder / "index.html", page)
-    return folder / "index.html"
+        from fseg_jax.viewer.sources import LabelTiles
+
+        with LabelTiles(labels_path, geometry) as labels:
+            encoding = labels.encoding
+            if not _complete(folder, "labels", geometry, "png"):
+                write_pyramid(folder, "labels", geometry, labels.level_tiles, fmt="png", save_options={"format": "PNG"})
+
+        static = resources.files("fseg_jax.viewer") / "static"
+        for name in _STATIC:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            write_if_changed(folder / name, (static / name).read_bytes())
+        page = _page((static / "index.html").read_text(), summary, geometry, encoding, opacity)
+        write_if_changed(folder / "index.html", page)
+        return folder / "index.html"
 
 
 def legend_entries(summary: dict) -> tuple[str, list[dict]]:
@@ -151,6 +158,25 @@ def _page(template: str, summary: dict, geometry: DeepZoomGeometry, encoding: st
     # one pass, so that a placeholder inside the title or the config is left as it is
     values = {"__TITLE__": escape(title), "__CONFIG__": data}
     return re.sub("__TITLE__|__CONFIG__", lambda m: values[m.group()], template)
+
+
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """Hold the viewer folder's lock (an flock on its LOCK file, released when the process ends, however it
+    ends); ViewerError when another process holds it."""
+    import fcntl
+
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ViewerError(
+                f"{folder}: another process is writing this viewer; run again once it has finished"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_manifest(folder: Path) -> dict:
