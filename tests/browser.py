@@ -10,6 +10,7 @@ import base64
 import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -49,31 +50,41 @@ class Browser:
 
     def __init__(self, binary: str, *, width: int = 1200, height: int = 800, timeout: float = 60.0):
         self.timeout = timeout
-        to_browser_r, self._to_browser = os.pipe()
-        self._from_browser, from_browser_w = os.pipe()
-        # the shell puts the browser's ends on the descriptors 3 and 4 that --remote-debugging-pipe uses; moved
-        # above 9 first, so that neither is 3 or 4 already (the first redirection would overwrite the other)
-        to_browser_r, from_browser_w = (_above_nine(fd) for fd in (to_browser_r, from_browser_w))
-        args = [
-            binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
-            "--no-default-browser-check", "--disable-extensions", "--hide-scrollbars", "--mute-audio",
-            f"--window-size={width},{height}", "--force-device-scale-factor=1", "about:blank",
-        ]
-        self._process = subprocess.Popen(
-            ["bash", "-c", f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}', "bash", *args],
-            pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        os.close(to_browser_r)
-        os.close(from_browser_w)
         self._buffer = b""
         self._next_id = 0
         self.console: list[str] = []  # the page's console messages and uncaught exceptions
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self._session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False,
-                  session=True)
-        self.call("Page.enable", session=True)
-        self.call("Runtime.enable", session=True)
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+        try:
+            # the shell puts the browser's ends on the descriptors 3 and 4 that --remote-debugging-pipe uses;
+            # moved above 9 first, so that neither is 3 or 4 already (the first redirection would overwrite the other)
+            to_browser_r, from_browser_w = (_above_nine(fd) for fd in (to_browser_r, from_browser_w))
+            args = [
+                binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
+                "--no-default-browser-check", "--disable-extensions", "--hide-scrollbars", "--mute-audio",
+                f"--window-size={width},{height}", "--force-device-scale-factor=1", "about:blank",
+            ]
+            self._process = subprocess.Popen(
+                ["bash", "-c", f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}', "bash", *args],
+                pass_fds=(to_browser_r, from_browser_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        except BaseException:
+            for fd in (self._to_browser, self._from_browser):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_browser_r)
+            os.close(from_browser_w)
+        try:
+            target = self.call("Target.createTarget", url="about:blank")["targetId"]
+            self._session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                      mobile=False, session=True)
+            self.call("Page.enable", session=True)
+            self.call("Runtime.enable", session=True)
+        except BaseException:
+            self.close()
+            raise
 
     def call(self, method: str, *, session: bool = False, **params) -> dict:
         """Send one command (to the page's session when `session`) and return its result."""
@@ -97,7 +108,8 @@ class Browser:
 
     def _receive(self, deadline: float) -> dict:
         while b"\0" not in self._buffer:
-            if time.monotonic() > deadline:
+            readable, _, _ = select.select([self._from_browser], [], [], max(0.0, deadline - time.monotonic()))
+            if not readable:
                 raise TimeoutError("Chromium did not answer in time")
             chunk = os.read(self._from_browser, 1 << 20)
             if not chunk:
@@ -138,17 +150,17 @@ class Browser:
         return data
 
     def close(self) -> None:
+        """Ask the browser to close; kill it where it does not answer or does not exit within 10 s."""
+        self.timeout = min(self.timeout, 10.0)
         try:
             self.call("Browser.close")
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        try:
             self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        except (RuntimeError, TimeoutError, OSError, subprocess.TimeoutExpired):
             self._process.kill()
             self._process.wait()
-        os.close(self._to_browser)
-        os.close(self._from_browser)
+        finally:
+            os.close(self._to_browser)
+            os.close(self._from_browser)
 
     def __enter__(self) -> Browser:
         return self

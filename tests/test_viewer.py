@@ -425,6 +425,44 @@ def _uniform_points(labels: np.ndarray, value: int, radius: int, n: int, rng) ->
     return np.stack([xs[pick], ys[pick]], axis=1)
 
 
+def _child_processes() -> set[int]:
+    """The processes whose parent is this one (zombies included)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == os.getpid():
+            children.add(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts processes and descriptors through /proc")
+def test_a_browser_that_never_answers_times_out_and_is_ended(tmp_path):
+    """The page tests' browser driver: a browser that keeps its DevTools pipe open and silent is given up on
+    after the timeout, and neither it nor the pipe outlives the failed start."""
+    silent = tmp_path / "silent-browser"
+    silent.write_text("#!/bin/sh\nexec sleep 60\n")
+    silent.chmod(0o755)
+    children, descriptors = _child_processes(), len(os.listdir("/proc/self/fd"))
+    outcome = []
+
+    def start():
+        try:
+            Browser(str(silent), timeout=1.0)
+        except Exception as err:  # noqa: BLE001 - the outcome is checked below
+            outcome.append(err)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "Browser() waited past its timeout"
+    assert len(outcome) == 1 and isinstance(outcome[0], TimeoutError), outcome
+    assert _child_processes() == children
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
 def test_page_shows_the_labels_in_their_colours(svs_run, tmp_path):
     """The overlay blends each label's colour at the given opacity exactly where the label map has it, leaves
     the background alone, and a label switched off (in the URL or by its checkbox) loses its colour."""
