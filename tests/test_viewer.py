@@ -481,16 +481,14 @@ def test_page_shows_the_labels_in_their_colours(svs_run, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = viewer_address(server) + "index.html"
     ready = "document.body.dataset.ready === 'true'"
-    shots = {}
     try:
         with Browser(chromium, width=1200, height=800) as browser:
 
             def shoot(name: str, query: str) -> np.ndarray:
                 browser.open(f"{url}?{query}")
                 browser.wait_for(ready)
-                path = tmp_path / f"{name}.png"
+                path = tmp_path / f"{name}.png"  # kept with the test's other files, for a look when it fails
                 browser.screenshot(path)
-                shots[name] = path
                 return np.asarray(Image.open(path).convert("RGB"), np.float32)
 
             shown = shoot("overlay", "opacity=0.6")
@@ -525,13 +523,11 @@ def test_page_shows_the_labels_in_their_colours(svs_run, tmp_path):
                 "location.search"
             )
             browser.screenshot(tmp_path / "clicked.png")
-            shots["clicked"] = tmp_path / "clicked.png"
             clicked = np.asarray(Image.open(tmp_path / "clicked.png").convert("RGB"), np.float32)
             assert not [m for m in browser.console if "rror" in m], browser.console
     finally:
         server.shutdown()
         server.server_close()
-    print("screenshots:", *map(str, shots.values()))
 
     h, w = shown.shape[:2]
     offsets = np.cumsum([0] + [len(points[v]) for v in points])
@@ -559,6 +555,29 @@ def _cli_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
+def _first_line(process: subprocess.Popen, *, timeout: float) -> str:
+    """The first line `process` prints; kills it and fails the test, with what it wrote on stderr, when it ends
+    or `timeout` seconds pass before a line comes."""
+    lines = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not lines or not lines[0]:
+        process.kill()
+        pytest.fail(f"the command printed no line within {timeout} s; its stderr: {process.communicate()[1]}")
+    return lines[0]
+
+
+def test_a_command_that_prints_nothing_fails_the_test_and_is_ended():
+    silent = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; print('starting', file=sys.stderr, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    with pytest.raises(pytest.fail.Exception, match="printed no line within 2 s; its stderr: starting"):
+        _first_line(silent, timeout=2)
+    assert silent.returncode == -signal.SIGKILL
+
+
 def test_cli_view_serves_the_viewer_and_stops_on_ctrl_c(ome_slide, tmp_path):
     out = _ome_run(ome_slide, tmp_path / "tissue")
     process = subprocess.Popen(
@@ -566,8 +585,8 @@ def test_cli_view_serves_the_viewer_and_stops_on_ctrl_c(ome_slide, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cli_env(),
     )
     try:
-        line = process.stdout.readline()
-        assert line.startswith(f"serving {out / 'viewer'} at http://127.0.0.1:"), line + process.stderr.read()
+        line = _first_line(process, timeout=120)
+        assert line.startswith(f"serving {out / 'viewer'} at http://127.0.0.1:"), line
         address = line.split(" at ")[1].split()[0]
         with urllib.request.urlopen(address + "index.html", timeout=10) as reply:
             assert b"openseadragon/openseadragon.min.js" in reply.read()
@@ -577,7 +596,12 @@ def test_cli_view_serves_the_viewer_and_stops_on_ctrl_c(ome_slide, tmp_path):
             assert b"OpenSeadragon contributors" in reply.read()
     finally:
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=20)
+        try:
+            stdout, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
     assert process.returncode == 0, stderr
     assert stdout.strip() == "stopped" and "Traceback" not in stderr
 
