@@ -54,7 +54,8 @@ def write_viewer(
     slide: the slide file, default the path summary.json records. tile_size, overlap: of the Deep Zoom
     tiles; quality: of the slide's JPEG tiles; opacity: the overlay's opacity when the page opens. What is
     already written for the same run and settings is kept (see the module docstring). Raises ViewerError
-    when the folder holds no finished run or the slide cannot be read.
+    when the folder holds no finished run, the slide cannot be read, or another process is writing the
+    same viewer.
     """
     if not 1 <= quality <= 100:
         raise ValueError(f"quality must be 1 .. 100, got {quality}")
