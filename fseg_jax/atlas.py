@@ -122,7 +122,7 @@ def concept_atlas(
     patch: int = 64,
     mpp: float = 0.5,
     slide_mpp: float | None = None,
-    tile: int = 512,
+    tile: int | None = None,
     **pipeline_options,
 ) -> ConceptAtlas:
     """The ``n`` strongest ``patch`` x ``patch`` pixel patches of every concept over ``images``.
@@ -136,8 +136,9 @@ def concept_atlas(
         concepts, model, k: as for :func:`fseg_jax.segment` (the model defaults to the one the bank records).
         n: patches kept per concept.
         patch: side of each crop in pixels, centred on the token (white beyond the image or slide).
-        mpp, slide_mpp, tile: for slides: the working microns per pixel, the slides' own level-0 microns per
-            pixel where a file does not record it, and the tile side (a multiple of the model's patch size).
+        mpp, slide_mpp, tile: for slides: the working microns per pixel, the level-0 microns per pixel of slide
+            files that do not record it (a ``Slide`` object carries its own), and the tile side (a multiple of
+            the model's patch size; default 512 px rounded down to whole patches).
         **pipeline_options: other options of ``Pipeline.create`` (``layer``, ``solver``, ``dtype``, ...).
             The method is ``"project"``: the weights are the NNLS weights F-Seg labels with.
 
@@ -150,10 +151,11 @@ def concept_atlas(
         raise ValueError(f"n and patch must be positive, got n={n}, patch={patch}")
     pipeline = Pipeline.create(concepts, model=model, k=k, method="project", **pipeline_options)
     p = pipeline.model.config.patch_size
+    tile = 512 // p * p if tile is None else tile
     top = _TopPatches(pipeline.program_concepts.shape[0], n, patch)
     inputs: list[dict[str, Any]] = []
     for index, item in enumerate(images):
-        slide = _as_slide(item, slide_mpp)
+        slide, owned = _as_slide(item, slide_mpp)
         if slide is None:
             rgb = to_uint8(as_rgb(item, name=f"image {index}"))
             w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
@@ -162,7 +164,7 @@ def concept_atlas(
             top.add(w_hwk.reshape(h * w, kk), coords, index, _image_crop(rgb, p, patch))
             inputs.append({"kind": "image", "source": _source_name(item), "height": rgb.shape[0], "width": rgb.shape[1]})
             continue
-        with slide:
+        try:
             plan = slide.plan(mpp)
             for rgb, (rows, cols), margin, tissue in _tissue_tiles(slide, plan, tile, p):
                 w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
@@ -170,7 +172,10 @@ def concept_atlas(
                 ys, xs = np.nonzero(tissue)
                 coords = np.stack([ys + rows.start, xs + cols.start], axis=1)
                 top.add(core[ys, xs], coords, index, _slide_crop(slide, plan, p, patch))
-            inputs.append({"kind": "slide", "source": str(slide.path), "mpp": plan.mpp, "slide_mpp": slide.mpp,
+        finally:
+            if owned:  # a Slide the caller passed stays open for the caller
+                slide.close()
+        inputs.append({"kind": "slide", "source": str(slide.path), "mpp": plan.mpp, "slide_mpp": slide.mpp,
                            "width": plan.size[0], "height": plan.size[1]})
     if top.tokens == 0:
         raise ValueError("no images, or no tissue in the slides, to build the atlas from")
@@ -223,7 +228,8 @@ class _TopPatches:
 
 
 def _as_slide(item: Any, slide_mpp: float | None):
-    """`item` as an open whole slide, or None when it is an image (array, PIL image or image file)."""
+    """(`item` as an open whole slide, whether it was opened here), or (None, False) for an image (array, PIL
+    image or image file)."""
     if isinstance(item, (str, os.PathLike)):
         from fseg_jax.io import IMAGE_SUFFIXES
         from fseg_jax.wsi.reader import SLIDE_SUFFIXES, ImageSlide, open_slide
@@ -231,16 +237,16 @@ def _as_slide(item: Any, slide_mpp: float | None):
         path = Path(item)
         suffix = path.suffix.lower()
         if suffix not in SLIDE_SUFFIXES or (suffix in IMAGE_SUFFIXES and suffix not in (".tif", ".tiff")):
-            return None
+            return None, False
 
         slide = open_slide(path, slide_mpp=slide_mpp)
         if isinstance(slide, ImageSlide):  # a plain (untiled) TIFF is an image
             slide.close()
-            return None
-        return slide
+            return None, False
+        return slide, True
     from fseg_jax.wsi.reader import Slide
 
-    return item if isinstance(item, Slide) else None
+    return (item, False) if isinstance(item, Slide) else (None, False)
 
 
 def _tissue_tiles(slide, plan, tile: int, p: int):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_models import tiny_vit
+from tiny_models import tiny_config, tiny_vit
 
 import fseg_jax
 from fseg_jax.atlas import concept_atlas, save_atlas
@@ -178,3 +178,17 @@ def test_named_bank_rows_show_class_names_and_colours(setup):
     assert row_colour[1] == tuple(palette(5)[1]) and row_colour[3] == tuple(palette(5)[3])
     plain = concept_atlas(images, bank, model=model, n=2, patch=16)
     assert plain.classes is None and "class" not in plain.summary()["concepts"][0]
+
+
+def test_slide_atlas_at_patch_14_by_default_and_a_given_slide_stays_open(tmp_path):
+    from test_wsi import synthetic_he, write_ome_tiff
+
+    from fseg_jax.wsi import open_slide
+
+    model = tiny_vit(tiny_config(patch_size=14))
+    bank = np.abs(np.random.default_rng(2).normal(size=(3, 32))).astype(np.float32)
+    path = write_ome_tiff(tmp_path / "s.ome.tif", synthetic_he(600, 800, seed=4)[0], mpp=0.5, levels=2)
+    with open_slide(path) as slide:
+        atlas = concept_atlas([slide], bank, model=model, n=2, patch=28, mpp=0.5)  # 504 px tiles: whole patches
+        assert atlas.tokens > 0 and atlas.inputs[0]["kind"] == "slide"
+        assert slide.read_level(0, 0, 0, 4, 4).shape == (4, 4, 3)  # the caller's slide is not closed

@@ -191,9 +191,9 @@ def test_midnight_parity_from_a_hub_folder(tmp_path):
 
 def hibou_interpolate_pos_encoding(embeddings_module, antialias: bool, offset: float):
     """``DinoVisionTransformer.interpolate_pos_encoding`` of HistAI/hibou (hibou/models/vision_transformer.py, the
-    DINOv2 repository's code, public source), rewritten for the transformers embeddings module it replaces: Hibou's
-    hub modeling code (modeling_dinov2.py, loaded with trust_remote_code) could not be obtained offline. Its
-    ``w``/``h`` are the input's height and width, in that order."""
+    DINOv2 repository's code, public source), rewritten for the transformers embeddings module it replaces, standing in for Hibou's
+    hub modeling code (modeling_dinov2.py, loaded with trust_remote_code), which is not part of any installable
+    package. Its ``w``/``h`` are the input's height and width, in that order."""
 
     def interpolate(x, w, h):
         pos_embed = embeddings_module.position_embeddings

@@ -147,7 +147,7 @@ def learn(model_spec, images, sample, random_seed, depth, output, ks, layer, til
 @click.option("--patch", default=64, show_default=True, type=int, help="Patch side in pixels.")
 @click.option("--mpp", type=float, default=0.5, show_default=True, help="Slides: working microns per pixel.")
 @click.option("--slide-mpp", type=float, help="Slides: their own microns per pixel, for files that do not record it.")
-@click.option("--tile", type=int, default=512, show_default=True, help="Slides: tile side in working pixels.")
+@click.option("--tile", type=int, help="Slides: tile side in working pixels [default: 512 rounded down to whole patches].")
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Atlas picture to write (.png); its numbers go beside it as .json.")
 def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, patch, mpp, slide_mpp, tile, output):
@@ -159,13 +159,13 @@ def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, p
     patches' sources (for slides also their level-0 pixel position).
     """
     from fseg_jax.atlas import concept_atlas, save_atlas
-    from fseg_jax.io import expand_image_paths
+    from fseg_jax.io import IMAGE_SUFFIXES, expand_image_paths
     from fseg_jax.wsi.reader import SLIDE_SUFFIXES
 
     if not images and not sample:
         raise click.UsageError("give IMAGE... (files or folders), or --sample")
     try:
-        files = expand_image_paths(images, sorted(SLIDE_SUFFIXES))
+        files = expand_image_paths(images, sorted(SLIDE_SUFFIXES.union(IMAGE_SUFFIXES)))
     except (ValueError, OSError) as e:
         raise click.ClickException(one_line(e)) from None
     if sample:

@@ -84,7 +84,9 @@ def _load_torch_bin(path: Path) -> Mapping[str, Any]:
 
 
 def open_checkpoint(path: str | Path) -> Mapping[str, Any]:
-    """A flat {name: tensor} mapping of a ``.safetensors`` or torch ``.bin``/``.pt``/``.pth`` checkpoint.
+    """The {name: tensor} mapping of a ``.safetensors`` or torch ``.bin``/``.pt``/``.pth`` checkpoint (flat, but
+    for training checkpoints that nest the state dict, e.g. DINOv2's ``{"teacher": {...}}``, which their layout's
+    rules unpack).
 
     Raises:
         FileNotFoundError: no such file.
