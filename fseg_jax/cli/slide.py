@@ -32,7 +32,9 @@ SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here s
 @click.option("--tile", type=int, default=None,
               help="Tile side in working pixels, a multiple of the patch [default: 1024 rounded down to one: 1022 "
                    "at patch 14].")
-@click.option("--margin", type=int, help="Context discarded on each tile side, in pixels [default: tile/16].")
+@click.option("--margin", type=int,
+              help="Context discarded on each tile side, in pixels [default: tile/16 rounded down to a multiple of "
+                   "the patch: 64 at tile 1024, 56 at 1022].")
 @click.option("--batch", type=int, default=16, show_default=True, help="Tiles per step, split over all local devices.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--save-weights", is_flag=True, help="Also write the token weights (weights.safetensors).")
