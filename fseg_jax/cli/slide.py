@@ -139,7 +139,10 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
         elif not result.complete:
             click.echo(f"{result.slide.name}: share done ({result.tiles_computed} tiles); run --merge when all are")
         else:
-            note = "already done" if result.tiles_computed == 0 and result.tiles else f"{result.tiles_computed} tiles computed"
+            if result.tiles_computed or not result.tiles:
+                note = f"{result.tiles_computed} tiles computed"
+            else:
+                note = "re-merged from earlier work" if result.merged else "already done"
             click.echo(f"{result.slide.name}: {result.tiles} tissue tiles, {note}, {result.seconds:.1f} s -> {result.out_dir}")
             if viewer and not _write_viewer(result.slide, result.out_dir):
                 viewer_failures.append(result.slide)
