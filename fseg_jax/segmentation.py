@@ -7,8 +7,8 @@ no ``(H, W, k)`` float array is ever held. Images are grouped by padded size on 
 so a folder of varied sizes compiles once per distinct size (or once per ``bucket`` with a coarser bucket).
 
 Every front end (:func:`segment`, :func:`make_token_fn`, ``fseg-jax segment``, the slide pipeline through
-``make_token_fn``) describes its run as one frozen :class:`Pipeline`, built and checked once by
-``Pipeline.create``; the jitted program itself is the public, pure :func:`segment_padded`.
+``Pipeline.create(...).token_fn()``) describes its run as one frozen :class:`Pipeline`, built and checked once
+by ``Pipeline.create``; the jitted program itself is the public, pure :func:`segment_padded`.
 
 Methods (labels are concept indices into the bank's ``k`` concepts, except for ``"dff"``):
 

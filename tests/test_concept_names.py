@@ -148,11 +148,17 @@ def test_cli_names_a_bank_in_place_and_prints_its_classes(tmp_path):
         (["3=tumour"], 2, "--k is required: the bank holds k in 8, 16"),
         (["--k", "12", "3=tumour"], 1, "k=12 is not in"),
         (["--k", "16", "16=tumour"], 1, r"concept 16 is out of range \(0\.\.15\)"),
-        (["--k", "16", "3tumour"], 2, "expected INDEX=NAME, got '3tumour'"),
-        (["--k", "16", "x=tumour"], 2, "expected INDEX=NAME, got 'x=tumour'"),
+        (["--k", "16", "3tumour"], 2, ("Invalid value for 'INDEX=NAME...': expected INDEX=NAME with INDEX a "
+                                       "concept number, got '3tumour'")),
+        (["--k", "16", "x=tumour"], 2, "'INDEX=NAME...': expected INDEX=NAME .*, got 'x=tumour'"),
+        (["--k", "16", "\u00b2=tumour"], 2, "'INDEX=NAME...': expected INDEX=NAME .*, got '\u00b2=tumour'"),
+        (["--k", "16", "\u0663=tumour"], 2, "'INDEX=NAME...': expected INDEX=NAME .*, got '\u0663=tumour'"),
+        (["--k", "16", "3.0=tumour"], 2, "'INDEX=NAME...': expected INDEX=NAME .*, got '3.0=tumour'"),
+        (["--k", "16", "3=concept 5"], 1, "concept 3 cannot be named 'concept 5': that name is reserved for concept 5"),
         (["--k", "16", "3="], 1, "concept 3: expected a non-empty name"),
         (["--k", "16", "--color", "3=#d6272"], 1, "colour '#d6272' is not of the form #rrggbb"),
-        (["--k", "16", "--color", "3"], 2, "expected INDEX=#RRGGBB, got '3'"),
+        (["--k", "16", "--color", "3"], 2, "Invalid value for '--color': expected INDEX=#RRGGBB .*, got '3'"),
+        (["--k", "16", "--color", "\u00b9=#000000"], 2, "'--color': expected INDEX=#RRGGBB .*, got '\u00b9=#000000'"),
         (["--k", "16", "5=s", "7=s", "--color", "5=#000000", "--color", "7=#ffffff"], 1, "given two colours"),
     ],
 )
@@ -193,6 +199,20 @@ def test_classes_from_names_check_their_input():
         ConceptClasses.from_names(4, {}, {-1: "#000000"})
     with pytest.raises(ValueError, match="non-empty strings"):
         ConceptClasses.from_names(4, {1: ""})
+
+
+def test_a_name_that_is_another_concepts_unnamed_name_is_refused():
+    """"concept 3" as concept 1's name would silently merge concept 1 with the unnamed concept 3."""
+    message = "concept 1 cannot be named 'concept 3': that name is reserved for concept 3"
+    with pytest.raises(ValueError, match=message):
+        ConceptClasses.from_names(4, {1: "concept 3"})
+    with pytest.raises(ValueError, match=message):
+        _bank().with_names(8, {1: "concept 3"})
+    with pytest.raises(ValueError, match=message):
+        ConceptBank({8: np.ones((8, 5))}, names={8: {1: "  concept   3 "}})
+    # a concept's own unnamed name, and the name of a concept the bank's k lacks, are names like any other
+    assert ConceptClasses.from_names(4, {1: "concept 1"}).names == ("concept 0", "concept 1", "concept 2", "concept 3")
+    assert ConceptClasses.from_names(4, {1: "concept 4", 2: "concept 4"}).concepts == ((0,), (1, 2), (3,))
 
 
 def test_cli_names_the_published_uni_bank_and_changes_nothing_else(shared_data, tmp_path):

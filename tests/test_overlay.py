@@ -87,36 +87,84 @@ def test_bad_inputs(image, labels, kwargs, message):
         overlay(image, labels, **kwargs)
 
 
+STROMA = (214, 39, 40)  # "#d62728"
+
+
+def _swatches(strip: np.ndarray, colour) -> list[tuple[int, int, int, int]]:
+    """(top, left, bottom, right) of each patch of at least 4 x 4 pixels in exactly `colour` (smaller ones are
+    anti-aliased text)."""
+    from scipy import ndimage
+
+    found, _ = ndimage.label((strip == np.asarray(colour, np.uint8)).all(-1))
+    boxes = [(s[0].start, s[1].start, s[0].stop, s[1].stop) for s in ndimage.find_objects(found)]
+    return [b for b in boxes if b[2] - b[0] >= 4 and b[3] - b[1] >= 4]
+
+
+def _ink(picture: np.ndarray) -> np.ndarray:
+    """The part of a picture on white that is not white, cropped to its bounding box."""
+    rows, cols = np.nonzero((picture != 255).any(-1))
+    return picture[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
+def _written(text: str, ink: np.ndarray) -> bool:
+    """Whether `ink` is `text` in black in Pillow's default font, at one of its sizes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    fonts = [ImageFont.load_default()]
+    try:
+        fonts += [ImageFont.load_default(size=size) for size in range(8, 40)]
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the bitmap font only
+        pass
+    for font in fonts:
+        canvas = Image.new("RGB", (40 * len(text) + 40, 80), (255, 255, 255))
+        ImageDraw.Draw(canvas).text((20, 20), text, fill=(0, 0, 0), font=font)
+        drawn = _ink(np.asarray(canvas))
+        if drawn.shape == ink.shape and np.array_equal(drawn, ink):
+            return True
+    return False
+
+
 def test_classes_colour_concepts_by_class_and_merge_their_legend_entries():
     from fseg_jax.concepts import ConceptClasses
 
-    classes = ConceptClasses.from_names(6, {1: "tumour", 2: "stroma", 4: "stroma"}, {2: "#0000ff"})
-    image = np.full((100, 600, 3), 255, np.uint8)
+    classes = ConceptClasses.from_names(6, {1: "tumour", 2: "stroma", 4: "stroma"}, {2: "#d62728"})
+    # an image whose every value has the parity of the stroma colour's, so that the half blend is exact
+    rng = np.random.default_rng(0)
+    image = (rng.integers(0, 128, (100, 600, 3)) * 2 + np.array(STROMA) % 2).astype(np.uint8)
     labels = np.zeros((100, 600), np.int32)
     labels[:, 100:200] = 1
     labels[:, 200:300] = 2
-    labels[:, 300:400] = 4
-    labels[:, 400:] = 5
+    labels[:, 300:450] = 4
+    labels[:, 450:] = 5
     before = labels.copy()
-    out = overlay(image, labels, alpha=1.0, legend=True, classes=classes)
+    out = overlay(image, labels, alpha=0.5, legend=True, classes=classes)
     np.testing.assert_array_equal(labels, before)
-    expected = classes.rgb(palette(6))[classes.map(labels)]
-    np.testing.assert_array_equal(out[:100], expected)
-    assert tuple(out[50, 250]) == tuple(out[50, 350]) == (0, 0, 255)  # concepts 2 and 4: one class, one colour
-    assert tuple(out[50, 150]) == tuple(palette(6)[1])  # tumour keeps its concept's palette colour
-    # the legend is the one an overlay of the class labels with the class names draws
-    texts = ["concept 0", "tumour (1)", "stroma (2, 4)", "concept 3", "concept 5"]
-    from fseg_jax.visualize import _legend_strip
+    # concepts 2 and 4, one class: the image half-blended with the class's colour
+    stroma = (labels == 2) | (labels == 4)
+    np.testing.assert_array_equal(out[:100][stroma], (image[stroma].astype(int) + STROMA) // 2)
+    opaque = overlay(image, labels, alpha=1.0, classes=classes)
+    assert tuple(opaque[50, 150]) == tuple(palette(6)[1])  # tumour keeps its concept's palette colour
+    assert tuple(opaque[50, 250]) == tuple(opaque[50, 350]) == STROMA
 
-    counts = np.bincount(classes.map(labels).ravel(), minlength=len(classes))
-    assert counts.tolist() == [10000, 10000, 20000, 0, 20000]  # stroma: the area of both concepts
-    np.testing.assert_array_equal(out[100:], _legend_strip(600, counts, classes.rgb(palette(6)), texts))
-    strip = {tuple(c) for c in out[100:].reshape(-1, 3)}
-    assert (0, 0, 255) in strip and tuple(palette(6)[4]) not in strip and tuple(palette(6)[3]) not in strip
+    # the legend: one swatch per class present (concept 0, tumour, stroma, concept 5), none for concept 3
+    # (absent) nor for concept 4 (drawn as stroma)
+    strip = out[100:]
+    present = {"concept 0": palette(6)[0], "tumour": palette(6)[1], "stroma": STROMA, "concept 5": palette(6)[5]}
+    boxes = {name: _swatches(strip, colour) for name, colour in present.items()}
+    assert all(len(found) == 1 for found in boxes.values()), boxes
+    assert _swatches(strip, palette(6)[3]) == [] and _swatches(strip, palette(6)[4]) == []
+    # beside the stroma swatch: its name, its concepts and the share of both concepts, 250 of 600 columns
+    top, left, bottom, right = boxes["stroma"][0]
+    after = [b[1] for found in boxes.values() for b in found if b[1] > right and b[0] < bottom and b[2] > top]
+    text = strip[max(top - 4, 0) : bottom + 4, right + 2 : min(after, default=strip.shape[1]) - 2]
+    assert _written("stroma (2, 4): 41.7%", _ink(text))
+    assert not _written("stroma (2, 4): 16.7%", _ink(text))  # concept 2's share alone
+
     # a custom palette colours the concepts; classes without a colour take their first concept's
     custom = np.arange(18, dtype=np.uint8).reshape(6, 3)
     drawn = overlay(image, labels, alpha=1.0, palette=custom, classes=classes)
-    np.testing.assert_array_equal(drawn[50, 450], custom[5])
+    np.testing.assert_array_equal(drawn[50, 500], custom[5])
+    np.testing.assert_array_equal(drawn[50, 250], STROMA)
 
 
 def test_classes_refuse_labels_out_of_range_and_names():

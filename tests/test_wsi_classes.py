@@ -133,7 +133,8 @@ def test_names_enter_the_fingerprint_and_other_names_merge_the_finished_batches(
     concepts, classes = runs
     assert classes.summary["fingerprint"] != concepts.summary["fingerprint"]
     again = _segmenter(CLASSES).run(slide, classes.out_dir)
-    assert again.tiles_computed == 0 and again.summary == classes.summary
+    assert again.tiles_computed == 0 and again.summary == classes.summary and not again.merged
+    assert classes.merged and concepts.merged
 
     # killed before its outputs, without names: a run with names resumes from the finished batches
     out = tmp_path / "killed"
@@ -237,6 +238,19 @@ def test_cli_slide_with_a_named_bank_on_a_real_slide(shared_data, tmp_path):
     assert {f["properties"]["classification"]["name"] for f in doc["features"]} <= {
         "tumour", "concept 1", "stroma", "concept 3"}
 
+    # the plain bank named into a new file: the plain run's outputs are written anew, no tile computed
+    named = CliRunner().invoke(main, ["concepts", "name", str(tmp_path / "plain.safetensors"), "0=tumour",
+                                      "2=stroma", "4=stroma", "-o", str(tmp_path / "renamed.safetensors")])
+    assert named.exit_code == 0, named.output
+    args[args.index("--concepts") + 1] = str(tmp_path / "renamed.safetensors")
+    args[-1] = str(tmp_path / "plain")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "re-merged from earlier work" in result.output and "tiles computed" not in result.output
+    np.testing.assert_array_equal(tifffile.imread(outs["plain"] / "labels.ome.tif"), named_labels)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0 and "already done" in again.output, again.output
+
 
 def test_naming_after_a_finished_run_merges_its_label_map_anew(slide, runs, tmp_path, monkeypatch):
     from fseg_jax.wsi import merge
@@ -246,7 +260,7 @@ def test_naming_after_a_finished_run_merges_its_label_map_anew(slide, runs, tmp_
     first = _segmenter(save_weights=True).run(slide, out)
     weights = (out / "weights.safetensors").read_bytes()
     named = _segmenter(CLASSES, save_weights=True).run(slide, out)
-    assert named.tiles_computed == 0 and named.tiles == first.tiles == classes.tiles
+    assert named.tiles_computed == 0 and named.merged and named.tiles == first.tiles == classes.tiles
     np.testing.assert_array_equal(_labels(named), _labels(classes))
     assert label_names(out / "labels.ome.tif") == label_names(classes.out_dir / "labels.ome.tif")
     for key in ("classes", "concepts", "labels", "tiles", "tissue_area_mm2"):
@@ -285,3 +299,70 @@ def test_the_viewer_legend_lists_the_classes(runs):
         (1, "stroma"), (2, "nuclei"), (3, "concept 2")]
     assert entries[1]["color"] == [0x12, 0x34, 0x56]
     assert legend_entries(concepts.summary)[0] == "Concepts"
+
+
+def test_a_named_bank_object_merges_the_finished_run_of_its_unnamed_self(slide, tmp_path):
+    """Through from_model with real banks: names added to the bank (its repr changes, as does the path of a
+    bank saved elsewhere) change the outputs' fingerprint only; the tiles' work is the same."""
+    from tiny_models import tiny_config, tiny_vit
+
+    from fseg_jax.concepts import ConceptBank
+
+    model = tiny_vit(tiny_config(patch_size=16, embed_dim=32, depth=1, num_heads=2, reg_tokens=0))
+    plain = ConceptBank({4: np.random.default_rng(0).random((4, 32))}, layer=-1)
+    named = plain.with_names(4, {0: "a", 2: "a"})
+    assert repr(named) != repr(plain)
+    settings = {"model": model, "k": 4, "mpp": 1.0, "tile": 64, "margin": 16, "batch": 4}
+    first = pipeline.segment_slide(slide, tmp_path, concepts=plain, **settings)
+    assert first.tiles_computed == first.tiles > 0 and "classes" not in first.summary
+
+    again = pipeline.segment_slide(slide, tmp_path, concepts=named, **settings)
+    assert again.tiles_computed == 0 and again.merged and again.tiles == first.tiles
+    assert again.summary["bank"] == repr(named) and again.summary["fingerprint"] != first.summary["fingerprint"]
+    assert again.summary["work_fingerprint"] == first.summary["work_fingerprint"]
+    assert [(c["name"], c["concepts"]) for c in again.summary["classes"]] == [("a", [0, 2]), ("concept 1", [1]),
+                                                                              ("concept 3", [3])]
+    np.testing.assert_array_equal(_labels(again), np.array([0, 1, 2, 1, 3])[_labels(first)])
+    segmenter = pipeline.SlideSegmenter.from_model(model, named, k=4, tile=64, margin=16, batch=4, mpp=1.0)
+    done = segmenter.run(slide, tmp_path)
+    assert done.tiles_computed == 0 and not done.merged and done.summary == again.summary
+
+
+def _label_map_of_another_run(path, labels):
+    """labels.ome.tif replaced by one that is not the finished run's concept map, in four ways."""
+    import tifffile
+
+    from fseg_jax.wsi.outputs import write_label_tiff
+    from fseg_jax.wsi.sampling import array_sampler
+
+    height, width = labels.shape
+    names = ["background", *(f"concept {i}" for i in range(K))]
+
+    def write(array, label_names):
+        write_label_tiff(path, array_sampler(array), size=(array.shape[1], array.shape[0]), dtype=array.dtype,
+                         mpp=1.0, names=label_names)
+
+    return {
+        "missing": lambda: path.unlink(),
+        "size": lambda: write(labels[: height // 2], names),
+        "dtype": lambda: write(labels.astype(np.uint16), names),
+        "label names": lambda: write(labels, names[:-1]),
+        "label beyond k": lambda: write(np.where(labels == 1, K + 1, labels).astype(labels.dtype), names),
+        "not a TIFF": lambda: path.write_bytes(b"not a tiff"),
+        "plain TIFF": lambda: tifffile.imwrite(path, labels),
+    }
+
+
+@pytest.mark.parametrize(
+    "change", ["missing", "size", "dtype", "label names", "label beyond k", "not a TIFF", "plain TIFF"]
+)
+def test_a_finished_run_whose_label_map_is_not_its_own_is_computed_anew(slide, runs, tmp_path, change):
+    concepts, classes = runs
+    out = tmp_path / "run"
+    _segmenter().run(slide, out)
+    _label_map_of_another_run(out / "labels.ome.tif", _labels(concepts))[change]()
+    result = _segmenter(CLASSES).run(slide, out)
+    assert result.tiles_computed == result.tiles == classes.tiles and result.merged
+    np.testing.assert_array_equal(_labels(result), _labels(classes))
+    assert result.summary["classes"] == classes.summary["classes"]
+    assert not WorkDir(out).path.exists()

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from fseg_jax.cli import main
 from fseg_jax.wsi import pipeline
-from fseg_jax.wsi.store import WorkDir
+from fseg_jax.wsi.store import WorkDir, work_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def test_two_processes_then_merge_equal_one_process(setup, tmp_path):
     folder = tmp_path / "parts" / "tissue"
     assert not (folder / "summary.json").exists()
     plan = WorkDir(folder).read_plan()
-    assert len(plan["batches"]) == 3 and WorkDir(folder).done(plan["fingerprint"]) == {0, 1, 2}
+    assert len(plan["batches"]) == 3 and WorkDir(folder).done(work_fingerprint(plan)) == {0, 1, 2}
 
     merged = CliRunner().invoke(main, ["slide", str(slide), "--merge", "-o", str(tmp_path / "parts")])
     assert merged.exit_code == 0, merged.output

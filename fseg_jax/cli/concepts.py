@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 
 from fseg_jax.cli.common import concepts_option, model_from_options, one_line, random_model_options
@@ -183,13 +185,18 @@ def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, p
     click.echo(f"wrote {png} and {numbers}: {result.weights.shape[0]} concepts over {result.tokens} tokens")
 
 
-def _parse_assignments(items: tuple[str, ...], what: str) -> dict[int, str]:
-    """``("3=tumour", "5=stroma")`` as {3: "tumour", 5: "stroma"}; a usage error for an item without INDEX=."""
+_INDEX = re.compile(r"-?[0-9]+")
+
+
+def _parse_assignments(items: tuple[str, ...], what: str, param: str) -> dict[int, str]:
+    """``("3=tumour", "5=stroma")`` as {3: "tumour", 5: "stroma"}; a usage error naming `param` for an item
+    whose INDEX is not a whole number in ASCII digits."""
     out = {}
     for item in items:
         index, sep, value = item.partition("=")
-        if not sep or not index.strip().lstrip("-").isdigit():
-            raise click.UsageError(f"expected INDEX={what}, got {item!r}")
+        if not sep or not _INDEX.fullmatch(index.strip()):
+            raise click.BadParameter(f"expected INDEX={what} with INDEX a concept number, got {item!r}",
+                                     param_hint=param)
         out[int(index)] = value
     return out
 
@@ -212,8 +219,8 @@ def name(bank_path, assignments, k, colors, clear, output):
     """
     from fseg_jax.concepts import load_concepts, save_concepts
 
-    names = _parse_assignments(assignments, "NAME")
-    given_colors = _parse_assignments(colors, "#RRGGBB")
+    names = _parse_assignments(assignments, "NAME", "'INDEX=NAME...'")
+    given_colors = _parse_assignments(colors, "#RRGGBB", "'--color'")
     try:
         bank = load_concepts(bank_path)
     except (ValueError, OSError) as e:

@@ -32,7 +32,9 @@ SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here s
 @click.option("--tile", type=int, default=None,
               help="Tile side in working pixels, a multiple of the patch [default: 1024 rounded down to one: 1022 "
                    "at patch 14].")
-@click.option("--margin", type=int, help="Context discarded on each tile side, in pixels [default: tile/16].")
+@click.option("--margin", type=int,
+              help="Context discarded on each tile side, in pixels [default: tile/16 rounded down to a multiple of "
+                   "the patch: 64 at tile 1024, 56 at 1022].")
 @click.option("--batch", type=int, default=16, show_default=True, help="Tiles per step, split over all local devices.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--save-weights", is_flag=True, help="Also write the token weights (weights.safetensors).")
@@ -137,7 +139,10 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
         elif not result.complete:
             click.echo(f"{result.slide.name}: share done ({result.tiles_computed} tiles); run --merge when all are")
         else:
-            note = "already done" if result.tiles_computed == 0 and result.tiles else f"{result.tiles_computed} tiles computed"
+            if result.tiles_computed or not result.tiles:
+                note = f"{result.tiles_computed} tiles computed"
+            else:
+                note = "re-merged from earlier work" if result.merged else "already done"
             click.echo(f"{result.slide.name}: {result.tiles} tissue tiles, {note}, {result.seconds:.1f} s -> {result.out_dir}")
             if viewer and not _write_viewer(result.slide, result.out_dir):
                 viewer_failures.append(result.slide)

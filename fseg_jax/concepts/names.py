@@ -132,12 +132,18 @@ class ConceptClasses:
     def from_names(cls, k: int, names: Mapping[int, str], colors: Mapping[int, str] | None = None) -> ConceptClasses:
         """Group concepts 0..k-1 by name (``names``: {concept: name}; unnamed concepts: ``"concept i"``), each
         class coloured by the colour given to any of its concepts (``colors``: {concept: "#rrggbb"}).
-        ValueError for a concept outside 0..k-1, an empty name, or a class given two different colours."""
+        ValueError for a concept outside 0..k-1, an empty name, another concept's unnamed name (``"concept 5"``
+        given to concept 3, which would merge it with concept 5), or a class given two different colours."""
         for concept in [*names, *(colors or {})]:
             if isinstance(concept, bool) or not isinstance(concept, (int, np.integer)) or not 0 <= concept < k:
                 raise ValueError(f"concept {concept!r} is out of range for k={k} (0..{k - 1})")
         if any(not isinstance(name, str) or not name.strip() for name in names.values()):
             raise ValueError(f"names must be non-empty strings, got {dict(names)!r}")
+        reserved = {default_name(concept): concept for concept in range(int(k))}
+        for concept, name in names.items():
+            if reserved.get(name, concept) != concept:
+                raise ValueError(f"concept {int(concept)} cannot be named {name!r}: that name is reserved for concept "
+                                 f"{reserved[name]}")
         groups: dict[str, list[int]] = {}
         for concept in range(int(k)):
             groups.setdefault(names.get(concept, default_name(concept)), []).append(concept)

@@ -25,6 +25,7 @@ from fseg_jax.concepts.names import ConceptClasses, default_name
 from fseg_jax.visualize import palette
 from fseg_jax.wsi.outputs import (
     label_dtype,
+    label_names,
     remove_stale_temporaries,
     write_geojson,
     write_json,
@@ -136,15 +137,17 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     return summary
 
 
-def remerge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
-    """Write a finished run's outputs anew with the classes of the work folder's plan, computing no tile.
+def remerge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict | None:
+    """Write a finished run's outputs anew for the work folder's plan, computing no tile; return the summary.
 
-    The finished run is one without classes whose tiles the plan computes alike: its summary's fingerprint
-    is the plan's work fingerprint, so its labels.ome.tif holds the concept map (0 = background, i + 1 =
-    concept i), which is read back into the work folder one TIFF tile at a time, then written out as
-    `merge_slide` does. summary.json is removed before the first output is replaced, so a run stopped on
-    the way leaves no finished run behind (the next one computes the tiles). Its weights file, when there is
-    one, stays: the weights do not depend on the classes. ValueError when there is no such finished run.
+    The finished run is one without classes whose tiles the plan computes alike (its summary's
+    work_fingerprint is the plan's), so its labels.ome.tif holds the concept map (0 = background, i + 1 =
+    concept i), which is read back into the work folder one TIFF tile at a time, then written out with the
+    plan's classes and settings as `merge_slide` does. summary.json is removed before the first output is
+    replaced, so a run stopped on the way leaves no finished run behind (the next one computes the tiles).
+    Its weights file, when there is one, stays: the weights do not depend on the classes. None, with every
+    file left as it was, when there is no such finished run or its labels.ome.tif is missing or is not its
+    concept map (another size or dtype, other label names, a label beyond k): the tiles must be computed.
     """
     import tifffile
 
@@ -153,19 +156,29 @@ def remerge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict
     work = WorkDir(out_dir)
     plan = work.read_plan()
     summary_path = out_dir / "summary.json"
+    labels_path = out_dir / "labels.ome.tif"
     previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    if plan is None or previous.get("fingerprint") != work_fingerprint(plan) or "classes" not in plan:
-        raise ValueError(f"{out_dir}: no finished run without classes of these settings to merge anew")
+    if plan is None or previous.get("work_fingerprint") != work_fingerprint(plan) or "classes" in previous:
+        return None
+    k = plan["k"]
     width, height = plan["size"]
-    labels = work.label_map((height, width), label_dtype(plan["k"] + 1))
-    with tifffile.TiffFile(out_dir / "labels.ome.tif") as tif:
-        page = tif.pages[0]
-        if page.shape != (height, width) or page.dtype != labels.dtype:
-            raise ValueError(f"{out_dir}: labels.ome.tif is not the finished run's label map")
-        for segment, (_, _, y, x, _), _ in page.segments():
-            if segment is not None:
-                tile = segment[0, :, :, 0]
-                labels[y : y + tile.shape[0], x : x + tile.shape[1]] = tile[: height - y, : width - x]
+    names = dict(enumerate(_written_labels(k, None)[0]))
+    try:
+        if not labels_path.is_file() or label_names(labels_path) != names:
+            return None
+        labels = work.label_map((height, width), label_dtype(k + 1))
+        with tifffile.TiffFile(labels_path) as tif:
+            page = tif.pages[0]
+            if page.shape != (height, width) or page.dtype != labels.dtype:
+                return None
+            for segment, (_, _, y, x, _), _ in page.segments():
+                if segment is not None:
+                    tile = segment[0, :, :, 0][: height - y, : width - x]
+                    if tile.size and int(tile.max()) > k:
+                        return None
+                    labels[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+    except (OSError, ValueError):  # unreadable: not a finished run's label map
+        return None
     labels.flush()
     thumb, tissue_tokens = work.tissue(work_fingerprint(plan))
     summary_path.unlink()
@@ -293,6 +306,7 @@ def _write_outputs(
         "versions": _versions(),
         "outputs": written,
         "fingerprint": plan["fingerprint"],
+        "work_fingerprint": work_fingerprint(plan),
     }
     write_json(out_dir / "summary.json", summary)
     return summary

@@ -79,7 +79,9 @@ class SlideResult:
 
     complete: the outputs exist (False only for a process that wrote its share of a multi-process run);
     tiles: tiles with tissue; tiles_computed: how many of them this call computed (fewer after a resume,
-    0 when the outputs were already there); summary: the contents of summary.json once complete.
+    0 when the outputs were already there or were written anew from earlier work); summary: the contents
+    of summary.json once complete; merged: this call wrote the outputs (False when they were already
+    there, and for a share of a multi-process run).
     """
 
     slide: Path
@@ -89,6 +91,7 @@ class SlideResult:
     tiles_computed: int
     seconds: float
     summary: dict | None = None
+    merged: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,18 +113,19 @@ class SlideSegmenter:
     uint8) -> (B, T/p, T/p, k) concept weights; `from_model` builds one from a model and a concept bank.
     patch_size: the model's patch (token) size p in pixels. tile: tile side in working pixels (a multiple
     of p; default ``DEFAULT_TILE`` rounded down to a multiple of p: 1024 at patch 8 or 16, 1022 at 14);
-    margin: context discarded on each side (a multiple of p; default tile/16); batch: tiles per step (rounded
-    up to a multiple of the device count; smaller batches are computed at the next power of two); mpp: working
-    microns per pixel; resolution: "pixel" (labels per pixel by F-Seg's rule, the default) or "token" (one
-    label per token, faster); save_weights: also keep the (h, w, k) token weights; devices:
-    the devices to shard the batch over (default: all local); workers: reader threads (default: one per
-    CPU core, at most 32); info: what to record in summary.json about the model and bank; params_id: what
+    margin: context discarded on each side (a multiple of p; default tile/16 rounded down to a multiple of p:
+    64 at tile 1024, 56 at 1022); batch: tiles per step (rounded up to a multiple of the device count; smaller
+    batches are computed at the next power of two); mpp: working microns per pixel; resolution: "pixel"
+    (labels per pixel by F-Seg's rule, the default) or "token" (one label per token, faster); save_weights:
+    also keep the (h, w, k) token weights; devices: the devices to shard the batch over (default: all local);
+    workers: reader threads (default: one per CPU core, at most 32); info: what to record in summary.json about the model and bank (its "bank" entry,
+    the bank's path or description, does not enter the tiles' work fingerprint); params_id: what
     identifies `params` in the resume fingerprint (`from_model` gives a digest of the model's checkpoint and
     of the concepts; default: `fseg_jax.wsi.plan.tree_digest` of every parameter value); classes: the
     bank's classes for k (`ConceptBank.classes`, which `from_model` takes from a bank with names for k):
     the outputs show classes instead of concepts (see `merge_slide`). They enter the fingerprint but not
-    the tiles' work: a run with other names merges the batches a killed or multi-process run left, or the
-    label map of a finished run without names (`remerge_slide`).
+    the tiles' work: a run with other names, or with the named bank saved elsewhere, merges the batches a
+    killed or multi-process run left, or the label map of a finished run without names (`remerge_slide`).
     """
 
     def __init__(
@@ -243,8 +247,10 @@ class SlideSegmenter:
         holding a run with other settings is an error (`SlideRunMismatch`), not replaced: the processes
         must agree, and a batch computed under other settings never counts as done. A device without the
         memory for a batch raises `DeviceMemoryError`, which says which smaller batch or tile to try.
-        With classes, a finished run of the same settings without them is merged anew (`remerge_slide`):
-        its label map becomes the classes' and no tile is computed.
+        A finished run without classes whose tiles these settings compute alike (the same concepts, now
+        named or saved elsewhere) is merged anew (`remerge_slide`): its concept map is written out with
+        these settings' classes and no tile is computed; when its labels.ome.tif is missing or not its
+        concept map, the tiles are.
         """
         t_start = time.perf_counter()
         index, count = part if part is not None else (0, 1)
@@ -264,12 +270,13 @@ class SlideSegmenter:
             out_dir.mkdir(parents=True, exist_ok=True)
             work = WorkDir(out_dir)
             plan = start_or_resume(work, reader, plan, batch=self.step.batch, shared=count > 1)
-            finished_without_names = finished_summary(out_dir, work_fingerprint(plan)) if "classes" in plan else None
-            if count == 1 and finished_without_names and (out_dir / "labels.ome.tif").is_file():
-                # a finished run of these tiles without names: its label map becomes classes, no tile computed
-                summary = remerge_slide(out_dir)
+            # a finished run of these tiles without names: its label map is written anew, no tile computed
+            summary = remerge_slide(out_dir) if count == 1 else None
+            if summary is not None:
                 n_tiles = summary["tiles"]["tissue"]
-                return SlideResult(reader.path, out_dir, True, n_tiles, 0, time.perf_counter() - t_start, summary)
+                return SlideResult(
+                    reader.path, out_dir, True, n_tiles, 0, time.perf_counter() - t_start, summary, merged=True
+                )
             computed = self._compute(reader, plan, work, (index, count), progress, progress_position)
         finally:
             if owned:
@@ -279,7 +286,9 @@ class SlideSegmenter:
             check_unchanged(work, plan)
             return SlideResult(reader.path, out_dir, False, n_tiles, computed, time.perf_counter() - t_start)
         summary = merge_slide(out_dir)
-        return SlideResult(reader.path, out_dir, True, n_tiles, computed, time.perf_counter() - t_start, summary)
+        return SlideResult(
+            reader.path, out_dir, True, n_tiles, computed, time.perf_counter() - t_start, summary, merged=True
+        )
 
     def settings(self) -> dict[str, Any]:
         """What a run's plan and fingerprint record of this segmenter (see `fseg_jax.wsi.plan`)."""
@@ -427,7 +436,9 @@ def segment_slide(
     as it is, at its own resolution, which summary.json records); slide_mpp: the slide's own level-0
     resolution when its file does not record it (or records it wrongly). tile: tile side in working
     pixels, a multiple of the patch size (default: 1024 rounded down to one, 1022 at patch 14); margin:
-    context computed then discarded on each side (default tile/16). batch: tiles per compiled step, sharded over `devices` (default: all local devices).
+    context computed then discarded on each side (default: tile/16 rounded down to a multiple of the patch
+    size, 64 at tile 1024, 56 at 1022). batch: tiles per compiled step, sharded over `devices` (default: all
+    local devices).
     dtype: "bfloat16" for a bfloat16 forward pass. resolution: "pixel" (F-Seg's per-pixel argmax of the
     bilinearly upsampled weights, continuous across tiles) or "token" (one label per token, faster).
     n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment`. save_weights: also write the

@@ -2,12 +2,13 @@
 
 A run's plan (plan.json in the work folder, see `fseg_jax.wsi.store`) records every setting that changes
 its outputs, the slide's geometry and the batches of tiles with tissue; its fingerprint is the hash of the
-settings. A batch file counts only for the work fingerprint its name carries (the hash of the settings
-without the classes, which change only the merge), so a run resumes exactly the work done under its own
-settings, and a run whose concepts were named (or renamed) since merges the finished batches anew (or a
-finished run's concept map, see `fseg_jax.wsi.merge.remerge_slide`). The model and the concepts enter the
-settings as digests of what is computed with: the converted model's files (for a model loaded from a
-folder) or every parameter value, and the concept matrix actually used.
+settings. A batch file counts only for the work fingerprint its name carries (the hash of the settings that
+decide the tiles' concept weights: all but the classes, which change only the merge, and the bank's entry in
+the info, its path or description, names included), so a run resumes exactly the work done under its own
+settings, and a run whose concepts were named (or renamed) since, or whose bank was saved elsewhere, merges
+the finished batches anew (or a finished run's concept map, see `fseg_jax.wsi.merge.remerge_slide`). The
+model and the concepts enter the settings as digests of what is computed with: the converted model's files
+(for a model loaded from a folder) or every parameter value, and the concept matrix actually used.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def plan_slide(reader: Slide, mpp: float, settings: dict[str, Any]) -> dict:
     """The plan of a run over `reader` at `mpp` microns per pixel with the segmenter's `settings`, fingerprinted.
 
     The batches are left out: `start_or_resume` adds them once the tissue is known. The work fingerprint
-    leaves the settings' "classes" out; without classes it equals the fingerprint.
+    leaves out the settings' "classes" and the "bank" entry of their "info" (the concepts' values are in
+    "params"); without either it equals the fingerprint.
     """
     rp = reader.plan(mpp)
     plan = {
@@ -84,6 +86,8 @@ def plan_slide(reader: Slide, mpp: float, settings: dict[str, Any]) -> dict:
         **settings,
     }
     work = {key: value for key, value in plan.items() if key != "classes"}
+    if "bank" in work.get("info", {}):
+        work["info"] = {key: value for key, value in work["info"].items() if key != "bank"}
     return {
         **plan, "slide_path": str(reader.path), "backend": reader.backend, "fingerprint": _digest(plan),
         "work_fingerprint": _digest(work),

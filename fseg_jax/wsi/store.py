@@ -1,7 +1,8 @@
 """The work folder of a slide run: its plan and finished batches, so that a killed run resumes.
 
 Layout of `<slide out dir>/.fseg-work/`, F the first 12 hex digits of the plan's work fingerprint (that of the
-settings that decide what the tiles compute: all but the classes, see `work_fingerprint`):
+settings that decide what the tiles compute: all but the classes and the bank's description, see
+`fseg_jax.wsi.plan.plan_slide`):
     plan.json           what is being computed (settings, fingerprint, tile grid, the batches of tiles)
     tissue.F.npz        thumbnail (h, w, 3) uint8 and token tissue mask (h_tok, w_tok) bool
     batch-000042.F.npz  compressed: tiles (n,) int64, labels (n, c p, c p) or (n, c, c) (pixel or token
@@ -33,7 +34,8 @@ _BATCH_RE = re.compile(r"^batch-(\d{6})\.([0-9a-f]{12})\.npz$")
 
 def work_fingerprint(plan: dict) -> str:
     """The fingerprint a plan's tissue and batch files carry: that of its settings without the classes, which
-    change only how the finished batches are merged (for a run without classes, the plan's fingerprint)."""
+    change only how the finished batches are merged, and without the bank's description (see
+    `fseg_jax.wsi.plan.plan_slide`; for a plan that records none, its fingerprint)."""
     return plan.get("work_fingerprint", plan["fingerprint"])
 
 

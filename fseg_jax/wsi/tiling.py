@@ -32,7 +32,7 @@ class TileGrid:
 
     @classmethod
     def for_slide(cls, size: tuple[int, int], *, patch: int, tile: int, margin: int | None = None) -> TileGrid:
-        """The grid for a (width, height) slide; margin defaults to 1/16 of the tile, rounded to patches."""
+        """The grid for a (width, height) slide; margin defaults to 1/16 of the tile, rounded down to patches."""
         if margin is None:
             margin = (tile // 16) // patch * patch
         return cls(width=size[0], height=size[1], patch=patch, tile=tile, margin=margin)
