@@ -311,6 +311,26 @@ def test_cli_passes_every_model_option(synthetic_slide, model, concepts, tmp_pat
     assert slide.SOLVERS == nmf.SOLVERS  # the command's choices, named without importing JAX
 
 
+def test_cli_takes_the_model_the_bank_records(synthetic_slide, model, concepts, tmp_path):
+    from click.testing import CliRunner
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+    from fseg_jax.hub import save_model
+
+    save_model(model, tmp_path / "model")
+    save_concepts(tmp_path / "recorded.safetensors", ConceptBank({K: concepts}, model=str(tmp_path / "model"), layer=-1))
+    save_concepts(tmp_path / "unrecorded.safetensors", ConceptBank({K: concepts}, model=None, layer=-1))
+    args = ["slide", str(synthetic_slide), "--mpp", "4", "--tile", "128", "--margin", "16", "--batch", "4",
+            "--no-compilation-cache", "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, [*args, "--concepts", str(tmp_path / "recorded.safetensors")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "synthetic" / "summary.json").read_text())
+    assert summary["model"] == str(tmp_path / "model")
+    refused = CliRunner().invoke(main, [*args, "--concepts", str(tmp_path / "unrecorded.safetensors")])
+    assert refused.exit_code == 2 and "--model is required: the bank records no model" in refused.output
+
+
 def test_models_that_differ_in_one_parameter_do_not_share_batches(synthetic_slide, model, concepts, tmp_path):
     """The resume fingerprint hashes every parameter value: a model that differs from another in one value
     of the patch embedding (49152 values, of which a strided sample of every 12th would see only one in

@@ -11,7 +11,8 @@ SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here s
 
 @click.command("slide")
 @click.argument("slides", type=click.Path(exists=True, path_type=Path))
-@click.option("--model", "model", help="Model preset (uni, gigapath, ...) or a converted-model folder.")
+@click.option("--model", "model",
+              help="Model preset (uni, gigapath, ...) or a converted-model folder [default: the one the bank records].")
 @click.option("--concepts", "concepts", help="Concept bank: .safetensors file or preset (uni, gigapath, resnet50).")
 @click.option("--k", "k", type=int, help="Number of concepts (one of the bank's k; optional when it holds one).")
 @click.option("--method", type=click.Choice(["project", "nearest", "factorize"]), default="project", show_default=True,
@@ -83,11 +84,15 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
                 failed += 1
         raise SystemExit(1 if failed else 0)
 
-    if model is None or concepts is None:
-        raise click.UsageError("--model and --concepts are required (except with --merge)")
+    if concepts is None:
+        raise click.UsageError("--concepts is required (except with --merge)")
     from fseg_jax.cli.common import concepts_option
 
     bank = concepts_option(concepts, k)
+    if model is None:
+        if bank.model is None:
+            raise click.UsageError("--model is required: the bank records no model")
+        model = bank.model
     if not Path(concepts).expanduser().is_file():
         concepts = bank  # a preset, fetched into the command line's cache; a file goes on as its path
     explicit = (coordinator, num_processes, process_id)
