@@ -46,7 +46,7 @@ from jaxtyping import Array, Float, Int, Shaped
 
 from fseg_jax import factorization
 from fseg_jax.compilation import jit
-from fseg_jax.concepts.names import ConceptClasses
+from fseg_jax.concepts.names import ConceptClasses, check_classes
 from fseg_jax.features import layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
 from fseg_jax.methods import METHODS
@@ -176,8 +176,7 @@ class Pipeline:
         checked.setflags(write=False)
         object.__setattr__(self, "concepts", checked)
         object.__setattr__(self, "k", int(self.k))
-        if self.classes is not None and (not isinstance(self.classes, ConceptClasses) or self.classes.k != self.k):
-            raise ValueError(f"classes must be the ConceptClasses of the k={self.k} concepts, got {self.classes!r}")
+        check_classes(self.classes, self.k)
 
     @classmethod
     def create(

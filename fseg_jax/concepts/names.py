@@ -101,6 +101,12 @@ def _sorted(per_k: dict[int, dict[int, str]]) -> dict[int, dict[int, str]]:
     return {k: dict(sorted(v.items())) for k, v in sorted(per_k.items())}
 
 
+def check_classes(classes: Any, k: int) -> None:
+    """ValueError unless `classes` is None or the :class:`ConceptClasses` of k concepts."""
+    if classes is not None and (not isinstance(classes, ConceptClasses) or classes.k != k):
+        raise ValueError(f"classes must be the ConceptClasses of the k={k} concepts, got {classes!r}")
+
+
 @dataclass(frozen=True, eq=False)
 class ConceptClasses:
     """The classes of one k of a bank: which concepts each class merges, its name and its colour.

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from fseg_jax.concepts.names import ConceptClasses
+from fseg_jax.concepts.names import ConceptClasses, check_classes
 from fseg_jax.wsi.compute import DeviceMemoryError, TileStep, TokenFn, explain_out_of_memory, prefetch_batches
 from fseg_jax.wsi.discovery import find_slides, slide_folder_name
 from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide, remerge_slide, slide_classes
@@ -166,8 +166,7 @@ class SlideSegmenter:
             with_weights=save_weights, devices=devices,
         )
         self.params_id = params_id or tree_digest(params)
-        if classes is not None and (not isinstance(classes, ConceptClasses) or classes.k != self.k):
-            raise ValueError(f"classes must be the ConceptClasses of the k={self.k} concepts, got {classes!r}")
+        check_classes(classes, self.k)
         self.classes = classes
 
     @classmethod
