@@ -236,7 +236,8 @@ def _as_slide(item: Any, slide_mpp: float | None):
 
         path = Path(item)
         suffix = path.suffix.lower()
-        if suffix not in SLIDE_SUFFIXES or (suffix in IMAGE_SUFFIXES and suffix not in (".tif", ".tiff")):
+        whole_slide = suffix in SLIDE_SUFFIXES.difference(IMAGE_SUFFIXES)  # .svs, .ndpi, ...
+        if not whole_slide and suffix not in (".tif", ".tiff"):
             return None, False
 
         slide = open_slide(path, slide_mpp=slide_mpp)
