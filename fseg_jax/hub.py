@@ -196,7 +196,8 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
         assets_dir: where converted presets are kept, under ``fseg_jax/<preset>/<commit>`` (default:
             :func:`assets_cache_dir`, ``~/.cache/huggingface/assets`` unless configured).
         token: hub token (default: the logged-in one / HF_TOKEN).
-        **model_kwargs: ``dtype``, ``attention_impl`` for ViTs.
+        **model_kwargs: ``dtype`` (compute dtype), ``param_dtype`` (storage dtype of the weights:
+            ``jnp.bfloat16`` halves the memory of the large matrices), ``attention_impl`` for ViTs.
 
     Raises:
         ConversionError: the files do not match the architecture (all problems listed) or are damaged.
@@ -249,7 +250,8 @@ def resolve_model(spec, *, dtype=None, **model_kwargs):
         spec: a ``VisionTransformer`` / ``ResNet50``, a preset name, or a directory written by ``save_model``.
         dtype: compute dtype of the forward pass (e.g. ``jnp.bfloat16``); the parameters are shared with the
             cached float32 model, not copied.
-        **model_kwargs: as for :func:`load_model` (``attention_impl``).
+        **model_kwargs: as for :func:`load_model` (``attention_impl``, ``param_dtype``); they apply to models
+            loaded here, not to a model object.
     """
     from fseg_jax.models import with_compute_dtype
 

@@ -199,7 +199,8 @@ class Pipeline:
         """Resolve and check the arguments of :func:`segment` (see there) into a pipeline.
 
         ``model`` may be a model, a preset name or a converted model directory (loaded once per process and
-        kept: ``fseg_jax.hub.resolve_model``); None takes the model the concept bank records. A bank given by
+        kept: ``fseg_jax.hub.resolve_model``; with ``dtype`` given, its parameters are stored in that dtype);
+        None takes the model the concept bank records. A bank given by
         path, preset or ``ConceptBank`` is checked against the model (width, and a warning when it was made for
         another model or layer); ``k`` picks one of its matrices, and the bank's names for that k, if any,
         become the pipeline's ``classes``.
@@ -214,7 +215,9 @@ class Pipeline:
             from fseg_jax.concepts import resolve_concepts
 
             bank = resolve_concepts(concepts)
-        model = resolve_model(model if model is not None else _recorded_model(bank, method))
+        # a model loaded here for a bfloat16 forward is stored in bfloat16 too: half the memory, the same forward
+        stored = {} if dtype is None else {"param_dtype": jnp.dtype(dtype)}
+        model = resolve_model(model if model is not None else _recorded_model(bank, method), **stored)
         layers = tuple(layer_list(layer, model))
         if bank is not None:
             from fseg_jax.concepts import check_compatible

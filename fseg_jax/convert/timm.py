@@ -220,7 +220,7 @@ def fill_model(state_dict: Mapping[str, Any], config, rules: tuple[Rule, ...], i
             value = np.concatenate([got[i] for i in range(count)], axis=-1)
             del parts[dest]
         filled[dest] = True
-        flat[path] = jnp.asarray(value)
+        flat[path] = jnp.asarray(value, dtype=flat[path].dtype)  # the model's storage dtype (param_dtype)
         del value
     missing = [
         f"missing key for part {i + 1} of {part_counts[dest]} of parameter {dest!r}"

@@ -23,13 +23,13 @@ def build_model(config, *, rngs: nnx.Rngs, **model_kwargs):
 def with_compute_dtype(model, dtype):
     """``model`` (a ``VisionTransformer`` or ``ResNet50``) computing in ``dtype``, e.g. ``jnp.bfloat16``.
 
-    The parameters are shared, not copied, and stay float32; every layer of the returned model casts its
+    The parameters are shared, not copied, and keep their storage dtype (``param_dtype``); every layer of the returned model casts its
     inputs and weights to ``dtype`` for its matmuls. Casting the parameters alone does not do this: the patch
     embedding of a float32-built model still returns float32, and the whole forward would run in float32.
     """
     if getattr(model, "dtype", None) == dtype:
         return model
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "param_dtype": model.param_dtype}
     for name in ("attention_impl", "precision"):  # ViT-only options, kept as the model was built
         if hasattr(model, name):
             kwargs[name] = getattr(model, name)

@@ -195,22 +195,45 @@ def splash_attention(
     return out[:, :, :n].astype(v_bnhk.dtype).transpose(0, 2, 1, 3)
 
 
-def resolve_implementation(implementation: str, dtype, n_tokens: int, backend: str | None = None) -> str:
-    """The formulation ``"auto"`` stands for on ``backend`` (default: JAX's default backend).
+def resolve_implementation(implementation: str, dtype, n_tokens: int, backend: str) -> str:
+    """The formulation ``"auto"`` stands for on ``backend`` (``"cpu"``, ``"gpu"`` / ``"cuda"`` / ``"rocm"``,
+    ``"tpu"``).
 
-    GPU: cuDNN flash attention for bfloat16/float16, ``"batched"`` for float32 (cuDNN has no float32 path);
-    TPU: ``"splash"`` from :data:`SPLASH_MIN_TOKENS` tokens, ``"batched"`` below; CPU: ``"chunked"``.
+    GPU: cuDNN flash attention for bfloat16/float16 (where this JAX can trace it; ``"batched"`` otherwise), and
+    ``"batched"`` for float32 (cuDNN has no float32 path); TPU: ``"splash"`` from :data:`SPLASH_MIN_TOKENS` tokens,
+    ``"batched"`` below; CPU: ``"chunked"``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
-    backend = jax.default_backend() if backend is None else backend
-    if backend == "gpu":
+    if backend in ("gpu", "cuda"):
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "batched"
     if backend == "tpu":
         return "splash" if n_tokens >= SPLASH_MIN_TOKENS else "batched"
-    return "chunked"
+    return "batched" if backend == "rocm" else "chunked"
+
+
+def _formulation(implementation: str, q_bnhk, k_bnhk, v_bnhk, precision):
+    """One formulation by name, under a named scope (``attention_<name>``) that lowered programs carry."""
+    with jax.named_scope(f"attention_{implementation}"):
+        if implementation == "chunked":
+            return chunked_attention(q_bnhk, k_bnhk, v_bnhk, precision=precision)
+        if implementation == "batched":
+            return batched_attention(q_bnhk, k_bnhk, v_bnhk, precision=precision)
+        if implementation == "splash":
+            return splash_attention(q_bnhk, k_bnhk, v_bnhk)
+        return jax.nn.dot_product_attention(q_bnhk, k_bnhk, v_bnhk, implementation=implementation)
+
+
+def _auto_for(platform: str, q_bnhk, k_bnhk, v_bnhk, precision):
+    implementation = resolve_implementation("auto", q_bnhk.dtype, q_bnhk.shape[1], platform)
+    if implementation == "cudnn":
+        try:  # tracing cuDNN attention needs JAX's CUDA support; a CPU-only JAX exports the batched formulation
+            return _formulation("cudnn", q_bnhk, k_bnhk, v_bnhk, precision)
+        except RuntimeError:
+            implementation = "batched"
+    return _formulation(implementation, q_bnhk, k_bnhk, v_bnhk, precision)
 
 
 def attention(
@@ -223,15 +246,17 @@ def attention(
 ) -> Float[Array, "b n h k"]:
     """Multi-head softmax attention with scale K**-0.5, no mask: (B, N, H, K) inputs -> (B, N, H, K).
 
-    ``implementation``: one of :data:`IMPLEMENTATIONS` (see the module docs; ``"auto"`` picks per backend
-    and dtype with :func:`resolve_implementation`). ``precision``: matmul precision of the XLA formulations
-    (``"highest"`` for float32 parity on GPU, where the default is TensorFloat-32).
+    ``implementation``: one of :data:`IMPLEMENTATIONS` (see the module docs). ``"auto"`` picks per platform and
+    dtype (:func:`resolve_implementation`) through ``jax.lax.platform_dependent``: the choice follows the platform
+    a program is lowered for, not the machine that traces it, so a program exported on a CPU for
+    ``platforms=("tpu",)`` carries splash attention, and one exported for several platforms runs each one's
+    formulation where it runs. ``precision``: matmul precision of the XLA formulations (``"highest"`` for
+    float32 parity on GPU, where the default is TensorFloat-32).
     """
-    implementation = resolve_implementation(implementation, q_bnhk.dtype, q_bnhk.shape[1])
-    if implementation == "chunked":
-        return chunked_attention(q_bnhk, k_bnhk, v_bnhk, precision=precision)
-    if implementation == "batched":
-        return batched_attention(q_bnhk, k_bnhk, v_bnhk, precision=precision)
-    if implementation == "splash":
-        return splash_attention(q_bnhk, k_bnhk, v_bnhk)
-    return jax.nn.dot_product_attention(q_bnhk, k_bnhk, v_bnhk, implementation=implementation)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return _formulation(implementation, q_bnhk, k_bnhk, v_bnhk, precision)
+    branches = {platform: functools.partial(_auto_for, platform, precision=precision)
+                for platform in ("cpu", "cuda", "rocm", "tpu")}
+    return jax.lax.platform_dependent(q_bnhk, k_bnhk, v_bnhk, **branches)

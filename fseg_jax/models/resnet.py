@@ -18,10 +18,10 @@ from fseg_jax.models.config import ResNetConfig
 from fseg_jax.models.vit import take_indices
 
 
-def _conv(cin: int, cout: int, k: int, stride: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(cin: int, cout: int, k: int, stride: int, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
     pad = (k - 1) // 2
     return nnx.Conv(cin, cout, kernel_size=(k, k), strides=stride, padding=((pad, pad), (pad, pad)),
-                    use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                    use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class BatchNorm(nnx.Module):
@@ -41,16 +41,16 @@ class BatchNorm(nnx.Module):
 
 
 class Bottleneck(nnx.Module):
-    def __init__(self, cin: int, width: int, stride: int, eps: float, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cin: int, width: int, stride: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
         cout = 4 * width
-        self.conv1 = _conv(cin, width, 1, 1, dtype, rngs)
+        self.conv1 = _conv(cin, width, 1, 1, dtype, param_dtype, rngs)
         self.bn1 = BatchNorm(width, eps)
-        self.conv2 = _conv(width, width, 3, stride, dtype, rngs)
+        self.conv2 = _conv(width, width, 3, stride, dtype, param_dtype, rngs)
         self.bn2 = BatchNorm(width, eps)
-        self.conv3 = _conv(width, cout, 1, 1, dtype, rngs)
+        self.conv3 = _conv(width, cout, 1, 1, dtype, param_dtype, rngs)
         self.bn3 = BatchNorm(cout, eps)
         if stride != 1 or cin != cout:
-            self.downsample_conv = _conv(cin, cout, 1, stride, dtype, rngs)
+            self.downsample_conv = _conv(cin, cout, 1, stride, dtype, param_dtype, rngs)
             self.downsample_bn = BatchNorm(cout, eps)
         else:
             self.downsample_conv = self.downsample_bn = None
@@ -67,22 +67,25 @@ class ResNet50(nnx.Module):
     """torchvision ``resnet50`` stem and stages ``layer1``..``layer3`` (``config.depth`` stages).
 
     Follows the ViT protocol: ``.config`` (``patch_size`` = output stride 16, ``embed_dim`` = 1024,
-    ``mean``/``std``) and ``forward_intermediates(x, indices)`` over the stages.
+    ``mean``/``std``) and ``forward_intermediates(x, indices)`` over the stages. ``dtype`` is the convolutions'
+    compute dtype, ``param_dtype`` their kernels' storage dtype (batch-norm statistics stay float32).
     """
 
-    def __init__(self, config: ResNetConfig | None = None, *, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, config: ResNetConfig | None = None, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
         config = config or ResNetConfig()
         eps = config.bn_eps
         self.config = config
         self.dtype = dtype
-        self.conv1 = _conv(3, 64, 7, 2, dtype, rngs)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.conv1 = _conv(3, 64, 7, 2, dtype, param_dtype, rngs)
         self.bn1 = BatchNorm(64, eps)
         cin = 64
         for s, n_blocks in enumerate(config.stage_blocks):
             width = 64 * 2 ** s
             blocks = []
             for b in range(n_blocks):
-                blocks.append(Bottleneck(cin, width, 2 if (s > 0 and b == 0) else 1, eps, dtype=dtype, rngs=rngs))
+                blocks.append(Bottleneck(cin, width, 2 if (s > 0 and b == 0) else 1, eps, dtype=dtype,
+                                         param_dtype=param_dtype, rngs=rngs))
                 cin = 4 * width
             setattr(self, f"layer{s + 1}", nnx.List(blocks))
 
