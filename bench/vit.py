@@ -3,10 +3,14 @@
     python bench/vit.py                                   # UNI (ViT-L/16), float32, CPU: 8x224x224 and 1x976x1280
     python bench/vit.py --shapes 8x224x224 --repeats 3
     python bench/vit.py --dtype bfloat16 --shapes 64x224x224,256x224x224,1x976x1280 --frameworks jax  # GPU
+    python bench/vit.py --preset gigapath --dtype bfloat16 --param-dtype bfloat16 --shapes 1x224x224 --frameworks jax
     python bench/vit.py --frameworks jax,timm,timm-compile --attention batched --precision default  # TF32 on GPU
 
-Frameworks: ``jax`` (fseg_jax, compiled with the package's XLA options), ``timm`` (eager, SDPA attention) and
-``timm-compile`` (the same model through ``torch.compile``).
+Frameworks: ``jax`` (fseg_jax, compiled with the package's XLA options), ``jax-float32`` (fseg_jax in float32
+whatever ``--dtype`` says: the reference of the bfloat16 speed-up), ``timm`` (eager, SDPA attention) and
+``timm-compile`` (the same model through ``torch.compile``). In bfloat16, timm runs the model converted with
+``model.to(torch.bfloat16)`` on bfloat16 inputs (faster than autocast on CPU), fseg_jax with ``dtype=bfloat16`` and
+parameters stored in ``--param-dtype`` (float32 by default, as timm's autocast would keep them).
 
 Each (framework, shape) runs in its own process so that peak memory (VmHWM) is its own. Reported per run:
 compile time (jax: lower + compile; timm: the first call), the best forward time of ``--repeats`` after it,
@@ -65,7 +69,7 @@ def _host_peaks(before: int, first_peak: int) -> dict:
 
 
 def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype: str, repeats: int,
-             attention: str = "auto", precision: str = "highest") -> dict:
+             attention: str = "auto", precision: str = "highest", param_dtype: str = "float32") -> dict:
     import dataclasses
 
     import jax
@@ -80,7 +84,8 @@ def _run_jax(preset: str, depth: int | None, shape: tuple[int, int, int], dtype:
     if depth is not None:
         config = dataclasses.replace(config, depth=depth)
     compute = {"float32": None, "bfloat16": jnp.bfloat16}[dtype]
-    model = VisionTransformer(config, rngs=nnx.Rngs(0), dtype=compute, attention_impl=attention, precision=precision)
+    model = VisionTransformer(config, rngs=nnx.Rngs(0), dtype=compute, param_dtype=jnp.dtype(param_dtype),
+                              attention_impl=attention, precision=precision)
     graphdef, state = nnx.split(model)
     del model
 
@@ -113,16 +118,16 @@ def _run_timm(preset: str, depth: int | None, shape: tuple[int, int, int], dtype
     make_timm_model = test_helper("timm_models").make_timm_model
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    model = make_timm_model(preset, depth=depth, perturb=False).to(device)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = make_timm_model(preset, depth=depth, perturb=False).to(device=device, dtype=torch_dtype)
     forward = model.forward_intermediates
     if compile_model:
         forward = torch.compile(forward)
     b, h, w = shape
-    x = torch.randn(b, 3, h, w, device=device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    x = torch.randn(b, 3, h, w, device=device, dtype=torch_dtype)
 
     def run():
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             y = forward(x, indices=[-1], intermediates_only=True)[0]
         if cuda:
             torch.cuda.synchronize()
@@ -148,7 +153,10 @@ def _child(args) -> None:
     shape = tuple(int(v) for v in args.child_shape.split("x"))
     common = (args.preset, args.depth, shape, args.dtype, args.repeats)
     if args.child == "jax":
-        result = _run_jax(*common, attention=args.attention, precision=args.precision)
+        result = _run_jax(*common, attention=args.attention, precision=args.precision, param_dtype=args.param_dtype)
+    elif args.child == "jax-float32":  # fseg_jax's own float32 forward, the reference of a bfloat16 run
+        result = _run_jax(args.preset, args.depth, shape, "float32", args.repeats, attention=args.attention,
+                          precision=args.precision)
     else:
         result = _run_timm(*common, compile_model=args.child == "timm-compile")
     print("RESULT " + json.dumps(result))
@@ -161,6 +169,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="8x224x224,1x976x1280", help="comma-separated BxHxW")
     parser.add_argument("--frameworks", default="jax,timm")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="fseg_jax's storage dtype of the weights")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--attention", default="auto", help="fseg_jax attention implementation (default: auto)")
     parser.add_argument("--precision", default="highest", help="fseg_jax float32 matmul precision")
@@ -179,7 +189,7 @@ def main() -> None:
         for framework in args.frameworks.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--child-shape", shape,
                    "--preset", args.preset, "--dtype", args.dtype, "--repeats", str(args.repeats),
-                   "--attention", args.attention, "--precision", args.precision]
+                   "--attention", args.attention, "--precision", args.precision, "--param-dtype", args.param_dtype]
             if args.depth is not None:
                 cmd += ["--depth", str(args.depth)]
             env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -201,7 +211,7 @@ def _print_row(row: dict, args) -> None:
     b = int(row["shape"].split("x")[0])
     print(f"== {args.preset} depth={args.depth or 'full'} {args.dtype} {row['shape']} "
           f"(fseg_jax attention {args.attention}, precision {args.precision})")
-    for framework in ("jax", "timm", "timm-compile"):
+    for framework in ("jax", "jax-float32", "timm", "timm-compile"):
         r = row.get(framework)
         if r is None:
             continue
@@ -210,7 +220,7 @@ def _print_row(row: dict, args) -> None:
         print(f"  {framework:12s} [{r['backend']} {r['device']}] forward {r['forward_s']:.3f} s "
               f"({b / r['forward_s']:.1f} tiles/s), compile/first call {r['compile_s']:.1f} s, "
               f"peak {r['peak_mb']:.0f} MB{added}")
-    for reference in ("timm", "timm-compile"):
+    for reference in ("jax-float32", "timm", "timm-compile"):
         if "jax" in row and reference in row:
             j, t = row["jax"], row[reference]
             print(f"  ratio fseg_jax/{reference}: forward {j['forward_s'] / t['forward_s']:.2f}, "
