@@ -47,9 +47,9 @@ def _layer_norm(dim: int, config: ViTConfig, dtype, rngs: nnx.Rngs) -> nnx.Layer
 def _matmul(x: Array, w: Array, dtype, precision) -> Array:
     """``x @ w`` with both operands in the compute dtype ``dtype`` (None: float32) and a float32 result.
 
-    A float32 result is what reaches the processors' fast low-precision paths: XLA:CPU multiplies bfloat16
-    operands into a float32 result about 2.5x (AVX512_BF16) to 5x (AMX) faster than into a bfloat16 one, and
-    GPUs and TPUs accumulate in float32 either way. The caller casts once, where the next matmul needs it.
+    A float32 result is what reaches XLA:CPU's fast bfloat16 path (jax 0.10: 2.5x faster with AVX512_BF16, 5x
+    with AMX, than a bfloat16 result); GPUs and TPUs accumulate in float32 either way and fold the cast that
+    follows into the matmul's output.
     """
     dtype = dtype or jnp.float32
     return jnp.dot(x.astype(dtype), w.astype(dtype), precision=precision, preferred_element_type=jnp.float32)
@@ -57,7 +57,8 @@ def _matmul(x: Array, w: Array, dtype, precision) -> Array:
 
 class Linear(nnx.Module):
     """``x @ kernel + bias``, kernel (in, out) and bias (out,) as ``nnx.Linear`` stores them, the kernel in
-    ``param_dtype`` and the bias in float32; computed by :func:`_matmul`, so the result is float32."""
+    ``param_dtype`` and the bias in float32: the product by :func:`_matmul`, the bias added in float32, and one
+    cast to the compute dtype (the next layer's input, at half the bytes in bfloat16)."""
 
     def __init__(self, din: int, dout: int, *, dtype, param_dtype, precision, rngs: nnx.Rngs):
         self.dtype = dtype
@@ -66,7 +67,8 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32))
 
     def __call__(self, x: Array) -> Float[Array, "... out"]:
-        return _matmul(x, self.kernel[...], self.dtype, self.precision) + self.bias[...]
+        y = _matmul(x, self.kernel[...], self.dtype, self.precision) + self.bias[...]
+        return y.astype(self.dtype or jnp.float32)
 
 
 def torch_bicubic_matrix(n_in: int, n_out: int, *, antialias: bool = False, offset: float = 0.0) -> np.ndarray:
@@ -171,7 +173,6 @@ class Attention(nnx.Module):
         d = config.embed_dim
         self.num_heads = config.num_heads
         self.attention_impl = attention_impl
-        self.dtype = dtype
         self.precision = precision
         self.qkv = Linear(d, 3 * d, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         self.proj = Linear(d, d, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
@@ -179,7 +180,7 @@ class Attention(nnx.Module):
     def __call__(self, x_bnd: Array) -> Float[Array, "b n d"]:
         b, n, d = x_bnd.shape
         h = self.num_heads
-        qkv = self.qkv(x_bnd).astype(self.dtype or jnp.float32).reshape(b, n, 3, h, d // h)
+        qkv = self.qkv(x_bnd).reshape(b, n, 3, h, d // h)
         out_bnhk = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.attention_impl,
                              precision=self.precision)
         return self.proj(out_bnhk.reshape(b, n, d))
@@ -202,7 +203,7 @@ class Mlp(nnx.Module):
         return jax.nn.silu(x)
 
     def __call__(self, x: Array) -> Float[Array, "... d"]:
-        x = self.fc1(x)  # float32: the activation runs on the matmul's float32 result
+        x = self.fc1(x)
         if self.packed:
             a, b = jnp.split(x, 2, axis=-1)
             x = self._activation(a) * b
@@ -212,8 +213,8 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """A pre-norm block on the float32 residual stream: every matmul returns float32 (:func:`_matmul`), so
-    LayerScale and the residual sums stay float32 and only the matmuls' operands are in the compute dtype."""
+    """A pre-norm block on a float32 residual stream: the attention and MLP branches compute in the compute dtype
+    (their matmuls accumulating in float32, :func:`_matmul`) and are added to float32 tokens."""
 
     def __init__(self, config: ViTConfig, *, dtype, param_dtype, precision, attention_impl: str, rngs: nnx.Rngs):
         d = config.embed_dim
@@ -238,9 +239,10 @@ class VisionTransformer(nnx.Module):
     Args:
         config: the architecture (``ViTConfig.from_preset("uni")``).
         rngs: initialisers for random weights (real weights come from ``fseg_jax.load_model``).
-        dtype: compute dtype (None = float32). ``jnp.bfloat16`` multiplies bfloat16 operands into float32
-            results (matmuls and attention products); LayerNorm statistics, the activations, the softmax and
-            the residual stream stay float32, and the returned grids are bfloat16.
+        dtype: compute dtype (None = float32). ``jnp.bfloat16`` multiplies bfloat16 operands with float32
+            accumulation and results (matmuls and attention products), cast once to bfloat16 for the next layer;
+            LayerNorm statistics, the softmax and the residual stream stay float32, and the returned grids are
+            bfloat16.
         param_dtype: storage dtype of the matmul kernels (patch embedding, qkv, projection, MLP), float32 by
             default; ``jnp.bfloat16`` halves the model's memory (GigaPath: 2.3 GB instead of 4.5 GB) and, with
             ``dtype=jnp.bfloat16``, computes exactly what the float32-stored model computes in bfloat16. Biases,
