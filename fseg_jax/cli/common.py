@@ -6,10 +6,15 @@ are resolved here and passed on as arguments.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
 def default_cache_root() -> Path:
@@ -81,3 +86,51 @@ def model_from_options(spec: str | None, random_seed: int | None, depth: int | N
 
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+# what to do about a file system error, by errno
+_ADVICE = {
+    getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is used up: free some space or write elsewhere",
+    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    errno.EEXIST: "a file is in the way: choose another path",
+    errno.EISDIR: "it is a folder: give a file",
+    errno.ENOENT: "check the path",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for a file system error: the file it concerns, what went wrong and what to do."""
+    reason = err.strerror or one_line(err)
+    if err.filename is None:
+        return reason
+    where = os.fspath(err.filename)
+    if err.filename2 is not None:
+        where = f"{where} -> {os.fspath(err.filename2)}"
+    advice = _ADVICE.get(err.errno)
+    return f"{where}: {reason[:1].lower()}{reason[1:]}" + (f"; {advice}" if advice else "")
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line and exit status 130."""
+
+    exit_code = INTERRUPTED
+
+    def __init__(self):
+        super().__init__("interrupted (Ctrl-C)")
+
+
+@contextlib.contextmanager
+def explained_errors() -> Iterator[None]:
+    """Turn what any command may meet into one line and an exit status: a file system error (full disk,
+    read-only or missing folder, a file where a folder should be, ...) exits 1 naming the file, Ctrl-C exits
+    130. Every subcommand runs inside it (see ``fseg_jax.cli.main``)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted() from None
+    except OSError as err:
+        raise click.ClickException(os_error_line(err)) from None
