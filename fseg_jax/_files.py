@@ -40,7 +40,8 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
             for path in replaced:
                 path.unlink(missing_ok=True)
         for tmp in tmps:
-            tmp.unlink(missing_ok=True)
+            if tmp.exists():  # (an unlink of one never made can fail too: its folder may be read-only or a file)
+                tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

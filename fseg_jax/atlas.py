@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fseg_jax._files import atomic_path
+from fseg_jax._files import atomic_paths
 from fseg_jax.concepts.names import ConceptClasses
 from fseg_jax.io.images import as_rgb, to_uint8
 from fseg_jax.visualize import palette
@@ -287,15 +287,16 @@ def _source_name(item: Any) -> str:
 
 
 def save_atlas(path: str | Path, atlas: ConceptAtlas) -> tuple[Path, Path]:
-    """Write the atlas picture to ``path`` (PNG) and its numbers to the same name with ``.json``."""
+    """Write the atlas picture to ``path`` (PNG) and its numbers to the same name with ``.json``: both, or
+    (on any error) neither. The folder is made when missing."""
     from PIL import Image
 
     path = Path(path)
     numbers = path.with_suffix(".json")
-    with atomic_path(path) as tmp:
-        Image.fromarray(atlas.picture()).save(tmp, format="PNG")
-    with atomic_path(numbers) as tmp:
-        tmp.write_text(json.dumps(atlas.summary(), indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(path, numbers) as (picture, summary):
+        Image.fromarray(atlas.picture()).save(picture, format="PNG")
+        summary.write_text(json.dumps(atlas.summary(), indent=1))
     return path, numbers
 
 

@@ -85,33 +85,40 @@ def model_from_options(spec: str | None, random_seed: int | None, depth: int | N
 
 
 def one_line(error: BaseException) -> str:
+    """`error` as one line; a file system error as :func:`os_error_line` words it."""
+    if isinstance(error, OSError):
+        return os_error_line(error)
+    return _flat(error)
+
+
+def _flat(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
 # what to do about a file system error, by errno
 _ADVICE = {
-    getattr(errno, "EDQUOT", errno.ENOSPC): "the disk quota is used up: free some space or write elsewhere",
-    errno.ENOSPC: "the disk is full: free some space or write elsewhere",
-    errno.EROFS: "the file system is read-only: write elsewhere",
-    errno.EACCES: "check its permissions, or choose another path",
-    errno.EPERM: "check its permissions, or choose another path",
-    errno.ENOTDIR: "a part of this path is a file, not a folder: choose another path",
+    getattr(errno, "EDQUOT", errno.ENOSPC): "free some space or write elsewhere",
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EROFS: "write elsewhere",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
     errno.EEXIST: "a file is in the way: choose another path",
-    errno.EISDIR: "it is a folder: give a file",
+    errno.EISDIR: "give a file, not a folder",
     errno.ENOENT: "check the path",
 }
 
 
 def os_error_line(err: OSError) -> str:
     """One line for a file system error: the file it concerns, what went wrong and what to do."""
-    reason = err.strerror or one_line(err)
-    if err.filename is None:
-        return reason
-    where = os.fspath(err.filename)
-    if err.filename2 is not None:
-        where = f"{where} -> {os.fspath(err.filename2)}"
+    line = err.strerror or _flat(err)
+    if err.filename is not None:
+        where = os.fspath(err.filename)
+        if err.filename2 is not None:
+            where = f"{where} -> {os.fspath(err.filename2)}"
+        line = f"{where}: {line[:1].lower()}{line[1:]}"
     advice = _ADVICE.get(err.errno)
-    return f"{where}: {reason[:1].lower()}{reason[1:]}" + (f"; {advice}" if advice else "")
+    return f"{line}; {advice}" if advice else line
 
 
 class Interrupted(click.ClickException):

@@ -56,7 +56,7 @@ def import_(source, output, preset, layer, trust_pickle):
         bank = import_joblib_concepts(source, trust_pickle=True, model=preset, layer=layer)
         path = save_concepts(output, bank)
     except (ValueError, OSError, ImportError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(one_line(e)) from None
     click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
 
 
@@ -88,7 +88,7 @@ def _write_bank(make, model_spec, random_seed, depth, images, sample, output) ->
     try:
         path = save_concepts(output, bank := make(model, list(images)))
     except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(one_line(e)) from None
     click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
 
 
