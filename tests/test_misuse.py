@@ -138,7 +138,7 @@ def test_empty_input_folders_are_errors(assets, tmp_path):
     result = _cli("concepts", "atlas", empty, "--concepts", assets / "bank.safetensors", "-o", tmp_path / "a.png")
     assert result.exit_code == 1 and f"{empty}: folder holds no images" in _error_line(result)
     result = _cli("evaluate", empty, empty)
-    assert result.exit_code == 2 and f"no label maps in {empty}" in result.output
+    assert result.exit_code == 1 and f"no label maps in {empty}" in _error_line(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # no output folder, bank, atlas or report
 
 
@@ -334,6 +334,19 @@ def test_convert_a_timm_config_that_is_not_json(tmp_path):
     result = _cli("convert", "--timm-config", config, "--random-init", 0, "-o", tmp_path / "out")
     assert _error_line(result) == f"Error: {config} holds a JSON list, not an object; give a timm config.json"
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_output_below_a_file(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"architecture": "vit_small_patch16_224",
+                                  "model_args": {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 32}}))
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    result = _cli("convert", "--timm-config", config, "--random-init", 0, "-o", blocker / "model")
+    assert result.exit_code == 1
+    assert _error_line(result) == f"Error: {blocker / 'model'}: not a directory; a part of this path is a file, not a folder"
+    assert _cli("convert", "--timm-config", config, "--random-init", 0, "-o", tmp_path / "model").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_save_model_of_something_else_writes_nothing(tmp_path):

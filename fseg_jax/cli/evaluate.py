@@ -70,12 +70,12 @@ def _pair(pred: Path, target: Path) -> list[tuple[Path, Path]]:
         raise click.UsageError("PRED and TARGET must both be files or both be folders")
     preds, targets = _label_files(pred, PREDICTION_SUFFIX), _label_files(target, None)
     if not preds:
-        raise click.UsageError(
+        raise click.ClickException(
             f"no label maps in {pred}: they are the files named NAME{PREDICTION_SUFFIX}"
             f"{{{','.join(LABEL_SUFFIXES)}}}, as fseg-jax segment writes them"
         )
     if not targets:
-        raise click.UsageError(f"no label files ({', '.join(LABEL_SUFFIXES)}) in {target}")
+        raise click.ClickException(f"no label files ({', '.join(LABEL_SUFFIXES)}) in {target}")
     missing_t = sorted(set(preds) - set(targets))
     missing_p = sorted(set(targets) - set(preds))
     if missing_t or missing_p:
@@ -84,7 +84,7 @@ def _pair(pred: Path, target: Path) -> list[tuple[Path, Path]]:
             parts.append(f"no mask in {target} for {', '.join(missing_t[:5])}")
         if missing_p:
             parts.append(f"no prediction in {pred} for {', '.join(missing_p[:5])}")
-        raise click.UsageError("; ".join(parts) + " (files pair by name)")
+        raise click.ClickException("; ".join(parts) + " (files pair by name)")
     return [(preds[name], targets[name]) for name in sorted(preds)]
 
 
