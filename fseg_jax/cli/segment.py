@@ -19,6 +19,7 @@ from fseg_jax.methods import METHODS
 
 OUTPUT_SUFFIXES = ("_labels.png", "_labels.npy", "_overlay.png")  # what one image's outputs are named
 
+
 def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
     from fseg_jax.io import expand_image_paths
 
