@@ -14,6 +14,7 @@ present in the target or the mapped prediction, and the pixel accuracy.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import Any, Iterable
 
@@ -217,8 +218,15 @@ def _maps(labels, name: str) -> list[np.ndarray]:
         items: Iterable = [array] if array.ndim == 2 else list(array) if array.ndim == 3 else [array]
     else:
         items = labels
+    if isinstance(labels, (str, bytes, os.PathLike)):
+        items = [labels]
     out = []
     for i, m in enumerate(items):
+        if isinstance(m, (str, bytes, os.PathLike)):
+            raise TypeError(
+                f"{name} {i}: evaluate takes label maps as arrays, got the path {m!r}; read the file first "
+                "(np.load, PIL.Image.open), or score files with fseg-jax evaluate"
+            )
         m = np.asarray(m)
         if m.ndim != 2:
             raise ValueError(f"{name} {i}: expected an (H, W) label map, got shape {m.shape}")

@@ -311,6 +311,13 @@ def test_evaluate_colour_masks_are_one_clear_error(tmp_path):
     assert _error_line(result) == f"Error: {rgb} is a RGB image; save label maps as indices (palette or grayscale)"
 
 
+def test_evaluate_of_paths_says_to_read_them(tmp_path):
+    with pytest.raises(TypeError, match="prediction 0: evaluate takes label maps as arrays, got the path 'a.png'"):
+        fseg_jax.evaluate("a.png", np.zeros((2, 2), int))
+    with pytest.raises(TypeError, match="target 1: evaluate takes label maps as arrays, got the path"):
+        fseg_jax.evaluate([np.zeros((2, 2), int)] * 2, [np.zeros((2, 2), int), tmp_path / "b.png"])
+
+
 def test_evaluate_writes_its_report_into_a_new_folder(tmp_path):
     pred = tmp_path / "pred.npy"
     np.save(pred, np.array([[0, 1], [1, 0]]))
