@@ -191,6 +191,15 @@ def test_a_short_write_on_a_full_disk_names_the_target(tmp_path):
         assert list(disk.iterdir()) == []
 
 
+def test_an_output_that_cannot_be_written_leaves_none_of_its_image(assets, tmp_path):
+    out = tmp_path / "out"
+    (out / "b_overlay.png").mkdir(parents=True)  # b's labels are written, then its overlay cannot be
+    result = _segment(assets, assets / "images", "-o", out, "--batch-size", 1)
+    assert result.exit_code == 1
+    assert _error_line(result) == f"Error: {out / 'b_overlay.png'}: is a directory; give a file, not a folder"
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.npy", "a_labels.png", "a_overlay.png", "b_overlay.png"]
+
+
 def test_ctrl_c_of_a_folder_run(assets, tmp_path):
     """SIGINT while `segment` works through a folder: exit 130, one line, every image complete or absent."""
     folder = tmp_path / "images"
