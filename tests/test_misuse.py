@@ -205,7 +205,7 @@ def test_ctrl_c_of_a_folder_run(assets, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(1)
-    stems = [f"im{i:02d}" for i in range(60)]
+    stems = [f"im{i:03d}" for i in range(150)]
     for stem in stems:
         Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(folder / f"{stem}.png")
     out = tmp_path / "out"
