@@ -460,6 +460,24 @@ def test_view_from_another_folder_finds_the_slide(slide_run, tmp_path, monkeypat
     assert result.output.strip() == str(out / "viewer" / "index.html")
 
 
+def test_summary_records_the_bank_by_absolute_path(tmp_path, monkeypatch):
+    from test_wsi import synthetic_he, write_ome_tiff
+
+    from fseg_jax.wsi import pipeline
+
+    image, _ = synthetic_he(128, 160, seed=2)
+    write_ome_tiff(tmp_path / "s.ome.tif", image, mpp=0.5)
+    rng = np.random.default_rng(3)
+    save_concepts(tmp_path / "bank.safetensors", ConceptBank({4: rng.uniform(0, 1, (4, D)).astype(np.float32)}))
+    monkeypatch.chdir(tmp_path)
+    model = tiny_vit(tiny_config(patch_size=16, embed_dim=D, depth=1, num_heads=2))
+    segmenter = pipeline.SlideSegmenter.from_model(model, "bank.safetensors", k=4, tile=128, margin=16, batch=2, mpp=1.0)
+    segmenter.run("s.ome.tif", "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["bank"] == str((tmp_path / "bank.safetensors").resolve())
+    assert summary["slide"] == str((tmp_path / "s.ome.tif").resolve())
+
+
 def test_view_port_out_of_range(slide_run):
     result = _cli("view", slide_run, "--port", 70000)
     assert result.exit_code == 2 and "Invalid value for '--port': 70000 is not in the range 0<=x<=65535" in result.output
