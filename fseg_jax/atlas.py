@@ -13,11 +13,11 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
-from fseg_jax._files import atomic_path
+from fseg_jax._files import atomic_paths
 from fseg_jax.concepts.names import ConceptClasses
 from fseg_jax.io.images import as_rgb, to_uint8
 from fseg_jax.visualize import palette
@@ -113,7 +113,7 @@ class ConceptAtlas:
 
 
 def concept_atlas(
-    images: Iterable[Any],
+    images: Any,
     concepts=None,
     *,
     model=None,
@@ -128,9 +128,11 @@ def concept_atlas(
     """The ``n`` strongest ``patch`` x ``patch`` pixel patches of every concept over ``images``.
 
     Args:
-        images: an iterable of images and whole slides, read one at a time. Images: arrays, PIL images or
-            image paths (as :func:`fseg_jax.segment` takes one). Slides: :class:`fseg_jax.wsi.Slide` objects or
-            paths of whole-slide files (.svs, .ndpi, .mrxs, ..., and TIFFs that open as tiled slides); a slide
+        images: what :func:`fseg_jax.build_concepts` takes (a folder, one path, one ``(H, W, 3)`` array, a
+            ``(B, H, W, 3)`` batch, or a list or other iterable of these), read one at a time; folders and lists
+            may hold whole slides too. Images: arrays, PIL images or image paths (as :func:`fseg_jax.segment`
+            takes one). Slides: :class:`fseg_jax.wsi.Slide` objects or paths of whole-slide files (.svs, .ndpi,
+            .mrxs, ..., and TIFFs that open as tiled slides); a slide
             is read at ``mpp`` microns per pixel in tissue tiles of ``tile`` pixels with the context margins of
             :func:`fseg_jax.segment_slide`, and only its tissue tokens count.
         concepts, model, k: as for :func:`fseg_jax.segment` (the model defaults to the one the bank records).
@@ -154,10 +156,13 @@ def concept_atlas(
     tile = 512 // p * p if tile is None else tile
     top = _TopPatches(pipeline.program_concepts.shape[0], n, patch)
     inputs: list[dict[str, Any]] = []
-    for index, item in enumerate(images):
+    from fseg_jax.io import IMAGE_SUFFIXES, iter_images
+    from fseg_jax.wsi.reader import SLIDE_SUFFIXES
+
+    for index, (name, item) in enumerate(iter_images(images, sorted(SLIDE_SUFFIXES.union(IMAGE_SUFFIXES)))):
         slide, owned = _as_slide(item, slide_mpp)
         if slide is None:
-            rgb = to_uint8(as_rgb(item, name=f"image {index}"))
+            rgb = to_uint8(as_rgb(item, name=name))
             w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
             h, w, kk = w_hwk.shape
             coords = np.stack(np.divmod(np.arange(h * w), w), axis=1)
@@ -282,15 +287,16 @@ def _source_name(item: Any) -> str:
 
 
 def save_atlas(path: str | Path, atlas: ConceptAtlas) -> tuple[Path, Path]:
-    """Write the atlas picture to ``path`` (PNG) and its numbers to the same name with ``.json``."""
+    """Write the atlas picture to ``path`` (PNG) and its numbers to the same name with ``.json``: both, or
+    (on any error) neither. The folder is made when missing."""
     from PIL import Image
 
     path = Path(path)
     numbers = path.with_suffix(".json")
-    with atomic_path(path) as tmp:
-        Image.fromarray(atlas.picture()).save(tmp, format="PNG")
-    with atomic_path(numbers) as tmp:
-        tmp.write_text(json.dumps(atlas.summary(), indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(path, numbers) as (picture, summary):
+        Image.fromarray(atlas.picture()).save(picture, format="PNG")
+        summary.write_text(json.dumps(atlas.summary(), indent=1))
     return path, numbers
 
 

@@ -14,6 +14,8 @@ present in the target or the mapped prediction, and the pixel accuracy.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -109,18 +111,47 @@ def evaluate(
         pred: predicted concept labels: one (H, W) integer map, a (B, H, W) array or a sequence of maps.
         target: class labels, paired with ``pred`` map by map (same shapes).
         matching: ``"hungarian"`` (one-to-one) or ``"many_to_one"`` (each concept to its majority class).
-        ignore_index: target value of pixels left out (e.g. 255 for unannotated).
+        ignore_index: target value of pixels left out (e.g. 255 for unannotated). Without it, a target value
+            that looks like such a mark (see :func:`ignore_label_hint`) is scored as a class, with a UserWarning.
         n_concepts, n_classes: the label ranges (default: the largest label seen plus one), so that concepts
             or classes absent from this set still get a row, column and IoU entry.
 
     Returns:
         An :class:`EvaluationResult` (mIoU, pixel accuracy, IoU per class, mapping, confusion matrix).
+        ValueError when no pixel is left to score.
     """
     if matching not in MATCHINGS:
         raise ValueError(f"unknown matching {matching!r}; choose one of {', '.join(MATCHINGS)}")
     confusion = confusion_matrix(pred, target, n_concepts=n_concepts, n_classes=n_classes,
                                  ignore_index=ignore_index)
+    if not confusion.any():
+        raise ValueError(
+            f"no pixel to score: every target pixel equals ignore_index={ignore_index}"
+            if ignore_index is not None else "no pixel to score: the label maps are empty"
+        )
+    hint = ignore_label_hint(confusion) if ignore_index is None else None
+    if hint is not None:
+        warnings.warn(hint, UserWarning, stacklevel=2)
     return score_confusion(confusion, matching=matching)
+
+
+def ignore_label_hint(confusion) -> str | None:
+    """A sentence when the target of a (concepts, classes) confusion matrix scored without an ignore index
+    looks like it marks unlabelled pixels with one large value (255, say): that value on at least 1% of the
+    pixels and more than twice the next largest class present; else None."""
+    counts = np.asarray(confusion).sum(axis=0)
+    present = np.flatnonzero(counts)
+    if len(present) < 2 or present[-1] < 255:
+        return None
+    value, below = int(present[-1]), int(present[-2])
+    share = counts[value] / counts.sum()
+    if share < 0.01 or value <= 2 * below:
+        return None
+    return (
+        f"target value {value} covers {share:.0%} of the pixels, far above the other classes (0..{below}), and "
+        f"is scored as a class of its own; if it marks unlabelled pixels, leave it out with ignore_index={value} "
+        f"(--ignore-index {value})"
+    )
 
 
 def score_confusion(confusion, *, matching: str = "hungarian") -> EvaluationResult:
@@ -162,6 +193,13 @@ def score_confusion(confusion, *, matching: str = "hungarian") -> EvaluationResu
 
 def _pairs(pred, target) -> list[tuple[np.ndarray, np.ndarray]]:
     """(prediction, target) integer maps, one pair per image, shapes checked."""
+    for name, one, other in (("target", target, pred), ("prediction", pred, target)):
+        shape, other_shape = tuple(getattr(one, "shape", ())), tuple(getattr(other, "shape", ()))
+        if len(shape) == 3 and shape[-1] in (3, 4) and shape[:2] == other_shape:
+            raise ValueError(
+                f"the {name} is an (H, W, {shape[-1]}) colour image; evaluate takes (H, W) integer label maps "
+                "(turn each colour into its class index first)"
+            )
     preds, targets = _maps(pred, "prediction"), _maps(target, "target")
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} predicted label maps but {len(targets)} targets; pass them in pairs")
@@ -180,8 +218,15 @@ def _maps(labels, name: str) -> list[np.ndarray]:
         items: Iterable = [array] if array.ndim == 2 else list(array) if array.ndim == 3 else [array]
     else:
         items = labels
+    if isinstance(labels, (str, bytes, os.PathLike)):
+        items = [labels]
     out = []
     for i, m in enumerate(items):
+        if isinstance(m, (str, bytes, os.PathLike)):
+            raise TypeError(
+                f"{name} {i}: evaluate takes label maps as arrays, got the path {m!r}; read the file first "
+                "(np.load, PIL.Image.open), or score files with fseg-jax evaluate"
+            )
         m = np.asarray(m)
         if m.ndim != 2:
             raise ValueError(f"{name} {i}: expected an (H, W) label map, got shape {m.shape}")

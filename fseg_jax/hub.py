@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from fseg_jax._files import atomic_path
+from fseg_jax._files import atomic_paths
 from fseg_jax.convert.checkpoint import SafetensorsCheckpoint, convert_checkpoint, convert_hub_folder, hub_folder_layout
 from fseg_jax.convert.timm import NATIVE_RULES, ConversionError, fill_model
 from fseg_jax.models.config import (
@@ -61,23 +61,24 @@ def save_model(model, directory: str | Path) -> Path:
     """
     from safetensors.numpy import save_file
 
+    if not isinstance(model, nnx.Module) or not isinstance(getattr(model, "config", None), (ViTConfig, ResNetConfig)):
+        raise TypeError(f"save_model takes a VisionTransformer or ResNet50, got {type(model).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     _, state = nnx.split(model)
     flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
     tensors = {".".join(str(p) for p in path): np.asarray(value, np.float32) for path, value in flat.items()}
-    # each file is written atomically, the weights before the config that points at them
-    with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "fseg_jax"})
     meta = {
         "format": "fseg_jax",
         "format_version": FORMAT_VERSION,
         "model_type": "resnet" if isinstance(config, ResNetConfig) else "vit",
         "config": config.to_dict(),
     }
-    with atomic_path(directory / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    # both files or neither, the weights renamed into place before the config that points at them
+    with atomic_paths(directory / WEIGHTS_FILE, directory / CONFIG_FILE) as (weights, config_file):
+        save_file(tensors, str(weights), metadata={"format": "fseg_jax"})
+        config_file.write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 

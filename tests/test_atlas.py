@@ -68,8 +68,10 @@ def test_save_writes_the_picture_and_its_numbers(setup, tmp_path):
     assert [c["index"] for c in summary["concepts"]] == list(range(5))
     assert summary["tokens"] == atlas.tokens
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas.json", "atlas.png"]  # no temporaries left
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(ValueError, match="images: empty list"):
         concept_atlas([], bank, model=model)
+    with pytest.raises(ValueError, match="no images"):
+        concept_atlas(iter([]), bank, model=model)
     with pytest.raises(ValueError, match="n and patch must be positive"):
         concept_atlas(images, bank, model=model, n=0)
 

@@ -154,4 +154,4 @@ def test_cli_pairs_folders_by_name_and_writes_json(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     run = CliRunner().invoke(main, ["evaluate", str(empty), str(tmp_path / "masks")])
-    assert run.exit_code != 0 and "no label files" in run.output
+    assert run.exit_code == 1 and "no label maps in" in run.output

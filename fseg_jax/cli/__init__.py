@@ -9,6 +9,8 @@ import importlib
 
 import click
 
+from fseg_jax.cli.common import explained_errors
+
 # subcommand name -> "module:attribute" of its click command
 _COMMANDS = {
     "convert": "fseg_jax.cli.convert:convert",
@@ -30,6 +32,10 @@ class _LazyGroup(click.Group):
             return None
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx):
+        with explained_errors():
+            return super().invoke(ctx)
 
 
 @click.group(cls=_LazyGroup)

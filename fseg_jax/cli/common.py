@@ -6,10 +6,15 @@ are resolved here and passed on as arguments.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
 def default_cache_root() -> Path:
@@ -80,4 +85,59 @@ def model_from_options(spec: str | None, random_seed: int | None, depth: int | N
 
 
 def one_line(error: BaseException) -> str:
+    """`error` as one line; a file system error as :func:`os_error_line` words it."""
+    if isinstance(error, OSError):
+        return os_error_line(error)
+    return _flat(error)
+
+
+def _flat(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+# what to do about a file system error, by errno
+_ADVICE = {
+    getattr(errno, "EDQUOT", errno.ENOSPC): "free some space or write elsewhere",
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EROFS: "write elsewhere",
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EEXIST: "a file is in the way: choose another path",
+    errno.EISDIR: "give a file, not a folder",
+    errno.ENOENT: "check the path",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for a file system error: the file it concerns, what went wrong and what to do."""
+    line = err.strerror or _flat(err)
+    if err.filename is not None:
+        where = os.fspath(err.filename)
+        if err.filename2 is not None:
+            where = f"{where} -> {os.fspath(err.filename2)}"
+        line = f"{where}: {line[:1].lower()}{line[1:]}"
+    advice = _ADVICE.get(err.errno)
+    return f"{line}; {advice}" if advice else line
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line and exit status 130."""
+
+    exit_code = INTERRUPTED
+
+    def __init__(self):
+        super().__init__("interrupted (Ctrl-C)")
+
+
+@contextlib.contextmanager
+def explained_errors() -> Iterator[None]:
+    """Turn what any command may meet into one line and an exit status: a file system error (full disk,
+    read-only or missing folder, a file where a folder should be, ...) exits 1 naming the file, Ctrl-C exits
+    130. Every subcommand runs inside it (see ``fseg_jax.cli.main``)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted() from None
+    except OSError as err:
+        raise click.ClickException(os_error_line(err)) from None

@@ -19,6 +19,15 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
+def _known_preset(name: str | None) -> str | None:
+    """`name` when it is a model preset (or None); a usage error listing the presets otherwise."""
+    from fseg_jax.models.config import preset_names
+
+    if name is not None and name not in preset_names():
+        raise click.BadParameter(f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    return name
+
+
 @click.group()
 def concepts():
     """Make concept banks (safetensors) for segmentation."""
@@ -27,7 +36,8 @@ def concepts():
 @concepts.command("import")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Bank to write (.safetensors).")
-@click.option("--preset", default=None, help="Model the bank belongs to (e.g. uni, gigapath, resnet50).")
+@click.option("--preset", default=None, callback=lambda ctx, param, value: _known_preset(value),
+              help="Model the bank belongs to (e.g. uni, gigapath, resnet50).")
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block the features came from.")
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling SOURCE (this runs code stored in the file).")
 def import_(source, output, preset, layer, trust_pickle):
@@ -46,7 +56,7 @@ def import_(source, output, preset, layer, trust_pickle):
         bank = import_joblib_concepts(source, trust_pickle=True, model=preset, layer=layer)
         path = save_concepts(output, bank)
     except (ValueError, OSError, ImportError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(one_line(e)) from None
     click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
 
 
@@ -78,7 +88,7 @@ def _write_bank(make, model_spec, random_seed, depth, images, sample, output) ->
     try:
         path = save_concepts(output, bank := make(model, list(images)))
     except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(one_line(e)) from None
     click.echo(f"wrote {path}: k = {', '.join(map(str, bank.ks))}, feature dim {bank.feature_dim}")
 
 

@@ -40,7 +40,7 @@ def convert(preset, timm_config, checkpoint, revision, random_seed, out):
         if preset is not None:
             config = config_from_preset(preset)
         else:
-            config = ViTConfig.from_timm(json.loads(timm_config.read_text()), name=timm_config.parent.name)
+            config = ViTConfig.from_timm(_read_json(timm_config), name=timm_config.parent.name)
         if random_seed is not None:
             from flax import nnx
 
@@ -61,3 +61,14 @@ def convert(preset, timm_config, checkpoint, revision, random_seed, out):
         f"converted {info['name']} (depth {info['depth']}, width {info['embed_dim']}, patch {info['patch_size']}, "
         f"{info['parameters'] / 1e6:.1f}M parameters) from {checkpoint} -> {out}"
     )
+
+
+def _read_json(path: Path) -> dict:
+    """The JSON object in `path`; a ValueError naming the file when it holds none."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a JSON file ({err}); give a timm config.json") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; give a timm config.json")
+    return value

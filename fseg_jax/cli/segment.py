@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -16,6 +17,7 @@ from fseg_jax.cli.common import (
 from fseg_jax.compilation import enable_compilation_cache
 from fseg_jax.methods import METHODS
 
+OUTPUT_SUFFIXES = ("_labels.png", "_labels.npy", "_overlay.png")  # what one image's outputs are named
 
 
 def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
@@ -36,7 +38,8 @@ def _expand_inputs(paths: tuple[str, ...]) -> list[Path]:
 def write_outputs(
     out_dir: Path, stem: str, image, labels, *, alpha: float, legend: bool, classes=None, class_labels: bool = False
 ) -> None:
-    """Write ``<stem>_labels.png``, ``<stem>_labels.npy`` and ``<stem>_overlay.png`` for concept `labels`.
+    """Write ``<stem>_labels.png``, ``<stem>_labels.npy`` and ``<stem>_overlay.png`` for concept `labels`: all
+    three, or (on any error) none.
 
     classes: the bank's classes (``ConceptBank.classes``): the overlay shows them; class_labels: the label
     files hold class indices instead of concept indices.
@@ -44,7 +47,7 @@ def write_outputs(
     import numpy as np
     from PIL import Image
 
-    from fseg_jax._files import atomic_path
+    from fseg_jax._files import atomic_paths
     from fseg_jax.io import to_uint8
     from fseg_jax.visualize import overlay
 
@@ -54,13 +57,12 @@ def write_outputs(
         png = Image.fromarray(labels.astype(np.uint8))  # 8-bit grayscale
     else:
         png = Image.fromarray(labels.astype(np.uint16))  # 16-bit grayscale
-    with atomic_path(out_dir / f"{stem}_labels.png") as p:
-        png.save(p, format="PNG")
-    with atomic_path(out_dir / f"{stem}_labels.npy") as p:
-        np.save(p, labels.astype(np.int32))
     picture = overlay(to_uint8(image), concept_labels, alpha=alpha, legend=legend, classes=classes)
-    with atomic_path(out_dir / f"{stem}_overlay.png") as p:
-        Image.fromarray(picture).save(p, format="PNG")
+    names = [out_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+    with atomic_paths(*names) as (png_path, npy_path, overlay_path):  # the three files, or none of them
+        png.save(png_path, format="PNG")
+        np.save(npy_path, labels.astype(np.int32))
+        Image.fromarray(picture).save(overlay_path, format="PNG")
 
 
 @click.command()
@@ -85,7 +87,7 @@ def write_outputs(
               help="Pad images to a multiple of this many pixels so nearby sizes share a compilation.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Compute dtype of the model (bfloat16 for GPU/TPU).")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Overlay opacity.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Overlay opacity.")
 @click.option("--legend/--no-legend", default=True, show_default=True, help="Legend strip under the overlay.")
 @click.option("--classes", "class_labels", is_flag=True,
               help="Label files hold classes (the bank's concepts grouped by name) instead of concepts.")
@@ -121,6 +123,8 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
 
         images = (str(sample_image_path()), *images)
     files = _expand_inputs(images)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # before any work: an -o that cannot be a folder fails here
     if not no_compilation_cache:
         enable_compilation_cache(compilation_cache or default_compilation_cache())
 
@@ -146,25 +150,47 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
             f"--classes needs a bank whose concepts are named, and this bank has no names for k={pipeline.k} "
             f"(name them with: fseg-jax concepts name BANK --k {pipeline.k} INDEX=NAME...)"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+    failed: list[Path] = []
+
+    def fail(path: Path, err: Exception) -> None:
+        """Report an input that cannot be segmented; the others go on (one input: the error itself)."""
+        reason = one_line(err) if str(path) in str(err) else f"{path}: {one_line(err)}"
+        if len(files) == 1:
+            raise click.ClickException(reason)
+        failed.append(path)
+        tqdm.write(f"FAILED {reason}", file=sys.stderr)
+        bar.update(1)
 
     with tqdm(total=len(files), unit="image", desc="segment", disable=None) as bar:
         for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            pictures = []
-            for f in chunk:
+            chunk = []
+            for f in files[start:start + batch_size]:
                 try:
-                    pictures.append(read_image(f))
+                    chunk.append((f, read_image(f)))
                 except (ValueError, OSError) as e:
-                    raise click.ClickException(f"{f}: {one_line(e)}") from None
-            try:
-                result = pipeline.segment(pictures)
-            except (ValueError, TypeError) as e:
-                raise click.ClickException(one_line(e)) from None
-            labels = result.labels if method == "dff" else result
-            for f, picture, lab in zip(chunk, pictures, labels):
+                    fail(f, e)
+            for f, picture, lab in _segmented(pipeline, chunk, method, fail):
                 write_outputs(out, f.stem, picture, lab, alpha=alpha, legend=legend, classes=pipeline.classes,
                               class_labels=class_labels)
                 bar.update(1)
-    click.echo(f"wrote {3 * len(files)} files for {len(files)} image(s) to {out}")
+    done = len(files) - len(failed)
+    click.echo(f"wrote {len(OUTPUT_SUFFIXES) * done} files for {done} image(s) to {out}")
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(files)} images failed (listed above); they have no outputs")
+
+
+def _segmented(pipeline, chunk, method: str, fail):
+    """(path, image, labels) of each (path, image) of `chunk` that segments; a batch that fails is tried image
+    by image, so that only the images that fail are reported (through `fail`)."""
+    if not chunk:
+        return []
+    try:
+        result = pipeline.segment([picture for _, picture in chunk])
+    except (ValueError, TypeError) as e:
+        if len(chunk) == 1:
+            fail(chunk[0][0], e)
+            return []
+        return [item for one in chunk for item in _segmented(pipeline, [one], method, fail)]
+    labels = result.labels if method == "dff" else result
+    return [(f, picture, lab) for (f, picture), lab in zip(chunk, labels)]

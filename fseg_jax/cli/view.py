@@ -11,11 +11,11 @@ import click
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--slide", "slide_path", type=click.Path(path_type=Path),
               help="The slide file [default: the path summary.json records].")
-@click.option("--port", type=int, default=8000, show_default=True,
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port to serve on, on 127.0.0.1 (0: any free port).")
 @click.option("--write-only", is_flag=True, help="Write the viewer, print where, and do not serve it.")
-@click.option("--tile-size", type=int, default=254, show_default=True, help="Deep Zoom tile side in pixels.")
-@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality of the slide's tiles.")
+@click.option("--tile-size", type=click.IntRange(1), default=254, show_default=True, help="Deep Zoom tile side in pixels.")
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality of the slide's tiles.")
 def view(out_dir, slide_path, port, write_only, tile_size, quality):
     """Serve the viewer of OUT_DIR (a slide's folder, OUT/<slide name>, of `fseg-jax slide`).
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from fseg_jax.concepts.bank import ConceptBank, normalise_layer
-from fseg_jax.io import IMAGE_SUFFIXES, files_in_folder
+from fseg_jax.io import iter_images
 
 DEFAULT_KS = (8, 16, 32, 64, 128, 256)
 def build_concepts(
@@ -124,39 +122,10 @@ def collect_features(
     return model, layer, x_nd
 
 
-def _iter_images(images_or_folder: Any) -> Iterator[tuple[str, Any]]:
-    """(name, image-like) pairs; files are yielded as paths and read by the consumer, one at a time."""
-    if isinstance(images_or_folder, (str, os.PathLike)):
-        path = Path(images_or_folder)
-        if path.is_dir():
-            files = files_in_folder(path)
-            if not files:
-                raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-            for p in files:
-                yield str(p), p
-            return
-        yield str(path), path
-        return
-    if isinstance(images_or_folder, (list, tuple)):
-        if not images_or_folder:
-            raise ValueError("images: empty list")
-        for i, item in enumerate(images_or_folder):
-            if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
-                yield from _iter_images(item)
-            else:
-                yield f"images[{i}]", item
-        return
-    if hasattr(images_or_folder, "shape") and np.ndim(images_or_folder) == 4:
-        for i in range(images_or_folder.shape[0]):
-            yield f"images[{i}]", images_or_folder[i]
-        return
-    yield "image", images_or_folder
-
-
 def _iter_tiles(images_or_folder: Any, tile: int, tile_filter: Callable | None) -> Iterator[np.ndarray]:
     from fseg_jax.io.images import as_rgb, to_uint8
 
-    for name, item in _iter_images(images_or_folder):
+    for name, item in iter_images(images_or_folder):
         image = to_uint8(as_rgb(item, name=name))
         h, w = image.shape[:2]
         for y in range(0, h - tile + 1, tile):

@@ -37,6 +37,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"image file not found: {os.fspath(path)}") from None
     except UnidentifiedImageError:
         raise ValueError(f"cannot read {os.fspath(path)} as an image (format not recognised)") from None
+    except OSError as err:
+        if err.errno is not None:  # the file system's own error (permission, ...), which names the file
+            raise
+        raise ValueError(f"cannot read {os.fspath(path)}: {err} (the file is damaged or incomplete)") from None
 
 
 def as_rgb(image: Any, *, name: str = "image") -> np.ndarray:

@@ -68,7 +68,7 @@ def write_viewer(
         raise ViewerError(f"{out_dir}: no summary.json; a viewer is written for a finished slide run (fseg-jax slide)")
     if not labels_path.is_file():
         raise ViewerError(f"{out_dir}: no labels.ome.tif; run the slide again to write its outputs")
-    summary = json.loads(summary_path.read_text())
+    summary = _read_summary(summary_path)
     width, height = summary["size"]
     geometry = DeepZoomGeometry((int(width), int(height)), tile_size=int(tile_size), overlap=int(overlap))
 
@@ -115,10 +115,18 @@ def write_viewer(
 
         from fseg_jax.viewer.sources import LabelTiles
 
-        with LabelTiles(labels_path, geometry) as labels:
-            encoding = labels.encoding
-            if not _complete(folder, "labels", geometry, "png"):
-                write_pyramid(folder, "labels", geometry, labels.level_tiles, fmt="png", save_options={"format": "PNG"})
+        try:
+            with LabelTiles(labels_path, geometry) as labels:
+                encoding = labels.encoding
+                if not _complete(folder, "labels", geometry, "png"):
+                    write_pyramid(folder, "labels", geometry, labels.level_tiles, fmt="png",
+                                  save_options={"format": "PNG"})
+        except Exception as err:  # noqa: BLE001 - tifffile and its codecs raise several types for a damaged file
+            if isinstance(err, OSError) and err.errno is not None:
+                raise  # the file system's own error (a full disk, say), which names its file
+            named = str(labels_path) in str(err)
+            reason = str(err) if named else f"{labels_path}: cannot read the label map ({type(err).__name__}: {err})"
+            raise ViewerError(f"{reason}; run the slide again to rewrite it") from err
 
         static = resources.files("fseg_jax.viewer") / "static"
         for name in _STATIC:
@@ -127,6 +135,21 @@ def write_viewer(
         page = _page((static / "index.html").read_text(), summary, geometry, encoding, opacity)
         write_if_changed(folder / "index.html", page)
         return folder / "index.html"
+
+
+_SUMMARY_KEYS = ("size", "fingerprint", "slide", "target_mpp", "slide_mpp", "concepts")  # what the viewer reads from it
+
+
+def _read_summary(path: Path) -> dict:
+    """summary.json of a slide run; ViewerError naming the file when it is not one."""
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ViewerError(f"{path} is not valid JSON ({err}); run the slide again to rewrite it") from None
+    missing = [key for key in _SUMMARY_KEYS if not isinstance(summary, dict) or key not in summary]
+    if missing:
+        raise ViewerError(f"{path} is not a slide run's summary (no {', '.join(missing)}); run the slide again")
+    return summary
 
 
 def legend_entries(summary: dict) -> tuple[str, list[dict]]:

@@ -129,7 +129,11 @@ def write_pyramid(
                     f"tile {col}_{row} of level {level} is {image.size[0]} x {image.size[1]}, "
                     f"expected {geometry.tile_dimensions(level, (col, row))}"
                 )
-            image.save(tmp / f"{col}_{row}.{fmt}", **save_options)
+            tile = f"{col}_{row}.{fmt}"
+            try:
+                image.save(tmp / tile, **save_options)
+            except OSError as err:  # named as the tile it would have become, not by the temporary level folder
+                raise OSError(err.errno, err.strerror or str(err), str(final / tile)) from err
             written_tiles.add((col, row))
         if len(written_tiles) != cols * rows:
             raise ValueError(f"level {level}: {len(written_tiles)} tiles written, {cols * rows} expected")

@@ -356,9 +356,9 @@ class SlideSegmenter:
 
 
 def _describe_concepts(concepts) -> str:
-    """How summary.json names the bank: its path or preset, "array" for an in-memory matrix."""
+    """How summary.json names the bank: its absolute path or preset, "array" for an in-memory matrix."""
     if isinstance(concepts, (str, Path)):
-        return str(concepts)
+        return str(Path(concepts).resolve()) if Path(concepts).is_file() else str(concepts)
     return "array" if hasattr(concepts, "__array__") else repr(concepts)
 
 

@@ -89,7 +89,7 @@ def plan_slide(reader: Slide, mpp: float, settings: dict[str, Any]) -> dict:
     if "bank" in work.get("info", {}):
         work["info"] = {key: value for key, value in work["info"].items() if key != "bank"}
     return {
-        **plan, "slide_path": str(reader.path), "backend": reader.backend, "fingerprint": _digest(plan),
+        **plan, "slide_path": str(reader.path.resolve()), "backend": reader.backend, "fingerprint": _digest(plan),
         "work_fingerprint": _digest(work),
     }
 
