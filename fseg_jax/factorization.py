@@ -9,8 +9,9 @@ Two problems, each with a public host-side entry point and a pure, traceable twi
   non-negative, from scikit-learn's ``init="random"`` starting point (:func:`random_init`: the same numbers
   ``NMF(init="random", random_state=seed)`` starts from, so the same seed gives scikit-learn's factors).
 
-Every iteration works on ``G = C C^T`` (k, k) and ``B = X C^T`` (n, k), computed once per problem, so an
-iteration costs O(n k^2) and never touches the (n, d) features again. Each problem runs in its own
+An NNLS iteration works on ``G = C C^T`` (k, k) and ``B = X C^T`` (n, k), computed once per problem, so it
+costs O(n k^2) and never touches the (n, d) features again; a full NMF iteration updates ``H`` as well and so
+goes back to ``X`` every time, O(n k d). Each problem runs in its own
 ``lax.while_loop`` with its own stopping rule; leading batch dimensions are handled with ``jax.vmap``, so a
 problem that converges early keeps its iterate while the rest of the batch continues.
 

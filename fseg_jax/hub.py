@@ -29,15 +29,9 @@ from flax import nnx
 
 from fseg_jax._files import atomic_path
 from fseg_jax.convert.checkpoint import SafetensorsCheckpoint, convert_checkpoint, convert_hub_folder, hub_folder_layout
-from fseg_jax.convert.timm import NATIVE_RULES, ConversionError, fill_model
-from fseg_jax.models.config import (
-    ResNetConfig,
-    ViTConfig,
-    config_from_preset,
-    preset_layout,
-    preset_names,
-    read_manifest,
-)
+from fseg_jax.convert.engine import NATIVE_RULES, ConversionError, fill_model
+from fseg_jax.models.config import ResNetConfig, ViTConfig, config_from_preset, preset_names
+from fseg_jax.models.weights import preset_layout, read_manifest
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"

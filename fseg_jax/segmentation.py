@@ -51,7 +51,7 @@ from fseg_jax.features import layer_list, padded_size, preprocess, token_feature
 from fseg_jax.io.images import collect_images
 from fseg_jax.methods import METHODS
 from fseg_jax.models import with_compute_dtype
-from fseg_jax.upsample import upsample, upsample_argmax  # noqa: F401 - upsample is re-exported here
+from fseg_jax.upsample import upsample_argmax
 
 _MODEL_HELP = "pass model= (a model, a preset name such as 'uni', or a converted model directory)"
 

@@ -19,9 +19,9 @@ from timm_models import fseg_config, make_timm_model, random_input, relative_err
 import fseg_jax.hub as hub
 from fseg_jax import ViTConfig, VisionTransformer, load_model, save_model
 from fseg_jax.cli import main
-from fseg_jax.convert.timm import ConversionError
+from fseg_jax.convert.engine import ConversionError
 from fseg_jax.hub import ModelAccessError
-from fseg_jax.models.config import read_manifest
+from fseg_jax.models.weights import read_manifest
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

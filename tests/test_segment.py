@@ -13,7 +13,8 @@ from tiny_models import tiny_config, tiny_vit
 
 import fseg_jax.segmentation as seg
 from fseg_jax.concepts import ConceptBank
-from fseg_jax.segmentation import make_token_fn, segment, upsample, upsample_argmax
+from fseg_jax.segmentation import make_token_fn, segment
+from fseg_jax.upsample import upsample, upsample_argmax
 
 D = 32
 

@@ -1,4 +1,4 @@
-"""Whole slides end to end with a real (tiny, random) ViT through segment.make_token_fn.
+"""Whole slides end to end with a real (tiny, random) ViT through fseg_jax.segmentation.make_token_fn.
 
 The model has UNI's architecture with one block of width 64, so that every test compiles and runs in
 seconds on CPU; the slide machinery does not depend on the model's size.
@@ -305,10 +305,10 @@ def test_cli_passes_every_model_option(synthetic_slide, model, concepts, tmp_pat
                 "max_iter": 30, "resolution": "token"}
     assert {name: summary[name] for name in expected} == expected
 
-    from fseg_jax import factorization as nmf
+    from fseg_jax import factorization
     from fseg_jax.cli import slide
 
-    assert slide.SOLVERS == nmf.SOLVERS  # the command's choices, named without importing JAX
+    assert slide.SOLVERS == factorization.SOLVERS  # the command's choices, named without importing JAX
 
 
 def test_cli_takes_the_model_the_bank_records(synthetic_slide, model, concepts, tmp_path):

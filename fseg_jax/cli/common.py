@@ -62,7 +62,7 @@ def random_model_options(command):
 
 def model_from_options(spec: str | None, random_seed: int | None, depth: int | None):
     """The model the options name: a random model, a loaded one (cached), or None (the bank's own)."""
-    from fseg_jax.convert.timm import ConversionError
+    from fseg_jax.convert.engine import ConversionError
     from fseg_jax.hub import ModelAccessError, random_model, resolve_model
 
     if depth is not None and random_seed is None:

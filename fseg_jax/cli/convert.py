@@ -24,9 +24,10 @@ import click
 def convert(preset, timm_config, checkpoint, revision, random_seed, out):
     """Convert a timm / torchvision checkpoint to an fseg_jax model directory (loadable with load_model)."""
     from fseg_jax.convert.checkpoint import convert_checkpoint
-    from fseg_jax.convert.timm import ConversionError
+    from fseg_jax.convert.engine import ConversionError
     from fseg_jax.hub import ModelAccessError, download_checkpoint, model_summary, save_model
-    from fseg_jax.models.config import ViTConfig, config_from_preset, preset_layout
+    from fseg_jax.models.config import ViTConfig, config_from_preset
+    from fseg_jax.models.weights import preset_layout
 
     if (preset is None) == (timm_config is None):
         raise click.UsageError("give exactly one of --preset and --timm-config")

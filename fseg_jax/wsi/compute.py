@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-# fn(params, images_bhw3_uint8) -> (B, h, w, k) float32 token weights, as built by segment.make_token_fn
+# fn(params, images_bhw3_uint8) -> (B, h, w, k) float32 token weights, as built by fseg_jax.segmentation.make_token_fn
 TokenFn = Callable[[object, object], object]
 
 
