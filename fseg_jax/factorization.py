@@ -68,6 +68,7 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Float
 
 from fseg_jax.compilation import jit
+from fseg_jax.options import NMF_SOLVERS, SOLVERS
 
 __all__ = [
     "DEFAULT_SOLVER",
@@ -85,8 +86,6 @@ __all__ = [
 ]
 
 DEFAULT_SOLVER = "admm"
-SOLVERS = ("admm", "hals", "mu")
-NMF_SOLVERS = ("hals", "mu")
 _DEFAULT_MAX_ITER = {"admm": 5000, "hals": 10000, "mu": 10000}
 # "admm" measures its violation at the iterate against W = 0, a reference ~k times larger than the first
 # coordinate-descent sweep that "hals" divides by; 1e-6 puts its objective below scikit-learn's at 1e-4.

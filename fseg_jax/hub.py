@@ -288,17 +288,21 @@ def random_model(preset: str, *, seed: int = 0, depth: int | None = None):
     ``<preset>-random`` so that a concept bank built with it does not claim the real weights; its segmentations
     mean nothing.
     """
+    return random_model_of(config_from_preset(preset), seed=seed, depth=depth)
+
+
+def random_model_of(config: ViTConfig | ResNetConfig, *, seed: int = 0, depth: int | None = None):
+    """:func:`random_model` for any architecture config: named ``<config name>-random``, cut to ``depth`` blocks."""
     import dataclasses
 
     from fseg_jax.models import build_model
 
-    config = config_from_preset(preset)
     changes = {"name": f"{config.name}-random"}
     if depth is not None:
         if not isinstance(config, ViTConfig):
-            raise ValueError(f"depth applies to Vision Transformers; {preset} is a {type(config).__name__}")
-        if not 1 <= int(depth) <= config.depth:
-            raise ValueError(f"depth must be in [1, {config.depth}] for {preset}, got {depth}")
+            raise ValueError(f"depth applies to Vision Transformers; {config.name} is a {type(config).__name__}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= config.depth:
+            raise ValueError(f"depth must be an integer in [1, {config.depth}] for {config.name}, got {depth!r}")
         changes["depth"] = int(depth)
     return build_model(dataclasses.replace(config, **changes), rngs=nnx.Rngs(int(seed)))
 

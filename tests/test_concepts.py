@@ -301,7 +301,7 @@ def test_build_uses_per_tile_mean_features(tiny_vit):
     images = _images()
     before = images.copy()
     # 2 images of 96x150 in 48 px tiles: 2 x 3 tiles each (the 6 px border is left out) -> 12 tiles
-    bank = build_concepts(tiny_vit, images, ks=(12, 3), tile=48, batch_size=5)
+    bank = build_concepts(tiny_vit, images, ks=(12, 3), tile=48, batch=5)
     np.testing.assert_array_equal(images, before)
     assert bank.ks == (3, 12) and bank.feature_dim == 64 and bank.model == "uni" and bank.layer == -1
     feats = _manual_tile_features(tiny_vit, images, 48).mean(axis=(1, 2))

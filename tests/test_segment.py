@@ -112,7 +112,7 @@ def test_labels_are_argmax_of_upsampled_weights(model, concepts, method):
 
 def test_batch_equals_single_images(model, concepts):
     imgs = np.stack([_image(40, 56, seed=s) for s in range(3)])
-    batch = segment(imgs, concepts, model=model, batch_size=4)
+    batch = segment(imgs, concepts, model=model, batch=4)
     assert batch.shape == (3, 40, 56)
     for i in range(3):
         np.testing.assert_array_equal(batch[i], segment(imgs[i], concepts, model=model))
@@ -144,12 +144,12 @@ def test_bucketing_compiles_a_handful_of_times(model, concepts, monkeypatch):
     sizes = [(33, 72), (47, 90), (20, 100), (120, 30), (50, 128), (61, 17), (18, 18), (40, 127)]
     imgs = [_image(h, w, i) for i, (h, w) in enumerate(sizes)]
     count_traces(1)
-    out = segment(imgs, concepts, model=model, bucket=128, batch_size=8)
+    out = segment(imgs, concepts, model=model, bucket=128, batch=8)
     assert [o.shape for o in out] == sizes  # every image pads to 128 x 128: one program
-    segment(imgs, concepts, model=model, bucket=128, batch_size=8)  # compiled once, reused
+    segment(imgs, concepts, model=model, bucket=128, batch=8)  # compiled once, reused
     count_traces(3)
     # without a bucket: one program per distinct padded size (48 x 80, 48 x 96, 32 x 112)
-    for o, (h, w) in zip(segment(imgs[:3], concepts, model=model, batch_size=8), sizes):
+    for o, (h, w) in zip(segment(imgs[:3], concepts, model=model, batch=8), sizes):
         chex.assert_shape(o, (h, w))
     with pytest.raises(AssertionError, match="traced > 3 times"):  # the fourth size is a fourth program
         segment(imgs[3], concepts, model=model)

@@ -9,11 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from fseg_jax.options import RESOLUTIONS
+
 # fn(params, images_bhw3_uint8) -> (B, h, w, k) float32 token weights, as built by fseg_jax.segmentation.make_token_fn
 TokenFn = Callable[[object, object], object]
-
-
-RESOLUTIONS = ("pixel", "token")
 
 
 class TileStep:
@@ -25,7 +24,8 @@ class TileStep:
 
     The batch axis is sharded over a 1-D mesh of `devices` (all local devices by default) and the
     parameters are replicated. A batch of n tiles is padded to the next power of two of tiles per device
-    (times the device count), at most `batch` (rounded up to a multiple of the device count): a few static
+    (times the device count), at most `batch` (rounded up to a multiple of the device count), by the padding
+policy every front end shares (`fseg_jax.segmentation.pad_batch`): a few static
     shapes, so a few compilations, and a slide of 3 tiles is not computed as 16. Calling it with a
     (n, tile, tile, 3) uint8 array returns (labels, weights): labels (n, c p, c p) ("pixel") or (n, c, c)
     ("token"), concept indices in `label_dtype`, c the core tokens a side and p the patch; weights
@@ -55,6 +55,8 @@ class TileStep:
 
         if resolution not in RESOLUTIONS:
             raise ValueError(f"unknown resolution {resolution!r}; choose one of {', '.join(RESOLUTIONS)}")
+        if not devices and devices is not None:
+            raise ValueError("devices must name at least one device, got an empty list; leave it unset for all")
         devices = list(jax.local_devices() if devices is None else devices)
         n_dev = len(devices)
         self.devices = devices
@@ -81,12 +83,10 @@ class TileStep:
         self.with_weights = with_weights
 
     def padded_size(self, n: int) -> int:
-        """The batch size `n` tiles are computed as: the next power of two per device, times the device count."""
-        n_dev = len(self.devices)
-        per_device = 1
-        while per_device * n_dev < n:
-            per_device *= 2
-        return min(per_device * n_dev, self.batch)
+        """The batch size `n` tiles are computed as (`fseg_jax.segmentation.padded_batch_size`)."""
+        from fseg_jax.segmentation import padded_batch_size
+
+        return padded_batch_size(n, self.batch, len(self.devices))
 
     def dispatch(self, images: np.ndarray):
         """Start the step on one batch without waiting; `collect` turns the handle into numpy arrays."""
@@ -95,10 +95,9 @@ class TileStep:
         n = images.shape[0]
         if n > self.batch:
             raise ValueError(f"batch of {n} tiles exceeds the step's batch size {self.batch}")
-        size = self.padded_size(n)
-        if n < size:
-            pad = np.full((size - n, *images.shape[1:]), 255, images.dtype)
-            images = np.concatenate([images, pad])
+        from fseg_jax.segmentation import pad_batch
+
+        images = pad_batch(images, self.batch, len(self.devices))
         return n, self._step(self._params, jax.device_put(images, self._in_sharding))
 
     @staticmethod
