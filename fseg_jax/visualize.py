@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from fseg_jax.io import as_rgb, to_uint8
+from fseg_jax.options import check_alpha
 
 if TYPE_CHECKING:
     from fseg_jax.concepts.names import ConceptClasses
@@ -87,8 +88,7 @@ def overlay(
         raise ValueError(f"labels shape {lab.shape} does not match the image's {rgb.shape[:2]} (H, W)")
     if lab.dtype.kind not in "iu":
         raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    alpha = check_alpha(alpha)
     if lab.size and int(lab.min()) < 0:
         raise ValueError(f"labels must be >= 0, got a minimum of {int(lab.min())}")
     n_labels = int(lab.max()) + 1 if lab.size else 0

@@ -23,10 +23,10 @@ from fseg_jax.options import RESOLUTIONS, SLIDE_DEFAULTS
               help="The slides' own microns per pixel, for files that do not record it (or record it wrongly).")
 @click.option("--force-slide-mpp", is_flag=True,
               help="Use --slide-mpp even where it contradicts the file's own by more than 2x.")
-@click.option("--tile", type=int, default=None,
+@click.option("--tile", type=int, default=SLIDE_DEFAULTS["tile"],
               help="Tile side in working pixels, a multiple of the patch [default: 1024 rounded down to one: 1022 "
                    "at patch 14].")
-@click.option("--margin", type=int,
+@click.option("--margin", type=int, default=SLIDE_DEFAULTS["margin"],
               help="Context discarded on each tile side, in pixels [default: tile/16 rounded down to a multiple of "
                    "the patch: 64 at tile 1024, 56 at 1022].")
 @click.option("--save-weights", is_flag=True, help="Also write the token weights (weights.safetensors).")
