@@ -391,6 +391,29 @@ class Pipeline:
 
         return fn, {"model": state, "concepts": jnp.asarray(self.program_concepts)}
 
+    def tile_fn(self):
+        """``(fn, params)`` for the slide's tile step: :meth:`token_fn`'s function, except that for ``"factorize"``
+        it returns ``(scores (B, h, w, k), component weights (B, h, w, m), component -> concept map (B, m))``, so
+        that the step labels pixels as :func:`segment` does (the component weights upsampled, argmaxed, then
+        mapped: the one meaning of ``"factorize"``) and keeps the per-concept scores as the tile's weights."""
+        if self.method != "factorize":
+            return self.token_fn()
+        model = self.compute_model
+        graphdef, state = nnx.split(model)
+        config = model.config
+        options = self.options
+
+        def one(feats_hwd, concepts_kd):
+            weights, _, mapping = token_weights(feats_hwd, concepts_kd, options)
+            return _concept_scores(weights, mapping, concepts_kd.shape[0]), weights, mapping
+
+        def fn(params, images_bhw3):
+            x = preprocess(images_bhw3, config, size=tuple(images_bhw3.shape[1:3]))
+            feats = token_features(nnx.merge(graphdef, params["model"]), x, list(options.layers))
+            return jax.vmap(lambda f: one(f, params["concepts"]))(feats)
+
+        return fn, {"model": state, "concepts": jnp.asarray(self.program_concepts)}
+
 
 def segment(
     images,
@@ -623,9 +646,13 @@ def _token_scores(feats_hwd, concepts_kd, options: ProgramOptions):
     weights, _, mapping = token_weights(feats_hwd, concepts_kd, options)
     if mapping is None:
         return weights
-    # per concept: the largest weight among the components mapped to it
-    onehot = mapping[:, None] == jnp.arange(concepts_kd.shape[0])[None, :]
-    return jnp.max(jnp.where(onehot[None, None], weights[..., :, None], 0.0), axis=-2)
+    return _concept_scores(weights, mapping, concepts_kd.shape[0])
+
+
+def _concept_scores(weights_hwm, mapping_m, k: int):
+    """(h, w, k): per concept, the largest weight among the components mapped to it (0 where none is)."""
+    onehot = mapping_m[:, None] == jnp.arange(k)[None, :]
+    return jnp.max(jnp.where(onehot[None, None], weights_hwm[..., :, None], 0.0), axis=-2)
 
 
 def _unit_rows(a):

@@ -147,9 +147,13 @@ def _labels(out: Path) -> np.ndarray:
     return tifffile.imread(out / "labels.ome.tif")
 
 
-@pytest.mark.parametrize("options", [{}, {"solver": "hals", "max_iter": 3}], ids=["default", "hals-3-sweeps"])
+@pytest.mark.parametrize(
+    "options", [{}, {"solver": "hals", "max_iter": 3}, {"method": "factorize", "n_components": 4}],
+    ids=["default", "hals-3-sweeps", "factorize"],
+)
 def test_one_tile_equals_segment_on_its_pixels(svs, model, concepts, tmp_path, options):
-    """One tile covers the 277 x 370 px slide: per pixel, its labels are segment()'s on the tile's pixels."""
+    """One tile covers the 277 x 370 px slide: per pixel, its labels are segment()'s on the tile's pixels, for
+    "factorize" too (one meaning: component weights upsampled, argmaxed, mapped to concepts)."""
     import fseg_jax
 
     seg = pipeline.SlideSegmenter.from_model(model, concepts, tile=416, margin=16, batch=4, mpp=4.0, **options)
@@ -161,7 +165,7 @@ def test_one_tile_equals_segment_on_its_pixels(svs, model, concepts, tmp_path, o
     tissue = labels > 0
     assert tissue.sum() > 20000
     assert (labels == expected)[tissue].mean() >= 0.999  # measured: 1.0 (every pixel) for both
-    if options:  # the options reach the step: three HALS sweeps stop far from the default solver's optimum
+    if "solver" in options:  # the options reach the step: three HALS sweeps stop far from the default solver's optimum
         default = np.asarray(fseg_jax.segment(pixels, concepts, model=model))[16:386, 16:293] + 1
         assert (labels == default)[tissue].mean() < 0.9  # measured: 0.66
 

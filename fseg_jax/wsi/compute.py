@@ -18,6 +18,10 @@ TokenFn = Callable[[object, object], object]
 class TileStep:
     """One compiled function for batches of tiles: token weights, margins cropped, labels.
 
+    `fn(params, images)` returns the (B, h, w, k) concept weights, or a tuple (per-concept scores (B, h, w, k),
+    component weights (B, h, w, m), component -> concept map (B, m)) (``Pipeline.tile_fn`` for "factorize"):
+    then the labels are the components' mapped to concepts, and the scores are the weights kept.
+
     resolution "pixel" (F-Seg's rule): each tile's weights are upsampled bilinearly by the patch size and
     argmaxed per pixel, using one context token beyond the core on each side so that neighbouring cores
     meet without a seam (`fseg_jax.upsample.upsample_argmax_core`); "token": the argmax per token.
@@ -69,14 +73,16 @@ policy every front end shares (`fseg_jax.segmentation.pad_batch`): a few static
         out_dtype = jnp.dtype(label_dtype)
 
         def step(params, images):
-            w = fn(params, images)
-            core = w[:, m : m + c, m : m + c, :]
+            out = fn(params, images)
+            scores, w, mapping = out if isinstance(out, tuple) else (out, out, None)
             if resolution == "pixel":
-                labels = jax.vmap(lambda w_hwk: upsample_argmax_core(w_hwk, patch, m))(w)
+                labels = jax.vmap(lambda w_hwm: upsample_argmax_core(w_hwm, patch, m))(w)
             else:
-                labels = core.argmax(axis=-1)
+                labels = w[:, m : m + c, m : m + c, :].argmax(axis=-1)
+            if mapping is not None:  # component labels -> concepts, per tile
+                labels = jax.vmap(lambda labels_hw, mapping_m: mapping_m[labels_hw])(labels, mapping)
             labels = labels.astype(out_dtype)
-            return (labels, core) if with_weights else (labels,)
+            return (labels, scores[:, m : m + c, m : m + c, :]) if with_weights else (labels,)
 
         self._step = jax.jit(step, in_shardings=(replicated, self._in_sharding), out_shardings=self._in_sharding,
                              compiler_options=compiler_options())

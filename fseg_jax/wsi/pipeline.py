@@ -200,17 +200,16 @@ class SlideSegmenter:
         """The slide run of a `fseg_jax.Pipeline`: its model, concepts, options and `batch` (tiles per step).
 
         The other arguments are the constructor's. An NMF method whose components a tile's tokens cannot hold
-        (``fseg_jax.options.check_components``) is refused here, before any slide is read. For method
-        "factorize" the tile step upsamples each concept's largest component weight (`make_token_fn`'s
-        scores), where `segment` upsamples the component weights and maps the argmax, so labels between token
-        centres may differ from `segment`'s.
+        (``fseg_jax.options.check_components``) is refused here, before any slide is read. Method "factorize"
+        labels pixels as `segment` does (`Pipeline.tile_fn`): the component weights upsampled, argmaxed and
+        mapped to concepts; its saved weights are each concept's largest component weight.
         """
         config = pipeline.model.config
         patch = int(config.patch_size)
         side = DEFAULT_TILE // patch * patch if tile is None else tile
         if isinstance(side, int) and side >= patch:
             pipeline.check_tokens((side // patch) ** 2, f"a tile of {side} px")
-        fn, params = pipeline.token_fn()
+        fn, params = pipeline.tile_fn()
         params_id = f"model {model_digest(pipeline.model)}, concepts {tree_digest(params['concepts'])}"
         layers = pipeline.layers
         info = {
