@@ -167,7 +167,7 @@ def concept_atlas(
         slide, owned = _as_slide(item, slide_mpp)
         if slide is None:
             image = as_rgb(item, name=f"image {index}")  # 16-bit and float images are segmented as they are
-            w_hwk = np.asarray(pipeline.segment(image, return_weights=True).weights)
+            w_hwk = np.asarray(pipeline.weights(image))
             rgb = to_uint8(image)
             h, w, kk = w_hwk.shape
             coords = np.stack(np.divmod(np.arange(h * w), w), axis=1)
@@ -177,7 +177,7 @@ def concept_atlas(
         try:
             plan = slide.plan(mpp)
             for rgb, (rows, cols), margin, tissue in _tissue_tiles(slide, plan, tile, p):
-                w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
+                w_hwk = np.asarray(pipeline.weights(rgb))
                 core = w_hwk[margin : margin + rows.stop - rows.start, margin : margin + cols.stop - cols.start]
                 ys, xs = np.nonzero(tissue)
                 coords = np.stack([ys + rows.start, xs + cols.start], axis=1)

@@ -333,41 +333,18 @@ class Pipeline:
         """
         if classes and self.classes is None:
             raise ValueError(_no_classes_message(self))
-        mesh, graphdef, state, concepts_j = self.placed(devices)
         images_list, kind = collect_images(images)
-        patch = self.model.config.patch_size
-        options = self.options
-        n_dev = mesh.devices.size
-        batch_sharding = NamedSharding(mesh, P("batch"))
-
-        # group by padded size and dtype: one compiled program per group shape
-        groups: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images_list):
-            hp, wp = padded_size(im.shape[0], im.shape[1], patch, self.bucket)
-            self.check_tokens((hp // patch) * (wp // patch), f"image {i} ({im.shape[0]} x {im.shape[1]} px)")
-            groups.setdefault((hp, wp, im.dtype.str), []).append(i)
-
         outputs: list[Any] = [None] * len(images_list)
-        for (hp, wp, _), members in groups.items():
-            for start in range(0, len(members), self.batch):
-                idx = members[start : start + self.batch]
-                batch = pad_batch(np.stack([_pad_edge(images_list[i], hp, wp) for i in idx]), self.batch, n_dev)
-                batch = jax.device_put(batch, batch_sharding)
-                out = jax.device_get(segment_padded(graphdef, options, state, concepts_j, batch))
-                for j, i in enumerate(idx):
-                    h, w = images_list[i].shape[:2]
-                    labels_j, weights_j, components_j, mapping_j = (None if o is None else o[j] for o in out)
-                    labels_j = labels_j[:h, :w]
-                    if classes:
-                        labels_j = self.classes.map(labels_j)
-                    outputs[i] = (labels_j, weights_j, components_j, mapping_j)
+        for idx, out in self._run(images_list, segment_padded, devices):
+            for j, i in enumerate(idx):
+                h, w = images_list[i].shape[:2]
+                labels_j, weights_j, components_j, mapping_j = (None if o is None else o[j] for o in out)
+                labels_j = labels_j[:h, :w]
+                if classes:
+                    labels_j = self.classes.map(labels_j)
+                outputs[i] = (labels_j, weights_j, components_j, mapping_j)
 
-        if kind == "single":
-            pack = lambda items: items[0]  # noqa: E731
-        elif kind == "batch":
-            pack = np.stack
-        else:
-            pack = list
+        pack = functools.partial(_pack, kind=kind)
         labels = pack([o[0] for o in outputs])
         if not return_weights and self.method != "dff":
             return labels
@@ -375,6 +352,39 @@ class Pipeline:
         components = pack([o[2] for o in outputs]) if self.method in ("factorize", "dff") else None
         mapping = pack([o[3] for o in outputs]) if self.method == "factorize" else None
         return SegmentResult(labels, weights, components, mapping)
+
+    def weights(self, images, *, devices: Sequence | None = None):
+        """The token weights of ``images`` alone, (h, w, m) float32 per image (batched as :func:`segment`
+        batches labels), as ``segment(..., return_weights=True).weights`` gives them, without the labels: no
+        upsampling, no argmax."""
+        images_list, kind = collect_images(images)
+        outputs: list[Any] = [None] * len(images_list)
+        for idx, out in self._run(images_list, weights_padded, devices):
+            for j, i in enumerate(idx):
+                outputs[i] = out[j]
+        return _pack(outputs, kind)
+
+    def _run(self, images_list, program, devices):
+        """The one batch runner of the pipeline's programs: images grouped by padded size and dtype (one
+        compilation per group shape), edge-padded, cut into batches of ``batch`` padded by :func:`pad_batch`,
+        split over the devices the parameters were placed on once (:meth:`placed`). Yields (the images'
+        indices, the program's host outputs for the batch)."""
+        mesh, graphdef, state, concepts_j = self.placed(devices)
+        patch = self.model.config.patch_size
+        options = self.options
+        n_dev = mesh.devices.size
+        batch_sharding = NamedSharding(mesh, P("batch"))
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images_list):
+            hp, wp = padded_size(im.shape[0], im.shape[1], patch, self.bucket)
+            self.check_tokens((hp // patch) * (wp // patch), f"image {i} ({im.shape[0]} x {im.shape[1]} px)")
+            groups.setdefault((hp, wp, im.dtype.str), []).append(i)
+        for (hp, wp, _), members in groups.items():
+            for start in range(0, len(members), self.batch):
+                idx = members[start : start + self.batch]
+                batch = pad_batch(np.stack([_pad_edge(images_list[i], hp, wp) for i in idx]), self.batch, n_dev)
+                batch = jax.device_put(batch, batch_sharding)
+                yield idx, jax.device_get(program(graphdef, options, state, concepts_j, batch))
 
     def token_fn(self):
         """``(fn, params)``: the pure per-tile function of :func:`make_token_fn` (see there) and its inputs."""
@@ -616,6 +626,17 @@ def segment_padded(
     return jax.vmap(one)(feats)
 
 
+@jit(static_argnames=("graphdef", "options"))
+def weights_padded(
+    graphdef, options: ProgramOptions, state, concepts_kd: Float[Array, "m d"], images_bhw3: Shaped[Array, "b hp wp 3"]
+) -> Float[Array, "b h w m"]:
+    """:func:`segment_padded`'s token weights alone (no upsampling, no labels), for callers that need only them."""
+    model = nnx.merge(graphdef, state)
+    _, hp, wp, _ = images_bhw3.shape
+    feats = token_features(model, preprocess(images_bhw3, model.config, size=(hp, wp)), list(options.layers))
+    return jax.vmap(lambda f: token_weights(f, concepts_kd, options)[0])(feats)
+
+
 def token_weights(
     feats_hwd: Float[Array, "h w d"], concepts_kd: Float[Array, "m d"], options: ProgramOptions
 ) -> tuple[Float[Array, "h w m"], Float[Array, "m d"] | None, Int[Array, " m"] | None]:
@@ -662,6 +683,13 @@ def _unit_rows(a):
 
 
 # --- host-side helpers -------------------------------------------------------------------------------------------
+
+
+def _pack(items: list, kind: str):
+    """Per-image results as the input came: one item, a stacked batch, or a list."""
+    if kind == "single":
+        return items[0]
+    return np.stack(items) if kind == "batch" else list(items)
 
 
 def _pad_edge(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -301,3 +301,27 @@ def test_float_rgba_gray_pil_and_path_inputs_match_uint8(model, concepts, tmp_pa
     gray16 = segment(tmp_path / "gray16.png", concepts, model=model)
     gray_float = segment(np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0, concepts, model=model)
     np.testing.assert_array_equal(gray16, gray_float)
+
+
+def test_one_runner_places_the_parameters_once_and_gives_weights_without_labels(model, concepts, monkeypatch):
+    """Pipeline.weights is segment's weights without the labels; both run through the parameters placed on the
+    devices by the first call, never again, and the padding policy copies the last image."""
+    pipeline = seg.Pipeline.create(concepts, model=model, batch=4)
+    images = [_image(40, 56, 1), _image(40, 56, 2), _image(33, 20, 3)]
+    full = pipeline.segment(images, return_weights=True)
+    from flax import nnx
+
+    split, placements = nnx.split, []
+    monkeypatch.setattr(nnx, "split", lambda *a: placements.append(a) or split(*a))
+    weights = pipeline.weights(images)
+    pipeline.segment(images[:1])
+    assert placements == []  # nothing split or placed again
+    assert len(weights) == 3 and weights[2].shape == (3, 2, 6)
+    for ours, theirs in zip(weights, full.weights):
+        np.testing.assert_array_equal(ours, theirs)
+    batch = np.stack([_image(8, 8, 1), _image(8, 8, 2), _image(8, 8, 3)])
+    padded = seg.pad_batch(batch, 16)
+    assert padded.shape[0] == 4 and padded is not batch and (padded[3] == batch[2]).all()
+    np.testing.assert_array_equal(padded[:3], batch)
+    two = batch[:2]
+    assert seg.pad_batch(two, 16) is two  # a power of two already: nothing added, nothing copied
