@@ -310,6 +310,20 @@ def test_build_uses_per_tile_mean_features(tiny_vit):
     assert (bank[3] >= 0).all()
 
 
+def test_build_reads_float_and_16_bit_images_as_segment_does(tiny_vit):
+    """The one image policy: a float (or 16-bit) image is not quantised to 8 bits before its features, as
+    segment does not quantise it; an 8-bit image in the same list keeps its own batch."""
+    from fseg_jax.concepts import collect_features
+
+    image = _images()[0]
+    smooth = (image.astype(np.float32) + 0.37) / 256.0  # values between the 8-bit levels
+    _, _, x_nd = collect_features(tiny_vit, [smooth, image], tile=48, per_token=True, batch=4)
+    tokens = lambda im: _manual_tile_features(tiny_vit, [im], 48).reshape(-1, 64)  # noqa: E731
+    np.testing.assert_allclose(x_nd, np.concatenate([tokens(smooth), tokens(image)]), rtol=1e-5, atol=1e-6)
+    quantised = tokens((np.clip(smooth, 0, 1) * 255).round().astype(np.uint8))
+    assert np.abs(x_nd[: len(quantised)] - quantised).max() > 1e-3
+
+
 def test_build_is_deterministic_and_reads_folders(tiny_vit, tmp_path):
     from PIL import Image
 

@@ -36,7 +36,8 @@ def build_concepts(
             preset name or a converted model directory (loaded through ``fseg_jax.hub.resolve_model``).
         images_or_folder: a folder (its image files, sorted by name, not recursive), an image path, an
             ``(H, W, 3)`` image, a ``(B, H, W, 3)`` batch, or a list of any of these. Images are read one at a
-            time, so memory holds one image and the per-tile features.
+            time, so memory holds one image and the per-tile features; as ``segment`` reads them (16-bit and
+            float images are not quantised to 8 bits).
         ks: the k values of the bank.
         layer: block index (negative from the end), or a list of blocks whose features are concatenated.
         tile: side of the square tiles cut from each image on a non-overlapping grid (a multiple of the
@@ -155,15 +156,17 @@ def _iter_images(images_or_folder: Any) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_tiles(images_or_folder: Any, tile: int, tile_filter: Callable | None) -> Iterator[np.ndarray]:
+    """Each image's whole tiles, as ``segment`` reads images (uint8, or float32 in [0, 1] for 16-bit and float
+    inputs, not quantised); ``tile_filter`` judges each tile as uint8."""
     from fseg_jax.io.images import as_rgb, to_uint8
 
     for name, item in _iter_images(images_or_folder):
-        image = to_uint8(as_rgb(item, name=name))
+        image = as_rgb(item, name=name)
         h, w = image.shape[:2]
         for y in range(0, h - tile + 1, tile):
             for x in range(0, w - tile + 1, tile):
                 t = image[y : y + tile, x : x + tile]
-                if tile_filter is None or tile_filter(t):
+                if tile_filter is None or tile_filter(to_uint8(t)):
                     yield t
 
 
@@ -198,21 +201,26 @@ def _tile_features(
         return jnp.mean(f_bhwd, axis=(1, 2))[:, None, :]
 
     out: list[np.ndarray] = []
-    buffer = np.zeros((batch, tile, tile, 3), np.uint8)
+    buffer: np.ndarray | None = None  # one batch of tiles of one dtype (uint8, or float32 from other inputs)
+    n = 0
 
-    def flush(n):
+    def flush():
+        nonlocal n
+        buffer[n:] = buffer[n - 1]  # the padding policy of every batched front end: copies of the last entry
         f = np.asarray(features(state, buffer))
         out.extend(f[i] if keep is None else keep(f[i]) for i in range(n))
+        n = 0
 
-    n = 0
     for t in tiles:
+        if buffer is None or t.dtype != buffer.dtype:
+            if n:
+                flush()
+            buffer = np.zeros((batch, tile, tile, 3), t.dtype)
         buffer[n] = t
         n += 1
         if n == batch:
-            flush(n)
-            n = 0
+            flush()
     if n:
-        buffer[n:] = buffer[n - 1]  # the padding policy of every batched front end: copies of the last entry
-        flush(n)
+        flush()
     return out
 
