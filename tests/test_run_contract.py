@@ -229,6 +229,9 @@ def test_segment_slide_and_the_slide_command_take_the_model_the_bank_records_ran
     result = segment_slide(tmp_path / "tile.png", tmp_path / "lib", bank, random_init=0, depth=1, slide_mpp=1.0,
                            mpp=1.0, tile=64, margin=16, batch=2)
     assert result.summary["model"] == "kaiko_vits16-random"
+    from fseg_jax.wsi.pipeline import SlideSegmenter
+
+    assert SlideSegmenter.from_model(None, bank, random_init=0, depth=1, tile=64).info["model"] == "kaiko_vits16-random"
     cli = CliRunner().invoke(main, [
         "slide", str(tmp_path / "tile.png"), "--concepts", str(tmp_path / "bank.safetensors"), "--random-init", "0",
         "--depth", "1", "--slide-mpp", "1", "--mpp", "1", "--tile", "64", "--margin", "16", "--batch", "2",
@@ -244,3 +247,25 @@ def test_segment_slide_and_the_slide_command_take_the_model_the_bank_records_ran
     assert cli.exit_code == 0, cli.output
     summary = json.loads((tmp_path / "cli" / "tile" / "summary.json").read_text())
     assert summary["model"] == "kaiko_vits16-random" and summary["concepts"] == result.summary["concepts"]
+
+
+def test_devices_alpha_and_strict_json_are_checked_before_any_output(tmp_path):
+    from PIL import Image
+
+    import fseg_jax
+    from fseg_jax.cli import main
+    from fseg_jax.wsi.outputs import write_json
+
+    model = tiny_vit(tiny_config(patch_size=16))
+    with pytest.raises(ValueError, match="devices must name at least one device, got an empty list"):
+        fseg_jax.segment(np.zeros((16, 16, 3), np.uint8), np.ones((3, 32), np.float32), model=model, devices=[])
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 5"):
+        fseg_jax.overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.int32), alpha=5)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(main, ["segment", str(tmp_path / "a.png"), "--concepts", "uni", "--alpha", "5",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "alpha must be a number in [0, 1], got 5.0" in result.output
+    assert not (tmp_path / "out").exists()  # refused before any label file is written
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "summary.json", {"area_mm2": float("inf")})
+    assert list(tmp_path.iterdir()) == [tmp_path / "a.png"]
