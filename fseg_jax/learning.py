@@ -31,7 +31,7 @@ from fseg_jax._files import atomic_path
 from fseg_jax.compilation import jit
 from fseg_jax.kmeans import kmeans_plusplus
 from fseg_jax.factorization import nnls
-from fseg_jax.options import LEARN_KS
+from fseg_jax.options import LEARN_KS, RUN_DEFAULTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def learn_concepts(
     tile: int = 224,
     tokens_per_tile: int | None = None,
     tile_filter=None,
-    batch: int = 8,
+    batch: int = RUN_DEFAULTS["batch"],
     seed: int = 0,
     steps: int = 300,
     batch_tokens: int = 2048,

@@ -78,7 +78,7 @@ def run_options(command, *, methods: tuple[str, ...] = METHODS):
                      help="Compute dtype of the model (bfloat16 for GPU/TPU) [default: float32, the model's own]."),
         click.option("--bucket", type=int, default=d["bucket"],
                      help="Pad images to a multiple of this many pixels so nearby sizes share a compilation."),
-        click.option("--batch", "--batch-size", "batch", type=int, default=d["batch"], show_default=True,
+        click.option("--batch", "batch", type=int, default=d["batch"], show_default=True,
                      help="Images (slides: tiles) per compiled call, split over all local devices."),
     ]
     for option in reversed(options):

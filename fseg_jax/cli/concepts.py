@@ -14,7 +14,7 @@ from fseg_jax.cli.common import (
     random_model_options,
     run_options,
 )
-from fseg_jax.options import BUILD_KS, LEARN_KS
+from fseg_jax.options import BUILD_KS, LEARN_KS, RUN_DEFAULTS
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:
@@ -96,7 +96,7 @@ def _write_bank(make, model_spec, random_init, depth, images, sample, output) ->
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block whose features are clustered.")
 @click.option("--tile", default=224, show_default=True, type=int, help="Tile side in pixels.")
 @click.option("--per-token", is_flag=True, help="Cluster patch tokens instead of per-tile means.")
-@click.option("--batch", "--batch-size", "batch", default=8, show_default=True, type=int, help="Tiles per model call.")
+@click.option("--batch", "batch", default=RUN_DEFAULTS["batch"], show_default=True, type=int, help="Tiles per model call.")
 @click.option("--seed", default=0, show_default=True, type=int, help="k-means seed.")
 def build(model_spec, images, sample, random_init, depth, output, ks, layer, tile, per_token, batch, seed):
     """Build a bank for MODEL (preset or converted model folder) by k-means over tiles of IMAGES

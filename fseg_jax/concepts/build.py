@@ -10,7 +10,7 @@ import numpy as np
 
 from fseg_jax.concepts.bank import ConceptBank, normalise_layer
 from fseg_jax.io import IMAGE_SUFFIXES, files_in_folder
-from fseg_jax.options import BUILD_KS
+from fseg_jax.options import BUILD_KS, RUN_DEFAULTS, check_int
 
 DEFAULT_KS = BUILD_KS
 def build_concepts(
@@ -23,7 +23,7 @@ def build_concepts(
     per_token: bool = False,
     tokens_per_tile: int | None = None,
     tile_filter: Callable[[np.ndarray], bool] | None = None,
-    batch: int = 8,
+    batch: int = RUN_DEFAULTS["batch"],
     seed: int = 0,
     n_init: int = 3,
     max_iter: int = 300,
@@ -85,7 +85,7 @@ def collect_features(
     per_token: bool = False,
     tokens_per_tile: int | None = None,
     tile_filter: Callable[[np.ndarray], bool] | None = None,
-    batch: int = 8,
+    batch: int = RUN_DEFAULTS["batch"],
     seed: int = 0,
     at_least: int = 1,
 ) -> tuple[Any, int | tuple[int, ...], np.ndarray]:
@@ -101,8 +101,7 @@ def collect_features(
     patch = int(model.config.patch_size)
     if tile < patch or tile % patch:
         raise ValueError(f"tile must be a positive multiple of the model's patch size {patch}, got {tile}")
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    batch = check_int("batch", batch)
     if tokens_per_tile is not None and (not per_token or tokens_per_tile < 1):
         raise ValueError("tokens_per_tile needs per_token=True and a value >= 1")
     layer = normalise_layer(layer)
