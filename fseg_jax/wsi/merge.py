@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fseg_jax.concepts.names import ConceptClasses, default_name
-from fseg_jax.visualize import palette
+from fseg_jax.visualize import BACKGROUND, palette
 from fseg_jax.wsi.outputs import (
     label_dtype,
     label_names,
@@ -44,8 +44,8 @@ WEIGHTS_FILE = "weights.safetensors"
 def slide_classes(classes: ConceptClasses) -> dict:
     """How a slide run's plan records its classes: {"names": [...], "concepts": [[concept, ...], ...],
     "colors": [[r, g, b], ...]}, a class without a colour of its own in its first concept's slide colour
-    (concept i is drawn in ``palette(k + 1)[i + 1]``, 0 being background)."""
-    colors = classes.rgb(palette(classes.k + 1)[1:])
+    (concept i is drawn in ``palette(k)[i]``, as in every output)."""
+    colors = classes.rgb(palette(classes.k))
     return {
         "names": list(classes.names),
         "concepts": [list(members) for members in classes.concepts],
@@ -59,12 +59,12 @@ def _written_labels(k: int, classes: dict | None) -> tuple[list[str], np.ndarray
     (`slide_classes`); 0 = background either way."""
     if classes is None:
         names = ["background", *(default_name(i) for i in range(k))]
-        return names, palette(k + 1), np.arange(k + 1, dtype=label_dtype(k + 1))
+        return names, np.asarray([BACKGROUND, *palette(k)], np.uint8), np.arange(k + 1, dtype=label_dtype(k + 1))
     names = ["background", *classes["names"]]
     lut = np.zeros(k + 1, label_dtype(len(names)))
     for j, members in enumerate(classes["concepts"]):
         lut[np.asarray(members) + 1] = j + 1
-    return names, np.asarray([palette(1)[0], *classes["colors"]], np.uint8), lut
+    return names, np.asarray([BACKGROUND, *classes["colors"]], np.uint8), lut
 
 
 def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:

@@ -38,6 +38,17 @@ from typing import Any
 import numpy as np
 
 from fseg_jax.concepts.names import ConceptClasses, check_classes
+from fseg_jax.options import (
+    DEFAULT_TILE,
+    RESOLUTIONS,
+    RUN_DEFAULTS,
+    SLIDE_DEFAULTS,
+    check_choice,
+    check_devices,
+    check_int,
+    check_optional_int,
+    check_positive,
+)
 from fseg_jax.wsi.compute import DeviceMemoryError, TileStep, TokenFn, explain_out_of_memory, prefetch_batches
 from fseg_jax.wsi.discovery import find_slides, slide_folder_name
 from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide, remerge_slide, slide_classes
@@ -102,15 +113,12 @@ class SlideFailure:
     error: str
 
 
-DEFAULT_TILE = 1024
-"""Working pixels a tile side when none is given, rounded down to a multiple of the model's patch."""
-
-
 class SlideSegmenter:
     """A compiled tile step and the settings of a slide run; `run` it on any number of slides.
 
     fn, params: a token function as `fseg_jax.segmentation.make_token_fn` returns it, fn(params, (B, T, T, 3)
-    uint8) -> (B, T/p, T/p, k) concept weights; `from_model` builds one from a model and a concept bank.
+    uint8) -> (B, T/p, T/p, k) concept weights; `from_pipeline` builds one from a `fseg_jax.Pipeline` (the run's
+    description: model, bank and options), `from_model` from `Pipeline.create`'s arguments.
     patch_size: the model's patch (token) size p in pixels. tile: tile side in working pixels (a multiple
     of p; default ``DEFAULT_TILE`` rounded down to a multiple of p: 1024 at patch 8 or 16, 1022 at 14);
     margin: context discarded on each side (a multiple of p; default tile/16 rounded down to a multiple of p:
@@ -137,9 +145,9 @@ class SlideSegmenter:
         k: int,
         tile: int | None = None,
         margin: int | None = None,
-        batch: int = 16,
-        mpp: float = 0.5,
-        resolution: str = "pixel",
+        batch: int = RUN_DEFAULTS["batch"],
+        mpp: float = SLIDE_DEFAULTS["mpp"],
+        resolution: str = SLIDE_DEFAULTS["resolution"],
         save_weights: bool = False,
         devices: Sequence | None = None,
         workers: int | None = None,
@@ -147,8 +155,15 @@ class SlideSegmenter:
         params_id: str | None = None,
         classes: ConceptClasses | None = None,
     ):
+        patch_size = check_int("patch_size", patch_size)
+        batch = check_int("batch", batch)
+        mpp = check_positive("mpp", mpp)
+        check_choice("resolution", resolution, RESOLUTIONS)
+        devices = check_devices(devices)
         if tile is None:
-            tile = DEFAULT_TILE // int(patch_size) * int(patch_size)
+            tile = DEFAULT_TILE // patch_size * patch_size
+        tile = check_int("tile", tile)
+        margin = check_optional_int("margin", margin, minimum=0)
         # one tile's grid: checks tile and margin against the patch size and settles the default margin
         grid = TileGrid.for_slide((tile, tile), patch=int(patch_size), tile=int(tile), margin=margin)
         self.patch_size = grid.patch
@@ -170,61 +185,69 @@ class SlideSegmenter:
         self.classes = classes
 
     @classmethod
-    def from_model(
+    def from_pipeline(
         cls,
-        model,
-        concepts,
+        pipeline,
         *,
-        k: int | None = None,
-        method: str = "project",
-        layer: int | Sequence[int] = -1,
-        dtype=None,
-        n_components: int = 20,
-        seed: int = 0,
-        solver: str | None = None,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        **kwargs,
+        tile: int | None = SLIDE_DEFAULTS["tile"],
+        margin: int | None = SLIDE_DEFAULTS["margin"],
+        mpp: float = SLIDE_DEFAULTS["mpp"],
+        resolution: str = SLIDE_DEFAULTS["resolution"],
+        save_weights: bool = False,
+        devices: Sequence | None = None,
+        workers: int | None = None,
     ) -> SlideSegmenter:
-        """From a model (object, preset name or folder) and concepts (ConceptBank, path, preset or (k, d) array).
+        """The slide run of a `fseg_jax.Pipeline`: its model, concepts, options and `batch` (tiles per step).
 
-        k, method, layer, dtype, n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment` (k may
-        be left out when the bank holds one k), all passed to `fseg_jax.segmentation.Pipeline.create`. dtype:
-        compute dtype of the forward pass, e.g. "bfloat16" (default: the model's own, float32). A bank that
-        names the concepts of k gives the run its classes. Other keyword arguments as for the constructor.
-        For method "factorize" the tile step upsamples each concept's largest component weight
-        (`make_token_fn`'s scores), where `segment` upsamples the component weights and maps the argmax, so
-        labels between token centres may differ from `segment`'s.
+        The other arguments are the constructor's. An NMF method whose components a tile's tokens cannot hold
+        (``fseg_jax.options.check_components``) is refused here, before any slide is read. Method "factorize"
+        labels pixels as `segment` does (`Pipeline.tile_fn`): the component weights upsampled, argmaxed and
+        mapped to concepts; its saved weights are each concept's largest component weight.
         """
-        import jax.numpy as jnp
-
-        from fseg_jax.segmentation import Pipeline
-
-        dtype = None if dtype is None else jnp.dtype(dtype)
-        model_desc = None
-        if isinstance(model, (str, Path)):
-            from fseg_jax.hub import resolve_model
-
-            model_desc = str(model)
-            model = resolve_model(model)
-        config = model.config
-        model_desc = model_desc or getattr(config, "name", type(model).__name__)
-        # Pipeline.create resolves and checks the bank (path, preset, ConceptBank or array) against the model
-        segmentation = Pipeline.create(
-            concepts, model=model, k=k, method=method, layer=layer, dtype=dtype, n_components=n_components,
-            seed=seed, solver=solver, tol=tol, max_iter=max_iter,
-        )
-        fn, params = segmentation.token_fn()
-        k = int(params["concepts"].shape[0])
-        params_id = f"model {model_digest(model)}, concepts {tree_digest(params['concepts'])}"
+        config = pipeline.model.config
+        patch = int(config.patch_size)
+        side = DEFAULT_TILE // patch * patch if tile is None else tile
+        if isinstance(side, int) and side >= patch:
+            pipeline.check_tokens((side // patch) ** 2, f"a tile of {side} px")
+        fn, params = pipeline.tile_fn()
+        params_id = f"model {model_digest(pipeline.model)}, concepts {tree_digest(params['concepts'])}"
+        layers = pipeline.layers
         info = {
-            "model": model_desc, "bank": _describe_concepts(concepts), "method": method, "layer": layer,
-            "dtype": "float32" if dtype is None else dtype.name, "n_components": n_components, "seed": seed,
-            "solver": solver, "tol": tol, "max_iter": max_iter,
+            "model": pipeline.model_source, "bank": pipeline.bank_source, "method": pipeline.method,
+            "layer": layers[0] if len(layers) == 1 else list(layers),
+            "dtype": "float32" if pipeline.dtype is None else pipeline.dtype.name,
+            "n_components": pipeline.n_components, "seed": pipeline.seed, "solver": pipeline.solver,
+            "tol": pipeline.tol, "max_iter": pipeline.max_iter,
         }
         return cls(
-            fn, params, patch_size=config.patch_size, k=k, info=info, params_id=params_id,
-            classes=segmentation.classes, **kwargs,
+            fn, params, patch_size=patch, k=pipeline.k, tile=tile, margin=margin, batch=pipeline.batch, mpp=mpp,
+            resolution=resolution, save_weights=save_weights, devices=devices, workers=workers, info=info,
+            params_id=params_id, classes=pipeline.classes,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model=None,
+        concepts=None,
+        *,
+        tile: int | None = SLIDE_DEFAULTS["tile"],
+        margin: int | None = SLIDE_DEFAULTS["margin"],
+        mpp: float = SLIDE_DEFAULTS["mpp"],
+        resolution: str = SLIDE_DEFAULTS["resolution"],
+        save_weights: bool = False,
+        devices: Sequence | None = None,
+        workers: int | None = None,
+        **options,
+    ) -> SlideSegmenter:
+        """From a model (object, preset name, folder, or None for the one the bank records) and concepts
+        (ConceptBank, path, preset or (k, d) array): `options` (k, method, layer, batch, dtype, ...) go untouched
+        to `fseg_jax.Pipeline.create`, the rest to `from_pipeline`."""
+        from fseg_jax.segmentation import Pipeline
+
+        return cls.from_pipeline(
+            Pipeline.create(concepts, model=model, **options), tile=tile, margin=margin, mpp=mpp,
+            resolution=resolution, save_weights=save_weights, devices=devices, workers=workers,
         )
 
     # -- one slide ---------------------------------------------------------------------------------
@@ -234,6 +257,7 @@ class SlideSegmenter:
         out_dir: str | Path,
         *,
         slide_mpp: float | None = None,
+        force_slide_mpp: bool = False,
         part: tuple[int, int] | None = None,
         progress: bool = False,
         progress_position: int = 0,
@@ -249,7 +273,7 @@ class SlideSegmenter:
         A finished run without classes whose tiles these settings compute alike (the same concepts, now
         named or saved elsewhere) is merged anew (`remerge_slide`): its concept map is written out with
         these settings' classes and no tile is computed; when its labels.ome.tif is missing or not its
-        concept map, the tiles are.
+        concept map, the tiles are. slide_mpp, force_slide_mpp: as for `fseg_jax.wsi.open_slide`.
         """
         t_start = time.perf_counter()
         index, count = part if part is not None else (0, 1)
@@ -257,7 +281,7 @@ class SlideSegmenter:
             raise ValueError(f"part {index} of {count} does not exist")
         out_dir = Path(out_dir)
         owned = not isinstance(slide, Slide)
-        reader = open_slide(slide, slide_mpp=slide_mpp) if owned else slide
+        reader = open_slide(slide, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp) if owned else slide
         try:
             plan = plan_slide(reader, self.mpp, self.settings())
             done = finished_summary(out_dir, plan["fingerprint"])
@@ -355,19 +379,13 @@ class SlideSegmenter:
         return computed
 
 
-def _describe_concepts(concepts) -> str:
-    """How summary.json names the bank: its absolute path or preset, "array" for an in-memory matrix."""
-    if isinstance(concepts, (str, Path)):
-        return str(Path(concepts).resolve()) if Path(concepts).is_file() else str(concepts)
-    return "array" if hasattr(concepts, "__array__") else repr(concepts)
-
-
 def segment_slides(
     slides: str | Path | Iterable[str | Path],
     out_root: str | Path,
     segmenter: SlideSegmenter,
     *,
     slide_mpp: float | None = None,
+    force_slide_mpp: bool = False,
     part: tuple[int, int] | None = None,
     progress: bool = False,
     on_result: Callable[[SlideResult | SlideFailure], None] | None = None,
@@ -377,7 +395,7 @@ def segment_slides(
     A slide that fails (unreadable, no mpp, settings that differ from a multi-process run's, ...) becomes a
     SlideFailure in the returned list and the batch goes on; `on_result` is called after each slide. A
     `DeviceMemoryError` ends the batch: every slide would meet it.
-    part: (index, count) of a multi-process run, for every slide (see `SlideSegmenter.run`).
+    slide_mpp, force_slide_mpp, part: for every slide, as for `SlideSegmenter.run`.
     """
     from tqdm.auto import tqdm
 
@@ -387,7 +405,8 @@ def segment_slides(
     for path in tqdm(paths, desc="slides", unit="slide", disable=not progress or len(paths) < 2, position=0):
         try:
             result = segmenter.run(
-                path, out_root / slide_folder_name(path), slide_mpp=slide_mpp, part=part, progress=progress,
+                path, out_root / slide_folder_name(path), slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp,
+                part=part, progress=progress,
                 progress_position=1 if len(paths) > 1 else 0,
             )
         except DeviceMemoryError:  # every slide would fail alike: the settings must change
@@ -403,45 +422,38 @@ def segment_slides(
 def segment_slide(
     slide: str | Path,
     out_dir: str | Path,
+    concepts=None,
     *,
-    model,
-    concepts,
-    k: int | None = None,
-    method: str = "project",
-    layer: int | Sequence[int] = -1,
-    mpp: float = 0.5,
-    slide_mpp: float | None = None,
-    tile: int | None = None,
-    margin: int | None = None,
-    batch: int = 16,
-    dtype=None,
-    resolution: str = "pixel",
-    n_components: int = 20,
-    seed: int = 0,
-    solver: str | None = None,
-    tol: float | None = None,
-    max_iter: int | None = None,
+    pipeline=None,
+    mpp: float = SLIDE_DEFAULTS["mpp"],
+    slide_mpp: float | None = SLIDE_DEFAULTS["slide_mpp"],
+    force_slide_mpp: bool = False,
+    tile: int | None = SLIDE_DEFAULTS["tile"],
+    margin: int | None = SLIDE_DEFAULTS["margin"],
+    resolution: str = SLIDE_DEFAULTS["resolution"],
     save_weights: bool = False,
     devices: Sequence | None = None,
     part: tuple[int, int] | None = None,
     progress: bool = False,
+    **options,
 ) -> SlideResult:
     """Segment one whole slide (or plain image) with F-Seg and write its outputs into `out_dir`.
 
-    model: a model object (VisionTransformer, ResNet50), a preset name or a converted-model folder.
     concepts: a ConceptBank, a bank path or preset name (then `k` picks the matrix; it may be left out when
-    the bank holds one), or a (k, d) array.
+    the bank holds one), or a (k, d) array. options: the run's options (model, k, method, layer, batch, dtype,
+    n_components, seed, solver, tol, max_iter, random_init, depth), passed untouched to
+    `fseg_jax.Pipeline.create` as `fseg_jax.segment` passes them: `model` defaults to the model the bank records;
+    `batch` is the tiles per compiled step, sharded over `devices` (default: all local devices). Or
+    `pipeline`: a `fseg_jax.Pipeline` made before (then neither concepts nor options).
     mpp: working resolution in microns per pixel (0.5 ~ 20x; a pyramid level within 2 % of it is used
     as it is, at its own resolution, which summary.json records); slide_mpp: the slide's own level-0
-    resolution when its file does not record it (or records it wrongly). tile: tile side in working
-    pixels, a multiple of the patch size (default: 1024 rounded down to one, 1022 at patch 14); margin:
-    context computed then discarded on each side (default: tile/16 rounded down to a multiple of the patch
-    size, 64 at tile 1024, 56 at 1022). batch: tiles per compiled step, sharded over `devices` (default: all
-    local devices).
-    dtype: "bfloat16" for a bfloat16 forward pass. resolution: "pixel" (F-Seg's per-pixel argmax of the
-    bilinearly upsampled weights, continuous across tiles) or "token" (one label per token, faster).
-    n_components, seed, solver, tol, max_iter: as for `fseg_jax.segment`. save_weights: also write the
-    (h, w, k) token weights. part: (index, count) of a multi-process run (see `SlideSegmenter.run`).
+    resolution when its file does not record it (or records it wrongly: one that contradicts the file's by
+    more than 2x needs `force_slide_mpp=True`). tile: tile side in working pixels, a multiple of the patch size
+    (default: 1024 rounded down to one, 1022 at patch 14); margin: context computed then discarded on each side
+    (default: tile/16 rounded down to a multiple of the patch size, 64 at tile 1024, 56 at 1022).
+    resolution: "pixel" (F-Seg's per-pixel argmax of the bilinearly upsampled weights, continuous across tiles)
+    or "token" (one label per token, faster). save_weights: also write the (h, w, k) token weights. part:
+    (index, count) of a multi-process run (see `SlideSegmenter.run`).
 
     Outputs in `out_dir`: labels.ome.tif (label 0 = background, i+1 = concept i, pyramidal, physical pixel
     size and label names set), labels.geojson (QuPath annotations in level-0 pixels), overlay.png,
@@ -449,9 +461,15 @@ def segment_slide(
     makes them classes: i+1 = class i, with the class's name and colour, and summary.json adds each
     class's area. Re-running resumes a killed run; finished outputs are not recomputed.
     """
-    segmenter = SlideSegmenter.from_model(
-        model, concepts, k=k, method=method, layer=layer, dtype=dtype, n_components=n_components, seed=seed,
-        solver=solver, tol=tol, max_iter=max_iter, tile=tile, margin=margin, batch=batch, mpp=mpp,
-        resolution=resolution, save_weights=save_weights, devices=devices,
+    if pipeline is None:
+        from fseg_jax.segmentation import Pipeline
+
+        pipeline = Pipeline.create(concepts, **options)
+    elif concepts is not None or options:
+        raise ValueError("pass either pipeline= or the concepts and options to make one, not both")
+    segmenter = SlideSegmenter.from_pipeline(
+        pipeline, tile=tile, margin=margin, mpp=mpp, resolution=resolution, save_weights=save_weights,
+        devices=devices,
     )
-    return segmenter.run(slide, out_dir, slide_mpp=slide_mpp, part=part, progress=progress)
+    return segmenter.run(slide, out_dir, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp, part=part,
+                         progress=progress)
