@@ -98,7 +98,8 @@ def check_positive(name: str, value) -> float:
 
 def check_layers(layer) -> tuple[int, ...]:
     """``layer`` (an int or a non-empty sequence of ints, negative from the end) as a tuple of ints."""
-    layers = [layer] if not isinstance(layer, (list, tuple)) else list(layer)
+    iterable = hasattr(layer, "__iter__") and not isinstance(layer, (str, bytes))
+    layers = list(layer) if iterable else [layer]
     if not layers or not all(_is_int(i) for i in layers):
         raise ValueError(f"layer must be an int or a non-empty list of ints, got {layer!r}")
     return tuple(int(i) for i in layers)

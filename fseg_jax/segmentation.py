@@ -6,9 +6,11 @@ rule), upsample the weights bilinearly to the padded image size and take the arg
 no ``(H, W, k)`` float array is ever held. Images are grouped by padded size on the host,
 so a folder of varied sizes compiles once per distinct size (or once per ``bucket`` with a coarser bucket).
 
-Every front end (:func:`segment`, :func:`make_token_fn`, ``fseg-jax segment``, the slide pipeline through
-``Pipeline.create(...).token_fn()``) describes its run as one frozen :class:`Pipeline`, built and checked once
-by ``Pipeline.create``; the jitted program itself is the public, pure :func:`segment_padded`.
+Every front end (:func:`segment`, :func:`make_token_fn`, ``segment_slide`` / ``SlideSegmenter``, ``concept_atlas``,
+the command line) describes its run as one frozen :class:`Pipeline`, built and checked once by ``Pipeline.create``
+from the options of ``fseg_jax.options``; its one batch runner feeds the public, pure jitted programs
+:func:`segment_padded` (labels) and :func:`weights_padded` (token weights only), and the slide's tile step takes
+``Pipeline.tile_fn()``.
 
 Methods (labels are concept indices into the bank's ``k`` concepts, except for ``"dff"``):
 
@@ -545,7 +547,11 @@ def _check_options(*, method, k, concepts, layer, n_components, seed, solver, to
     check_optional_int("max_iter", max_iter)
     check_tol(tol)
     if dtype is not None:
-        check_choice("dtype", jnp.dtype(dtype).name, DTYPES)
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = dtype
+        check_choice("dtype", name, DTYPES)
     if method == "dff" and k is None:
         raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
     if method != "dff" and concepts is None:
