@@ -334,3 +334,95 @@ def test_assignment_follows_what_is_left():
     assert sorted(a.loads()) == [320, 352]
     assert [u for us in a.units for u in us if u.slide == 0][0].work == 32
     assert assign_slides([{}, _slide(16)], 2).loads() == [16, 1]  # nothing left but its outputs: weight 1
+
+
+# --- the cohort run in one process: threads standing in for processes ----------------------------------------
+
+
+class _ThreadProcesses:
+    """Processes whose members are threads of this process: a dict for the store, a threading.Barrier."""
+
+    def __init__(self, count: int):
+        import threading
+
+        self.count = count
+        self.store: dict[str, str] = {}
+        self.changed = threading.Condition()
+        self.barrier = threading.Barrier(count, timeout=300)
+
+    def member(self, index: int):
+        from fseg_jax.wsi.cohort import Processes
+
+        shared = self
+
+        class Member(Processes):
+            def barrier(self, name: str) -> None:
+                shared.barrier.wait()
+
+            def publish(self, key: str, value: str) -> None:
+                with shared.changed:
+                    shared.store[key] = value
+                    shared.changed.notify_all()
+
+            def read(self, key: str) -> str:
+                with shared.changed:
+                    assert shared.changed.wait_for(lambda: key in shared.store, timeout=300), key
+                    return shared.store[key]
+
+            def read_all(self, prefix: str) -> dict[str, str]:
+                with shared.changed:
+                    return {k: v for k, v in shared.store.items() if k.startswith(prefix)}
+
+        return Member(index, self.count)
+
+
+def test_a_failing_slide_is_reported_once_by_its_process_and_the_others_go_on(tmp_path):
+    import threading
+
+    from test_wsi import standin_token_fn, synthetic_he, write_ome_tiff
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(600, 800), (600, 800), (2000, 2400)]):
+        image, _ = synthetic_he(h, w, seed=20 + i, blobs=6 if h > 1000 else 3)
+        write_ome_tiff(folder / f"s{i}.ome.tif", image, mpp=0.5)
+    (folder / "broken.svs").write_bytes(b"not a slide")
+    fn, params = standin_token_fn()
+    group = _ThreadProcesses(2)
+    results, reported, errors = {}, {0: [], 1: []}, []
+
+    def member(i: int) -> None:
+        segmenter = pipeline.SlideSegmenter(fn, params, patch_size=16, k=4, tile=128, margin=16, batch=2, mpp=1.0)
+        try:
+            results[i] = pipeline.segment_slides(
+                folder, tmp_path / "out", segmenter, processes=group.member(i), on_result=reported[i].append
+            )
+        except Exception as err:  # noqa: BLE001 - shown by the assertion below
+            errors.append(err)
+            group.barrier.abort()
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+    def view(rs):
+        return [(r.slide.name, type(r).__name__, r.process, getattr(r, "error", None)) for r in rs]
+
+    assert view(results[0]) == view(results[1])  # every process ends with the same view
+    names = [p.name for p in pipeline.find_slides(folder)]
+    broken = results[0][names.index("broken.svs")]
+    assert isinstance(broken, pipeline.SlideFailure) and broken.process == names.index("broken.svs") % 2
+    finals = [(i, r) for i in (0, 1) for r in reported[i] if isinstance(r, pipeline.SlideFailure) or r.complete]
+    assert sorted(r.slide.name for _, r in finals) == sorted(names)  # each slide reported once
+    assert all(r.process == i for i, r in finals)  # by the process that ran it
+    one = pipeline.segment_slides(
+        [folder / f"s{i}.ome.tif" for i in range(3)], tmp_path / "one",
+        pipeline.SlideSegmenter(fn, params, patch_size=16, k=4, tile=128, margin=16, batch=2, mpp=1.0),
+    )
+    for r in one:
+        _assert_same_outputs(tmp_path / "out" / r.out_dir.name, r.out_dir)
+    large = _computed_by(tmp_path / "out" / "s2")  # the large slide was split over both
+    assert sorted(large) == [0, 1]

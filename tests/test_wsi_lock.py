@@ -43,9 +43,11 @@ def test_a_held_folder_is_refused_to_another_thread_with_its_holder(tmp_path):
     assert errors[0].startswith(f"{folder} is in use by another run (pid {os.getpid()} on {socket.gethostname()}, "
                                 "process 1 of 4, since ")
     assert errors[0].endswith("run again once it has finished, or pass --wait (wait=True) to wait for it")
-    assert not (folder / LOCK_NAME).exists()  # a clean release leaves the folder as it was
-    with hold_folder(folder):  # and it is free again
-        pass
+    assert not folder.exists()  # a clean release of a folder it made, left empty, leaves nothing behind
+    folder.mkdir()
+    with hold_folder(folder):  # free again
+        (folder / "output").write_text("kept")
+    assert [p.name for p in folder.iterdir()] == ["output"]
 
 
 def test_wait_takes_the_folder_when_its_holder_lets_go(tmp_path):

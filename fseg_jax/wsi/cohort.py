@@ -26,6 +26,7 @@ explicit coordinator).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import heapq
 import json
@@ -36,7 +37,14 @@ from pathlib import Path
 
 from fseg_jax.wsi.lock import hold_folder, process_role
 from fseg_jax.wsi.merge import merge_slide
-from fseg_jax.wsi.pipeline import DeviceMemoryError, SlideFailure, SlideResult, SlideSegmenter, describe_failure
+from fseg_jax.wsi.pipeline import (
+    DeviceMemoryError,
+    SlideFailure,
+    SlideResult,
+    SlideSegmenter,
+    describe_failure,
+    replaces_outputs,
+)
 from fseg_jax.wsi.plan import SlideRunMismatch
 
 WAIT_MS = 7 * 24 * 3600 * 1000
@@ -44,7 +52,7 @@ WAIT_MS = 7 * 24 * 3600 * 1000
 error; a dead one ends the run through jax.distributed's heartbeats)."""
 
 
-class Processes:
+class Processes(abc.ABC):
     """The processes of a multi-process run as a cohort needs them: this one's `index` of `count`, barriers
     and a key-value store of strings shared by all. `scope` gives each cohort run of a session its own keys
     (every process calls the same runs in the same order)."""
@@ -58,19 +66,21 @@ class Processes:
         self._runs += 1
         return f"fseg_jax/cohort/{self._runs}/"
 
+    @abc.abstractmethod
     def barrier(self, name: str) -> None:
-        raise NotImplementedError
+        """Wait until every process has reached the barrier `name`."""
 
+    @abc.abstractmethod
     def publish(self, key: str, value: str) -> None:
-        raise NotImplementedError
+        """Set `key` to `value` for every process to read."""
 
+    @abc.abstractmethod
     def read(self, key: str) -> str:
         """The value at `key`, waiting until some process publishes it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_all(self, prefix: str) -> dict[str, str]:
         """Every key under `prefix` published so far, with its value."""
-        raise NotImplementedError
 
 
 class JaxProcesses(Processes):
@@ -212,14 +222,14 @@ def run_cohort(
             processes.publish(f"{scope}survey/{s}", json.dumps({"failed": True}))
             report(s, SlideFailure(paths[s], describe_failure(err), me))
             continue
-        record = {"remaining": sorted(survey.remaining.items()), "replaced": survey.replaced}
+        record = {"remaining": _runs(survey.remaining), "discarded": survey.discarded}
         processes.publish(f"{scope}survey/{s}", json.dumps(record if not survey.done else {"done": True}))
         if survey.done:
             report(s, SlideResult(paths[s], out_dirs[s], True, survey.tiles, 0, 0.0, process=me))
     processes.barrier(f"{scope}surveyed")
     surveys = {int(key.rpartition("/")[2]): json.loads(v) for key, v in processes.read_all(f"{scope}survey/").items()}
     todo = [s for s in range(len(paths)) if "remaining" in surveys[s]]
-    assignment = assign_slides([{b: t for b, t in surveys[s]["remaining"]} for s in todo], n)
+    assignment = assign_slides([_from_runs(surveys[s]["remaining"]) for s in todo], n)
 
     with contextlib.ExitStack() as stack:
         # a merger holds each of its split slides' folders from now until that slide's outputs are written
@@ -270,13 +280,29 @@ def run_cohort(
                 raise
             except Exception as err:  # noqa: BLE001 - one bad slide must not end the run
                 result = SlideFailure(paths[s], describe_failure(err), me)
-            replaced = surveys[s]["replaced"]
-            if isinstance(result, SlideResult) and result.replaced is None and replaced:
-                result = replace(result, replaced=replaced)
+            discarded = surveys[s]["discarded"]  # by the survey, so the run itself found nothing to discard
+            if isinstance(result, SlideResult) and discarded:
+                result = replace(result, replaced="; ".join(filter(None, (discarded, result.replaced))))
             report(s, result)
     processes.barrier(f"{scope}finished")
     outcomes = {int(key.rpartition("/")[2]): json.loads(v) for key, v in processes.read_all(f"{scope}outcome/").items()}
     return [mine.get(s) or _from_outcome(paths[s], out_dirs[s], outcomes[s]) for s in range(len(paths))]
+
+
+def _runs(remaining: Mapping[int, int]) -> list[list[int]]:
+    """{batch index: tiles} as [[first, stop, tiles], ...], runs of consecutive batches of as many tiles: a
+    slide's record in the store stays a few numbers (its batches are full but the last)."""
+    runs: list[list[int]] = []
+    for b, tiles in sorted(remaining.items()):
+        if runs and runs[-1][1] == b and runs[-1][2] == tiles:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1, tiles])
+    return runs
+
+
+def _from_runs(runs: list[list[int]]) -> dict[int, int]:
+    return {b: tiles for first, stop, tiles in runs for b in range(first, stop)}
 
 
 def _merge_parts(
@@ -290,13 +316,14 @@ def _merge_parts(
         p, r = failed[0]
         where = f" on process {r['process']}" if "process" in r else ""
         return SlideFailure(path, f"part {p + 1} of {parts} failed{where}: {r['error']}", me)
+    replaced = "; ".join(filter(None, (survey["discarded"], replaces_outputs(out_dir)))) or None
     try:
         summary = merge_slide(out_dir)
     except Exception as err:  # noqa: BLE001 - reported for this slide; the run goes on
         return SlideFailure(path, describe_failure(err), me)
     return SlideResult(
         path, out_dir, True, summary["tiles"]["tissue"], sum(r["computed"] for r in records),
-        sum(r["seconds"] for r in records), summary, merged=True, replaced=survey["replaced"], process=me,
+        sum(r["seconds"] for r in records), summary, merged=True, replaced=replaced, process=me,
     )
 
 

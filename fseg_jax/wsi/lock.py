@@ -30,11 +30,10 @@ class FolderBusy(RuntimeError):
 
 @contextlib.contextmanager
 def hold_folder(folder: str | Path, *, wait: bool = False, role: str = "") -> Iterator[None]:
-    """Hold `folder`'s lock for the block (creating the folder); FolderBusy naming the holder when another run
-    holds it, or with `wait` block until it is free. role: what the holder file says this run is, besides its
-    pid and host (e.g. "process 1 of 4")."""
+    """Hold `folder`'s lock for the block (creating the folder, and removing it again when the block leaves it
+    empty); FolderBusy naming the holder when another run holds it, or with `wait` block until it is free.
+    role: what the holder file says this run is, besides its pid and host (e.g. "process 1 of 4")."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     held = _held.__dict__.setdefault("folders", {})
     if key in held:
@@ -44,7 +43,7 @@ def hold_folder(folder: str | Path, *, wait: bool = False, role: str = "") -> It
         finally:
             held[key] -= 1
         return
-    fd = _acquire(folder / LOCK_NAME, folder, wait)
+    fd, created = _acquire(folder, wait)
     try:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)
@@ -55,6 +54,11 @@ def hold_folder(folder: str | Path, *, wait: bool = False, role: str = "") -> It
         finally:
             del held[key]
             (folder / LOCK_NAME).unlink(missing_ok=True)  # still held: no one can have locked the path since
+            for path in created:  # a run that wrote nothing leaves no folder behind
+                try:
+                    path.rmdir()
+                except OSError:  # not empty: something was written, or another run made it meanwhile
+                    break
     finally:
         os.close(fd)
 
@@ -64,10 +68,16 @@ def process_role(process: tuple[int, int]) -> str:
     return f"process {process[0]} of {process[1]}" if process[1] > 1 else ""
 
 
-def _acquire(path: Path, folder: Path, wait: bool) -> int:
+def _acquire(folder: Path, wait: bool) -> tuple[int, list[Path]]:
+    """(a descriptor holding the lock of `folder`, the folders made for it, deepest first)."""
     import fcntl
 
+    path = folder / LOCK_NAME
+    created: list[Path] = []
     while True:
+        # (again after a holder let go: it removes the folder it made when it leaves it empty)
+        created += [p for p in (folder, *folder.parents) if not p.exists() and p not in created]
+        folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -84,7 +94,7 @@ def _acquire(path: Path, folder: Path, wait: bool) -> int:
             here = None
         mine = os.fstat(fd)
         if here is not None and (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
-            return fd
+            return fd, sorted(created, key=lambda p: -len(p.parts))
         os.close(fd)  # the holder removed the file as it let go: lock the one at the path now
 
 

@@ -119,12 +119,13 @@ class SlideFailure:
 @dataclass(frozen=True)
 class SlideSurvey:
     """What a slide run has left to do: done (its outputs are there), tiles with tissue, remaining: {batch
-    index: tiles} of the batches not computed yet, replaced: as for SlideResult."""
+    index: tiles} of the batches not computed yet, discarded: what the survey discarded of another run's
+    unfinished work (as SlideResult.replaced says it), or None."""
 
     done: bool
     tiles: int
     remaining: dict[int, int]
-    replaced: str | None = None
+    discarded: str | None = None
 
 
 DEFAULT_TILE = 1024
@@ -309,11 +310,10 @@ class SlideSegmenter:
             done = finished_summary(out_dir, plan["fingerprint"])
             if done is not None:
                 return SlideSurvey(True, done["tiles"]["tissue"], {})
-            replaced = _replaces_outputs(out_dir)
             plan, discarded = start_or_resume(WorkDir(out_dir), reader, plan, batch=self.step.batch, shared=False)
             finished = WorkDir(out_dir).done(work_fingerprint(plan))
             remaining = {b: len(tiles) for b, tiles in enumerate(plan["batches"]) if b not in finished}
-            return SlideSurvey(False, sum(len(b) for b in plan["batches"]), remaining, discarded or replaced)
+            return SlideSurvey(False, sum(len(b) for b in plan["batches"]), remaining, discarded)
 
     def _run(
         self,
@@ -340,7 +340,7 @@ class SlideSegmenter:
                 )
             out_dir.mkdir(parents=True, exist_ok=True)
             work = WorkDir(out_dir)
-            replaced = _replaces_outputs(out_dir) if count == 1 else None
+            replaced = replaces_outputs(out_dir) if count == 1 else None
             plan, discarded = start_or_resume(work, reader, plan, batch=self.step.batch, shared=count > 1)
             # a finished run of these tiles without names: its label map is written anew, no tile computed
             summary = remerge_slide(out_dir) if count == 1 else None
@@ -363,7 +363,7 @@ class SlideSegmenter:
         summary = merge_slide(out_dir)
         return SlideResult(
             reader.path, out_dir, True, n_tiles, computed, time.perf_counter() - t_start, summary, merged=True,
-            replaced=discarded or replaced, process=process[0],
+            replaced="; ".join(filter(None, (discarded, replaced))) or None, process=process[0],
         )
 
     def settings(self) -> dict[str, Any]:
@@ -442,7 +442,7 @@ class SlideSegmenter:
         return computed
 
 
-def _replaces_outputs(out_dir: Path) -> str | None:
+def replaces_outputs(out_dir: Path) -> str | None:
     """The sentence a run says when it will write over finished outputs (of other settings: the caller found
     none of its own), None when there are none."""
     if (out_dir / "summary.json").is_file():
