@@ -426,3 +426,48 @@ def test_a_failing_slide_is_reported_once_by_its_process_and_the_others_go_on(tm
         _assert_same_outputs(tmp_path / "out" / r.out_dir.name, r.out_dir)
     large = _computed_by(tmp_path / "out" / "s2")  # the large slide was split over both
     assert sorted(large) == [0, 1]
+
+
+def test_a_run_with_another_number_of_processes_resumes_what_is_left(tmp_path):
+    """A two-process run killed with one slide half done and one finished: three processes complete it,
+    computing only the batches left and rewriting nothing finished."""
+    import threading
+
+    from test_wsi import standin_token_fn, synthetic_he, write_ome_tiff
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for i in range(3):
+        image, _ = synthetic_he(600, 800, seed=30 + i)
+        write_ome_tiff(folder / f"s{i}.ome.tif", image, mpp=0.5)
+    fn, params = standin_token_fn()
+
+    def segmenter():
+        return pipeline.SlideSegmenter(fn, params, patch_size=16, k=4, tile=128, margin=16, batch=2, mpp=1.0)
+
+    out = tmp_path / "out"
+    segmenter().run(folder / "s0.ome.tif", out / "s0", part=(0, 2), process=(1, 2))  # half of s0's batches
+    finished = segmenter().run(folder / "s1.ome.tif", out / "s1", process=(0, 2))
+    plan = WorkDir(out / "s0").read_plan()
+    half = sum(len(plan["batches"][b]) for b in WorkDir(out / "s0").done(work_fingerprint(plan)))
+    group = _ThreadProcesses(3)
+    results = {}
+
+    def member(i: int) -> None:
+        try:
+            results[i] = pipeline.segment_slides(folder, out, segmenter(), processes=group.member(i))
+        except BaseException:
+            group.barrier.abort()  # the others stop waiting; the missing result fails the test
+            raise
+
+    threads = [threading.Thread(target=member, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 1, 2]
+    assert all(r.complete for r in results[0])
+    s0 = _computed_by(out / "s0")
+    assert s0[1] == half and sum(s0.values()) == _outputs(out / "s0")["tiles"]["tissue"]  # resumed
+    assert results[0][1].tiles_computed == 0 and results[0][1].merged is False  # s1 was done: left as it was
+    assert json.loads((out / "s1" / "summary.json").read_text()) == finished.summary
