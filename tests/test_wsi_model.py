@@ -370,8 +370,10 @@ def test_out_of_device_memory_says_which_batch_to_try(synthetic_slide, model, co
     with pytest.raises(DeviceMemoryError, match=expected):
         seg.run(synthetic_slide, tmp_path / "a")
     # every slide of a folder would fail alike: the error ends the batch instead of failing each slide
+    copy = tmp_path / f"copy-{synthetic_slide.name}"
+    copy.write_bytes(synthetic_slide.read_bytes())
     with pytest.raises(DeviceMemoryError):
-        pipeline.segment_slides([synthetic_slide, synthetic_slide], tmp_path / "b", seg)
+        pipeline.segment_slides([synthetic_slide, copy], tmp_path / "b", seg)
 
     def failing(images):
         raise JaxRuntimeError("INTERNAL: something else")

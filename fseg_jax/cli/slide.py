@@ -32,7 +32,7 @@ from fseg_jax.options import RESOLUTIONS, SLIDE_DEFAULTS
 @click.option("--save-weights", is_flag=True, help="Also write the token weights (weights.safetensors).")
 @click.option("--distributed", is_flag=True,
               help="Join a jax.distributed run found by cluster auto-detection (SLURM, Open MPI, Cloud TPU, ...): "
-                   "this process computes its share of tiles.")
+                   "the slides are spread over its processes.")
 @click.option("--coordinator", metavar="HOST:PORT",
               help="Join a run of --num-processes processes whose process 0 serves at HOST:PORT (with --process-id).")
 @click.option("--num-processes", type=int, help="Processes in the run (with --coordinator).")
@@ -42,36 +42,44 @@ from fseg_jax.options import RESOLUTIONS, SLIDE_DEFAULTS
 @click.option("--viewer", is_flag=True,
               help="Also write a zoomable viewer per slide (OUT/<slide name>/viewer/index.html; serve it with "
                    "`fseg-jax view`).")
-@click.option("--merge", "merge_only", is_flag=True, help="Only write the outputs of a finished multi-process run.")
+@click.option("--merge", "merge_only", is_flag=True,
+              help="Only write the outputs of a finished multi-process run made by an older version.")
+@click.option("--wait", is_flag=True, help="Wait for a slide folder another run is using instead of failing that slide.")
 @click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
               help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
 @click.option("-o", "--out", "--output", "out_root", type=click.Path(path_type=Path), required=True, help="Output folder (one sub-folder per slide).")
 def slide(slides, resolution, mpp, slide_mpp, force_slide_mpp, tile, margin, save_weights, distributed, coordinator,
-          num_processes, process_id, coordinator_timeout, viewer, merge_only, compilation_cache, no_compilation_cache,
-          out_root, concepts, k, **options):
+          num_processes, process_id, coordinator_timeout, viewer, merge_only, wait, compilation_cache,
+          no_compilation_cache, out_root, concepts, k, **options):
     """Segment SLIDES (a slide, an image, or a folder of them) into OUT/<slide name>/.
 
     Writes labels.ome.tif (0 = background, i+1 = concept i), labels.geojson (QuPath annotations),
     overlay.png and summary.json per slide (and with --viewer, viewer/). When the bank names the concepts
     of this k (fseg-jax concepts name), they show classes instead: i+1 = class i, the concepts that share a
-    name as one. A re-run resumes an interrupted one; a slide that fails is reported and skipped. Several
-    processes (one per host) share the tiles of each slide with --coordinator/--num-processes/--process-id
-    (or --distributed); then run --merge once.
+    name as one. A re-run resumes an interrupted one; a slide that fails is reported and skipped; a slide
+    folder another run is using is refused (or waited for, --wait). Several processes (one per host) share
+    the slides with --coordinator/--num-processes/--process-id (or --distributed): each slide is computed
+    and written by one of them, and only a slide too large for one is split over several.
     """
-    from fseg_jax.wsi.pipeline import SlideFailure, find_slides, merge_slide, segment_slides, slide_folder_name
+    from fseg_jax.wsi.pipeline import FolderBusy, SlideFailure, find_slides, merge_slide, segment_slides, slide_out_dirs
 
+    try:
+        paths = find_slides(slides)
+        out_dirs = slide_out_dirs(paths, out_root)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     if merge_only:
         failed = 0
-        for path in find_slides(slides):
+        for path, out_dir in zip(paths, out_dirs):
             try:
-                summary = merge_slide(out_root / slide_folder_name(path))
+                summary = merge_slide(out_dir, wait=wait)
                 click.echo(f"{path.name}: merged, {summary['tiles']['tissue']} tiles")
-            except ValueError as err:
+            except (ValueError, FolderBusy) as err:
                 failed += 1
                 click.echo(f"{path.name}: {err}", err=True)
                 continue
-            if viewer and not _write_viewer(path, out_root / slide_folder_name(path)):
+            if viewer and not _write_viewer(path, out_dir):
                 failed += 1
         raise SystemExit(1 if failed else 0)
 
@@ -101,9 +109,11 @@ def slide(slides, resolution, mpp, slide_mpp, force_slide_mpp, tile, margin, sav
         from fseg_jax.compilation import enable_compilation_cache
 
         enable_compilation_cache(compilation_cache or default_compilation_cache())
-    part = None
+    processes = None
     if coordinator is not None or distributed:
         import jax
+
+        from fseg_jax.wsi.cohort import JaxProcesses
 
         if coordinator is not None:
             _check_coordinator(coordinator, process_id, coordinator_timeout)
@@ -113,10 +123,10 @@ def slide(slides, resolution, mpp, slide_mpp, force_slide_mpp, tile, margin, sav
             )
         else:
             jax.distributed.initialize(initialization_timeout=coordinator_timeout)
-        part = (jax.process_index(), jax.process_count())
+        processes = JaxProcesses()
 
     from fseg_jax.cli.common import pipeline_from_options
-    from fseg_jax.wsi.pipeline import DeviceMemoryError, SlideSegmenter
+    from fseg_jax.wsi.pipeline import DeviceMemoryError, SlideRunMismatch, SlideSegmenter
 
     pipeline = pipeline_from_options(concepts, k, **options)
     try:
@@ -132,8 +142,10 @@ def slide(slides, resolution, mpp, slide_mpp, force_slide_mpp, tile, margin, sav
         if isinstance(result, SlideFailure):
             click.echo(f"FAILED {result.slide.name}: {result.error}", err=True)
         elif not result.complete:
-            click.echo(f"{result.slide.name}: share done ({result.tiles_computed} tiles); run --merge when all are")
+            click.echo(f"{result.slide.name}: part computed ({result.tiles_computed} tiles); one process writes the outputs")
         else:
+            if result.replaced:
+                click.echo(f"{result.slide.name}: {result.replaced}")
             if result.tiles_computed or not result.tiles:
                 note = f"{result.tiles_computed} tiles computed"
             else:
@@ -144,12 +156,15 @@ def slide(slides, resolution, mpp, slide_mpp, force_slide_mpp, tile, margin, sav
 
     try:
         results = segment_slides(
-            slides, out_root, segmenter, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp, part=part,
-            progress=True, on_result=report,
+            paths, out_root, segmenter, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp, processes=processes,
+            wait=wait, progress=True, on_result=report,
         )
-    except DeviceMemoryError as err:
+    except (DeviceMemoryError, SlideRunMismatch) as err:
         raise click.ClickException(str(err)) from None
     failures = [r for r in results if isinstance(r, SlideFailure)]
+    if processes is not None and processes.count > 1:  # every process ends with the same view of the run
+        failed = "".join(f"; {r.slide.name} failed (process {r.process})" for r in failures)
+        click.echo(f"all processes: {len(results) - len(failures)} of {len(results)} slides done{failed}")
     if failures:
         click.echo(f"{len(failures)} of {len(results)} slides failed", err=True)
     if viewer_failures:

@@ -16,13 +16,15 @@ For each slide, at a working resolution of `mpp` microns per pixel:
    then the work folder is removed. When the bank names the concepts of its k, the outputs show classes
    instead: label j+1 = class j (the concepts that share a name, see `ConceptBank.classes`).
 
-A killed run picks up from its finished batches. With several processes (one per host), each takes every
-`count`-th batch of `part=(index, count)` and writes it to the shared output folder; `merge_slide` then
-writes the outputs.
+A killed run picks up from its finished batches. A run holds the slide's output folder while it works there
+(`fseg_jax.wsi.lock`): a second run on the same folder is refused, or waits. Several processes (one per host,
+`segment_slides(..., processes=)`) share a folder of slides as `fseg_jax.wsi.cohort` describes: each slide is
+computed and written by one process, and only a slide too large for that is split by batches
+(`part=(index, count)`: every `count`-th batch) and written by one of them.
 
 This module is the front end (`SlideSegmenter`, `segment_slide`, `segment_slides`); the other steps live in
 `plan` (settings, fingerprint, resume), `merge` (label map, areas, summary.json), `overlay`, `discovery`
-(which slides a folder holds) and `compute` (the tile step). Their public names used by callers are
+(which slides a folder holds), `compute` (the tile step), `lock` and `cohort` (several processes). Their public names used by callers are
 importable from here as well.
 """
 
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,7 +52,8 @@ from fseg_jax.options import (
     check_positive,
 )
 from fseg_jax.wsi.compute import DeviceMemoryError, TileStep, TokenFn, explain_out_of_memory, prefetch_batches
-from fseg_jax.wsi.discovery import find_slides, slide_folder_name
+from fseg_jax.wsi.discovery import find_slides, slide_folder_name, slide_out_dirs
+from fseg_jax.wsi.lock import FolderBusy, hold_folder, process_role
 from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide, remerge_slide, slide_classes
 from fseg_jax.wsi.outputs import label_dtype
 from fseg_jax.wsi.plan import (
@@ -68,10 +71,14 @@ from fseg_jax.wsi.reader import Slide, SlideError, open_slide
 from fseg_jax.wsi.store import WorkDir, work_fingerprint
 from fseg_jax.wsi.tiling import TileGrid
 
+if TYPE_CHECKING:
+    from fseg_jax.wsi.cohort import Processes
+
 __all__ = [
     "OUTPUT_FILES",
     "WEIGHTS_FILE",
     "DeviceMemoryError",
+    "FolderBusy",
     "SlideFailure",
     "SlideResult",
     "SlideRunMismatch",
@@ -81,6 +88,7 @@ __all__ = [
     "segment_slide",
     "segment_slides",
     "slide_folder_name",
+    "slide_out_dirs",
 ]
 
 
@@ -91,8 +99,11 @@ class SlideResult:
     complete: the outputs exist (False only for a process that wrote its share of a multi-process run);
     tiles: tiles with tissue; tiles_computed: how many of them this call computed (fewer after a resume,
     0 when the outputs were already there or were written anew from earlier work); summary: the contents
-    of summary.json once complete; merged: this call wrote the outputs (False when they were already
-    there, and for a share of a multi-process run).
+    of summary.json once complete (None for a slide another process of a multi-process run wrote); merged:
+    this call wrote the outputs (False when they were already there, and for a share of a multi-process
+    run); replaced: what this run discarded of another run's (unfinished work or finished outputs with other
+    settings), in one sentence, or None; process: the index of the process that ran it (0 in a one-process
+    run).
     """
 
     slide: Path
@@ -103,14 +114,29 @@ class SlideResult:
     seconds: float
     summary: dict | None = None
     merged: bool = False
+    replaced: str | None = None
+    process: int = 0
 
 
 @dataclass(frozen=True)
 class SlideFailure:
-    """A slide of a batch that could not be segmented, and why."""
+    """A slide of a batch that could not be segmented, and why (process: the process that reports it)."""
 
     slide: Path
     error: str
+    process: int = 0
+
+
+@dataclass(frozen=True)
+class SlideSurvey:
+    """What a slide run has left to do: done (its outputs are there), tiles with tissue, remaining: {batch
+    index: tiles} of the batches not computed yet, discarded: what the survey discarded of another run's
+    unfinished work (as SlideResult.replaced says it), or None."""
+
+    done: bool
+    tiles: int
+    remaining: dict[int, int]
+    discarded: str | None = None
 
 
 class SlideSegmenter:
@@ -259,27 +285,79 @@ class SlideSegmenter:
         slide_mpp: float | None = None,
         force_slide_mpp: bool = False,
         part: tuple[int, int] | None = None,
+        process: tuple[int, int] | None = None,
+        wait: bool = False,
         progress: bool = False,
         progress_position: int = 0,
     ) -> SlideResult:
         """Segment one slide into `out_dir` (the slide's own folder), resuming whatever is already there.
 
-        part: (index, count) of a multi-process run (e.g. jax.process_index(), jax.process_count()): this
-        process computes batches index, index+count, ... and, when count > 1, leaves the outputs to
-        `merge_slide`. Default (0, 1): every batch, then the outputs. In a multi-process run a work folder
-        holding a run with other settings is an error (`SlideRunMismatch`), not replaced: the processes
-        must agree, and a batch computed under other settings never counts as done. A device without the
-        memory for a batch raises `DeviceMemoryError`, which says which smaller batch or tile to try.
+        The run holds the folder (`fseg_jax.wsi.lock.hold_folder`): another run there raises FolderBusy,
+        naming it, or with `wait` is waited for. Work that another run left there with other settings is
+        replaced, and the result's `replaced` says so.
+        part: (index, count) of a slide split over several processes: this process computes batches index,
+        index+count, ... and, when count > 1, leaves the outputs to `merge_slide`; the caller then holds the
+        folder for all of them (see `fseg_jax.wsi.cohort`). Default (0, 1): every batch, then the outputs. A
+        work folder holding a run with other settings is then an error (`SlideRunMismatch`), not replaced:
+        the processes must agree, and a batch computed under other settings never counts as done.
+        process: (index, count) of this process in its run, recorded with each batch it computes
+        (summary.json's computed_by); default `part`. A device without the memory for a batch raises
+        `DeviceMemoryError`, which says which smaller batch or tile to try.
         A finished run without classes whose tiles these settings compute alike (the same concepts, now
         named or saved elsewhere) is merged anew (`remerge_slide`): its concept map is written out with
         these settings' classes and no tile is computed; when its labels.ome.tif is missing or not its
         concept map, the tiles are. slide_mpp, force_slide_mpp: as for `fseg_jax.wsi.open_slide`.
         """
-        t_start = time.perf_counter()
         index, count = part if part is not None else (0, 1)
         if not 0 <= index < count:
             raise ValueError(f"part {index} of {count} does not exist")
-        out_dir = Path(out_dir)
+        process = process or (index, count)
+        if count > 1:
+            return self._run(slide, Path(out_dir), slide_mpp, force_slide_mpp, (index, count), process, progress,
+                             progress_position)
+        with hold_folder(out_dir, wait=wait, role=process_role(process)):
+            return self._run(slide, Path(out_dir), slide_mpp, force_slide_mpp, (index, count), process, progress,
+                             progress_position)
+
+    def survey(
+        self,
+        slide: str | Path,
+        out_dir: str | Path,
+        *,
+        slide_mpp: float | None = None,
+        force_slide_mpp: bool = False,
+        process: tuple[int, int] = (0, 1),
+        wait: bool = False,
+    ) -> SlideSurvey:
+        """Find the tissue of a slide and start (or resume) its run in `out_dir` without computing a tile; say
+        what is left. The folder is held meanwhile, as by `run`."""
+        with (
+            hold_folder(out_dir, wait=wait, role=process_role(process)),
+            open_slide(slide, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp) as reader,
+        ):
+            out_dir = Path(out_dir)
+            plan = plan_slide(reader, self.mpp, self.settings())
+            done = finished_summary(out_dir, plan["fingerprint"])
+            if done is not None:
+                return SlideSurvey(True, done["tiles"]["tissue"], {})
+            plan, discarded = start_or_resume(WorkDir(out_dir), reader, plan, batch=self.step.batch, shared=False)
+            finished = WorkDir(out_dir).done(work_fingerprint(plan))
+            remaining = {b: len(tiles) for b, tiles in enumerate(plan["batches"]) if b not in finished}
+            return SlideSurvey(False, sum(len(b) for b in plan["batches"]), remaining, discarded)
+
+    def _run(
+        self,
+        slide: str | Path | Slide,
+        out_dir: Path,
+        slide_mpp: float | None,
+        force_slide_mpp: bool,
+        part: tuple[int, int],
+        process: tuple[int, int],
+        progress: bool,
+        progress_position: int,
+    ) -> SlideResult:
+        t_start = time.perf_counter()
+        count = part[1]
         owned = not isinstance(slide, Slide)
         reader = open_slide(slide, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp) if owned else slide
         try:
@@ -288,29 +366,35 @@ class SlideSegmenter:
             if done is not None:
                 WorkDir(out_dir).clear()  # left behind only by a kill between the summary and the cleanup
                 return SlideResult(
-                    reader.path, out_dir, True, done["tiles"]["tissue"], 0, time.perf_counter() - t_start, done
+                    reader.path, out_dir, True, done["tiles"]["tissue"], 0, time.perf_counter() - t_start, done,
+                    process=process[0],
                 )
             out_dir.mkdir(parents=True, exist_ok=True)
             work = WorkDir(out_dir)
-            plan = start_or_resume(work, reader, plan, batch=self.step.batch, shared=count > 1)
+            replaced = replaces_outputs(out_dir) if count == 1 else None
+            plan, discarded = start_or_resume(work, reader, plan, batch=self.step.batch, shared=count > 1)
             # a finished run of these tiles without names: its label map is written anew, no tile computed
             summary = remerge_slide(out_dir) if count == 1 else None
             if summary is not None:
                 n_tiles = summary["tiles"]["tissue"]
                 return SlideResult(
-                    reader.path, out_dir, True, n_tiles, 0, time.perf_counter() - t_start, summary, merged=True
+                    reader.path, out_dir, True, n_tiles, 0, time.perf_counter() - t_start, summary, merged=True,
+                    process=process[0],
                 )
-            computed = self._compute(reader, plan, work, (index, count), progress, progress_position)
+            computed = self._compute(reader, plan, work, part, process, progress, progress_position)
         finally:
             if owned:
                 reader.close()
         n_tiles = sum(len(b) for b in plan["batches"])
         if count > 1:
             check_unchanged(work, plan)
-            return SlideResult(reader.path, out_dir, False, n_tiles, computed, time.perf_counter() - t_start)
+            return SlideResult(
+                reader.path, out_dir, False, n_tiles, computed, time.perf_counter() - t_start, process=process[0]
+            )
         summary = merge_slide(out_dir)
         return SlideResult(
-            reader.path, out_dir, True, n_tiles, computed, time.perf_counter() - t_start, summary, merged=True
+            reader.path, out_dir, True, n_tiles, computed, time.perf_counter() - t_start, summary, merged=True,
+            replaced="; ".join(filter(None, (discarded, replaced))) or None, process=process[0],
         )
 
     def settings(self) -> dict[str, Any]:
@@ -329,7 +413,14 @@ class SlideSegmenter:
         }
 
     def _compute(
-        self, reader: Slide, plan: dict, work: WorkDir, part: tuple[int, int], progress: bool, position: int
+        self,
+        reader: Slide,
+        plan: dict,
+        work: WorkDir,
+        part: tuple[int, int],
+        process: tuple[int, int],
+        progress: bool,
+        position: int,
     ) -> int:
         from tqdm.auto import tqdm
 
@@ -358,7 +449,10 @@ class SlideSegmenter:
             b, ids, handle, t0, waited = entry
             labels, weights = self.step.collect(handle)
             now = time.perf_counter()
-            work.put(b, work_fingerprint(plan), ids, labels, weights, seconds=now - max(t0, last), read_wait=waited)
+            work.put(
+                b, work_fingerprint(plan), ids, labels, weights, seconds=now - max(t0, last), read_wait=waited,
+                process=process,
+            )
             last = time.perf_counter()
             computed += len(ids)
             bar.update(len(ids))
@@ -379,6 +473,14 @@ class SlideSegmenter:
         return computed
 
 
+def replaces_outputs(out_dir: Path) -> str | None:
+    """The sentence a run says when it will write over finished outputs (of other settings: the caller found
+    none of its own), None when there are none."""
+    if (out_dir / "summary.json").is_file():
+        return "replaces the finished outputs of a run with other settings"
+    return None
+
+
 def segment_slides(
     slides: str | Path | Iterable[str | Path],
     out_root: str | Path,
@@ -386,37 +488,58 @@ def segment_slides(
     *,
     slide_mpp: float | None = None,
     force_slide_mpp: bool = False,
-    part: tuple[int, int] | None = None,
+    processes: Processes | None = None,
+    wait: bool = False,
     progress: bool = False,
     on_result: Callable[[SlideResult | SlideFailure], None] | None = None,
 ) -> list[SlideResult | SlideFailure]:
     """Segment a slide, a folder of slides or a list of them into `out_root/<slide name>/` each.
 
-    A slide that fails (unreadable, no mpp, settings that differ from a multi-process run's, ...) becomes a
-    SlideFailure in the returned list and the batch goes on; `on_result` is called after each slide. A
-    `DeviceMemoryError` ends the batch: every slide would meet it.
-    slide_mpp, force_slide_mpp, part: for every slide, as for `SlideSegmenter.run`.
+    A folder without slides, or two slides that would write one folder (see `slide_out_dirs`), is a
+    ValueError before any work. A slide that fails (unreadable, no mpp, its folder in use by another run,
+    ...) becomes a SlideFailure in the returned list and the batch goes on; `on_result` is called after
+    each slide. A `DeviceMemoryError` ends the batch: every slide would meet it. slide_mpp, force_slide_mpp:
+    for every slide, as for `SlideSegmenter.run`. wait: wait for a slide folder that another run holds
+    instead of failing that slide.
+    processes: the processes of a multi-process run (`fseg_jax.wsi.cohort.JaxProcesses`), every one of them
+    calling this with the same slides and settings: the slides are spread over them, each computed and
+    written by one (see `fseg_jax.wsi.cohort`); `on_result` is called for the slides this process ran, and
+    every process returns the result of every slide, as the process that ran it reported it.
     """
     from tqdm.auto import tqdm
 
     paths = find_slides(slides)
-    out_root = Path(out_root)
+    out_dirs = slide_out_dirs(paths, out_root)
+    if processes is not None and processes.count > 1:
+        from fseg_jax.wsi.cohort import run_cohort
+
+        return run_cohort(
+            paths, out_dirs, segmenter, processes, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp, wait=wait,
+            progress=progress,
+            on_result=on_result,
+        )
     results: list[SlideResult | SlideFailure] = []
-    for path in tqdm(paths, desc="slides", unit="slide", disable=not progress or len(paths) < 2, position=0):
+    for path, out_dir in zip(
+        tqdm(paths, desc="slides", unit="slide", disable=not progress or len(paths) < 2, position=0), out_dirs
+    ):
         try:
             result = segmenter.run(
-                path, out_root / slide_folder_name(path), slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp,
-                part=part, progress=progress,
+                path, out_dir, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp, wait=wait, progress=progress,
                 progress_position=1 if len(paths) > 1 else 0,
             )
         except DeviceMemoryError:  # every slide would fail alike: the settings must change
             raise
         except Exception as err:  # noqa: BLE001 - one bad slide must not end the batch; reported to the caller
-            result = SlideFailure(path, f"{type(err).__name__}: {err}" if not isinstance(err, SlideError) else str(err))
+            result = SlideFailure(path, describe_failure(err))
         results.append(result)
         if on_result is not None:
             on_result(result)
     return results
+
+
+def describe_failure(err: Exception) -> str:
+    """The one line a slide's failure is reported with."""
+    return str(err) if isinstance(err, (SlideError, FolderBusy)) else f"{type(err).__name__}: {err}"
 
 
 def segment_slide(
