@@ -189,6 +189,20 @@ def test_slide_mpp_that_contradicts_the_file_is_refused_unless_forced(tmp_path):
         open_slide(path, slide_mpp=50)
     with open_slide(path, slide_mpp=50, force_slide_mpp=True) as slide:
         assert slide.mpp == 50
+
+    from click.testing import CliRunner
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+
+    bank = ConceptBank({3: np.ones((3, 768), np.float32)}, model="kaiko_vitb16-random")
+    save_concepts(tmp_path / "bank.safetensors", bank)
+    # the command reports the slide, one line, before any of its tiles is read
+    cli = CliRunner().invoke(main, ["slide", str(path), "--concepts", str(tmp_path / "bank.safetensors"),
+                                    "--random-init", "0", "--depth", "1", "--slide-mpp", "50",
+                                    "--no-compilation-cache", "-o", str(tmp_path / "out")])
+    assert cli.exit_code == 1
+    assert "FAILED s.ome.tif: " + f"{path}: slide_mpp 50 contradicts the 0.5 um/px the file records" in cli.output
     for bad in (0, -1, float("inf"), float("nan"), True):
         with pytest.raises(ValueError, match="slide_mpp must be a finite number > 0"):
             open_slide(path, slide_mpp=bad)
