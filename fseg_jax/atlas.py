@@ -20,6 +20,7 @@ import numpy as np
 from fseg_jax._files import atomic_paths
 from fseg_jax.concepts.names import ConceptClasses
 from fseg_jax.io.images import as_rgb, to_uint8
+from fseg_jax.options import SLIDE_DEFAULTS, check_positive
 from fseg_jax.visualize import palette
 
 
@@ -120,9 +121,9 @@ def concept_atlas(
     k: int | None = None,
     n: int = 8,
     patch: int = 64,
-    mpp: float = 0.5,
-    slide_mpp: float | None = None,
-    tile: int | None = None,
+    mpp: float = SLIDE_DEFAULTS["mpp"],
+    slide_mpp: float | None = SLIDE_DEFAULTS["slide_mpp"],
+    tile: int | None = SLIDE_DEFAULTS["tile"],
     pipeline=None,
     **pipeline_options,
 ) -> ConceptAtlas:
@@ -154,6 +155,7 @@ def concept_atlas(
 
     if n < 1 or patch < 1:
         raise ValueError(f"n and patch must be positive, got n={n}, patch={patch}")
+    mpp = check_positive("mpp", mpp)
     if pipeline is None:
         pipeline = Pipeline.create(concepts, model=model, k=k, **pipeline_options)
     elif concepts is not None or model is not None or k is not None or pipeline_options:

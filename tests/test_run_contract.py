@@ -189,6 +189,20 @@ def test_slide_mpp_that_contradicts_the_file_is_refused_unless_forced(tmp_path):
         open_slide(path, slide_mpp=50)
     with open_slide(path, slide_mpp=50, force_slide_mpp=True) as slide:
         assert slide.mpp == 50
+
+    from click.testing import CliRunner
+
+    from fseg_jax.cli import main
+    from fseg_jax.concepts import ConceptBank, save_concepts
+
+    bank = ConceptBank({3: np.ones((3, 768), np.float32)}, model="kaiko_vitb16-random")
+    save_concepts(tmp_path / "bank.safetensors", bank)
+    # the command reports the slide, one line, before any of its tiles is read
+    cli = CliRunner().invoke(main, ["slide", str(path), "--concepts", str(tmp_path / "bank.safetensors"),
+                                    "--random-init", "0", "--depth", "1", "--slide-mpp", "50",
+                                    "--no-compilation-cache", "-o", str(tmp_path / "out")])
+    assert cli.exit_code == 1
+    assert "FAILED s.ome.tif: " + f"{path}: slide_mpp 50 contradicts the 0.5 um/px the file records" in cli.output
     for bad in (0, -1, float("inf"), float("nan"), True):
         with pytest.raises(ValueError, match="slide_mpp must be a finite number > 0"):
             open_slide(path, slide_mpp=bad)
@@ -269,3 +283,31 @@ def test_devices_alpha_and_strict_json_are_checked_before_any_output(tmp_path):
     with pytest.raises(ValueError):
         write_json(tmp_path / "summary.json", {"area_mm2": float("inf")})
     assert list(tmp_path.iterdir()) == [tmp_path / "a.png"]
+
+
+def test_the_slide_command_runs_dff_as_segment_slide_does(tmp_path):
+    """`fseg-jax slide --method dff` (no bank) writes what `segment_slide(method="dff")` writes."""
+    import tifffile
+    from PIL import Image
+
+    from fseg_jax.cli import main
+    from fseg_jax.hub import save_model
+    from fseg_jax.wsi.pipeline import segment_slide
+
+    from test_wsi import synthetic_he
+
+    save_model(tiny_vit(tiny_config(patch_size=16)), tmp_path / "model")
+    image, _ = synthetic_he(96, 128, seed=5)
+    Image.fromarray(image).save(tmp_path / "tile.png")
+    settings = dict(method="dff", k=3, seed=1, slide_mpp=1.0, mpp=1.0, tile=64, margin=16, batch=2)
+    result = segment_slide(tmp_path / "tile.png", tmp_path / "lib", model=str(tmp_path / "model"), **settings)
+    assert result.summary["method"] == "dff" and result.summary["bank"] is None
+    cli = CliRunner().invoke(main, [
+        "slide", str(tmp_path / "tile.png"), "--model", str(tmp_path / "model"), "--method", "dff", "--k", "3",
+        "--seed", "1", "--slide-mpp", "1", "--mpp", "1", "--tile", "64", "--margin", "16", "--batch", "2",
+        "--no-compilation-cache", "-o", str(tmp_path / "cli"),
+    ])
+    assert cli.exit_code == 0, cli.output
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "cli" / "tile" / "labels.ome.tif"),
+                                  tifffile.imread(tmp_path / "lib" / "labels.ome.tif"))
+    assert len(np.unique(tifffile.imread(tmp_path / "lib" / "labels.ome.tif"))) > 1

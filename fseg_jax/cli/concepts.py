@@ -14,7 +14,7 @@ from fseg_jax.cli.common import (
     random_model_options,
     run_options,
 )
-from fseg_jax.options import BUILD_KS, LEARN_KS, RUN_DEFAULTS
+from fseg_jax.options import BUILD_KS, LEARN_KS, RUN_DEFAULTS, SLIDE_DEFAULTS
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:
@@ -162,7 +162,7 @@ def learn(model_spec, images, sample, random_init, depth, output, ks, layer, til
 @click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax.")
 @click.option("--n", default=8, show_default=True, type=int, help="Patches per concept.")
 @click.option("--patch", default=64, show_default=True, type=int, help="Patch side in pixels.")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="Slides: working microns per pixel.")
+@click.option("--mpp", type=float, default=SLIDE_DEFAULTS["mpp"], show_default=True, help="Slides: working microns per pixel.")
 @click.option("--slide-mpp", type=float, help="Slides: their own microns per pixel, for files that do not record it.")
 @click.option("--tile", type=int, help="Slides: tile side in working pixels [default: 512 rounded down to whole patches].")
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),

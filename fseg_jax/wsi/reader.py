@@ -286,8 +286,8 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None, force_slide_
     """Open a whole-slide image or a plain image.
 
     slide_mpp: microns per level-0 pixel, standing in for missing file metadata, or overriding metadata it
-    agrees with within a factor of 2; one that contradicts the file's own by more is a ValueError unless
-    `force_slide_mpp` (the file's metadata is known to be wrong).
+    agrees with within a factor of 2; one that contradicts the file's own by more is a SlideError (a ValueError)
+    unless `force_slide_mpp` (the file's metadata is known to be wrong).
     Raises SlideError, naming the file and every backend's complaint, when nothing can read it.
     """
     if slide_mpp is not None:
@@ -297,7 +297,7 @@ def open_slide(path: str | Path, *, slide_mpp: float | None = None, force_slide_
         check_slide_mpp(slide_mpp, slide.file_mpp, force=force_slide_mpp)
     except ValueError as err:
         slide.close()
-        raise ValueError(f"{slide.path}: {err}") from None
+        raise SlideError(f"{slide.path}: {err}") from None
     return slide
 
 
