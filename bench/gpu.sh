@@ -38,7 +38,7 @@ CPU=(env JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= taskset -c 0,1)
 # --- NMF ---
 # project() at the example image (n=4880) and a 4096x4096 tile (n=65536), d=1536, k=64 and 256;
 # scikit-learn (CPU) only where it finishes in seconds.
-"$PY" bench/nmf.py ${NMF_BENCH_ARGS:-} --n 4880 65536 --k 64 256 --d 1536 --solvers admm hals --sklearn-max-work 3e7
+"$PY" bench/factorization.py ${NMF_BENCH_ARGS:-} --n 4880 65536 --k 64 256 --d 1536 --solvers admm hals --sklearn-max-work 3e7
 
 # --- segment ---
 # End to end on example_3.jpg (1270x975), UNI architecture (random weights), k = 64: first call, warm call, ViT

@@ -44,7 +44,7 @@ def _reference_forward(preset: str, x_bhwc):
     """(framework name, a function running the reference forward once)."""
     import torch
 
-    from fseg_jax.models.config import read_manifest
+    from fseg_jax.models.weights import read_manifest
 
     x = torch.from_numpy(x_bhwc.transpose(0, 3, 1, 2).copy())
     manifest = read_manifest(preset)

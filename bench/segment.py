@@ -118,7 +118,8 @@ def main() -> None:
 
     from fseg_jax.compilation import jit
     from fseg_jax.features import preprocess, token_features
-    from fseg_jax.segmentation import segment, token_weights, upsample_argmax
+    from fseg_jax.segmentation import segment, token_weights
+    from fseg_jax.upsample import upsample_argmax
 
     original = test_helper("segment_original")
 

@@ -44,4 +44,4 @@ PYEOF
 "$PY" bench/vit.py --dtype float32 --repeats 5 --frameworks jax --shapes 64x224x224,1x976x1280
 
 # --- NMF ---
-"$PY" bench/nmf.py --n 4880 65536 --k 64 256 --d 1536 --solvers admm hals --no-sklearn
+"$PY" bench/factorization.py --n 4880 65536 --k 64 256 --d 1536 --solvers admm hals --no-sklearn

@@ -20,6 +20,7 @@ import numpy as np
 from fseg_jax._files import atomic_paths
 from fseg_jax.concepts.names import ConceptClasses
 from fseg_jax.io.images import as_rgb, to_uint8
+from fseg_jax.options import SLIDE_DEFAULTS, check_positive
 from fseg_jax.visualize import palette
 
 
@@ -120,9 +121,10 @@ def concept_atlas(
     k: int | None = None,
     n: int = 8,
     patch: int = 64,
-    mpp: float = 0.5,
-    slide_mpp: float | None = None,
-    tile: int | None = None,
+    mpp: float = SLIDE_DEFAULTS["mpp"],
+    slide_mpp: float | None = SLIDE_DEFAULTS["slide_mpp"],
+    tile: int | None = SLIDE_DEFAULTS["tile"],
+    pipeline=None,
     **pipeline_options,
 ) -> ConceptAtlas:
     """The ``n`` strongest ``patch`` x ``patch`` pixel patches of every concept over ``images``.
@@ -141,8 +143,10 @@ def concept_atlas(
         mpp, slide_mpp, tile: for slides: the working microns per pixel, the level-0 microns per pixel of slide
             files that do not record it (a ``Slide`` object carries its own), and the tile side (a multiple of
             the model's patch size; default 512 px rounded down to whole patches).
-        **pipeline_options: other options of ``Pipeline.create`` (``layer``, ``solver``, ``dtype``, ...).
-            The method is ``"project"``: the weights are the NNLS weights F-Seg labels with.
+        pipeline: a ``fseg_jax.Pipeline`` made before, in place of ``concepts``, ``model``, ``k`` and the options.
+        **pipeline_options: the other run options of ``Pipeline.create`` (``layer``, ``solver``, ``dtype``,
+            ``batch``, ``random_init``, ...), passed untouched. The method must be ``"project"`` (the default):
+            the weights are the NNLS weights F-Seg labels with.
 
     Returns:
         A :class:`ConceptAtlas`.
@@ -151,7 +155,14 @@ def concept_atlas(
 
     if n < 1 or patch < 1:
         raise ValueError(f"n and patch must be positive, got n={n}, patch={patch}")
-    pipeline = Pipeline.create(concepts, model=model, k=k, method="project", **pipeline_options)
+    mpp = check_positive("mpp", mpp)
+    if pipeline is None:
+        pipeline = Pipeline.create(concepts, model=model, k=k, **pipeline_options)
+    elif concepts is not None or model is not None or k is not None or pipeline_options:
+        raise ValueError("pass either pipeline= or the concepts, model and options to make one, not both")
+    if pipeline.method != "project":
+        raise ValueError(f"the atlas ranks tokens by their NNLS weights: method must be 'project', got "
+                         f"{pipeline.method!r}")
     p = pipeline.model.config.patch_size
     tile = 512 // p * p if tile is None else tile
     top = _TopPatches(pipeline.program_concepts.shape[0], n, patch)
@@ -162,8 +173,9 @@ def concept_atlas(
     for index, (name, item) in enumerate(iter_images(images, sorted(SLIDE_SUFFIXES.union(IMAGE_SUFFIXES)))):
         slide, owned = _as_slide(item, slide_mpp)
         if slide is None:
-            rgb = to_uint8(as_rgb(item, name=name))
-            w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
+            image = as_rgb(item, name=name)  # 16-bit and float images are segmented as they are
+            w_hwk = np.asarray(pipeline.weights(image))
+            rgb = to_uint8(image)
             h, w, kk = w_hwk.shape
             coords = np.stack(np.divmod(np.arange(h * w), w), axis=1)
             top.add(w_hwk.reshape(h * w, kk), coords, index, _image_crop(rgb, p, patch))
@@ -172,7 +184,7 @@ def concept_atlas(
         try:
             plan = slide.plan(mpp)
             for rgb, (rows, cols), margin, tissue in _tissue_tiles(slide, plan, tile, p):
-                w_hwk = np.asarray(pipeline.segment(rgb, return_weights=True).weights)
+                w_hwk = np.asarray(pipeline.weights(rgb))
                 core = w_hwk[margin : margin + rows.stop - rows.start, margin : margin + cols.stop - cols.start]
                 ys, xs = np.nonzero(tissue)
                 coords = np.stack([ys + rows.start, xs + cols.start], axis=1)

@@ -9,8 +9,9 @@ Two problems, each with a public host-side entry point and a pure, traceable twi
   non-negative, from scikit-learn's ``init="random"`` starting point (:func:`random_init`: the same numbers
   ``NMF(init="random", random_state=seed)`` starts from, so the same seed gives scikit-learn's factors).
 
-Every iteration works on ``G = C C^T`` (k, k) and ``B = X C^T`` (n, k), computed once per problem, so an
-iteration costs O(n k^2) and never touches the (n, d) features again. Each problem runs in its own
+An NNLS iteration works on ``G = C C^T`` (k, k) and ``B = X C^T`` (n, k), computed once per problem, so it
+costs O(n k^2) and never touches the (n, d) features again; a full NMF iteration updates ``H`` as well and so
+goes back to ``X`` every time, O(n k d). Each problem runs in its own
 ``lax.while_loop`` with its own stopping rule; leading batch dimensions are handled with ``jax.vmap``, so a
 problem that converges early keeps its iterate while the rest of the batch continues.
 
@@ -67,6 +68,7 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Float
 
 from fseg_jax.compilation import jit
+from fseg_jax.options import NMF_SOLVERS, SOLVERS
 
 __all__ = [
     "DEFAULT_SOLVER",
@@ -84,8 +86,6 @@ __all__ = [
 ]
 
 DEFAULT_SOLVER = "admm"
-SOLVERS = ("admm", "hals", "mu")
-NMF_SOLVERS = ("hals", "mu")
 _DEFAULT_MAX_ITER = {"admm": 5000, "hals": 10000, "mu": 10000}
 # "admm" measures its violation at the iterate against W = 0, a reference ~k times larger than the first
 # coordinate-descent sweep that "hals" divides by; 1e-6 puts its objective below scikit-learn's at 1e-4.

@@ -29,15 +29,9 @@ from flax import nnx
 
 from fseg_jax._files import atomic_paths
 from fseg_jax.convert.checkpoint import SafetensorsCheckpoint, convert_checkpoint, convert_hub_folder, hub_folder_layout
-from fseg_jax.convert.timm import NATIVE_RULES, ConversionError, fill_model
-from fseg_jax.models.config import (
-    ResNetConfig,
-    ViTConfig,
-    config_from_preset,
-    preset_layout,
-    preset_names,
-    read_manifest,
-)
+from fseg_jax.convert.engine import NATIVE_RULES, ConversionError, fill_model
+from fseg_jax.models.config import ResNetConfig, ViTConfig, config_from_preset, preset_names
+from fseg_jax.models.weights import preset_layout, read_manifest
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -290,26 +284,30 @@ def clear_model_cache() -> None:
     _load_cached.cache_clear()
 
 
-def random_model(preset: str, *, seed: int = 0, depth: int | None = None):
+def random_model(preset: str, *, seed: int = 0, depth: int | None = None, **model_kwargs):
     """A model of ``preset``'s architecture with random weights drawn from ``seed``, built in memory.
 
     ``depth`` keeps only that many blocks (a quicker model for trying the pipeline). Its config is named
     ``<preset>-random`` so that a concept bank built with it does not claim the real weights; its segmentations
-    mean nothing.
+    mean nothing. ``model_kwargs`` go to the model's constructor (``param_dtype``, ``attention_impl``).
     """
+    return random_model_of(config_from_preset(preset), seed=seed, depth=depth, **model_kwargs)
+
+
+def random_model_of(config: ViTConfig | ResNetConfig, *, seed: int = 0, depth: int | None = None, **model_kwargs):
+    """:func:`random_model` for any architecture config: named ``<config name>-random``, cut to ``depth`` blocks."""
     import dataclasses
 
     from fseg_jax.models import build_model
 
-    config = config_from_preset(preset)
     changes = {"name": f"{config.name}-random"}
     if depth is not None:
         if not isinstance(config, ViTConfig):
-            raise ValueError(f"depth applies to Vision Transformers; {preset} is a {type(config).__name__}")
-        if not 1 <= int(depth) <= config.depth:
-            raise ValueError(f"depth must be in [1, {config.depth}] for {preset}, got {depth}")
+            raise ValueError(f"depth applies to Vision Transformers; {config.name} is a {type(config).__name__}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= config.depth:
+            raise ValueError(f"depth must be an integer in [1, {config.depth}] for {config.name}, got {depth!r}")
         changes["depth"] = int(depth)
-    return build_model(dataclasses.replace(config, **changes), rngs=nnx.Rngs(int(seed)))
+    return build_model(dataclasses.replace(config, **changes), rngs=nnx.Rngs(int(seed)), **model_kwargs)
 
 
 def model_summary(model) -> dict[str, Any]:

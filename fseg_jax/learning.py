@@ -31,6 +31,7 @@ from fseg_jax._files import atomic_path
 from fseg_jax.compilation import jit
 from fseg_jax.kmeans import kmeans_plusplus
 from fseg_jax.factorization import nnls
+from fseg_jax.options import LEARN_KS, RUN_DEFAULTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,13 +144,13 @@ def learn_dictionary(
 def learn_concepts(
     model: Any,
     images_or_folder: Any,
-    ks: Sequence[int] = (8, 16, 32),
+    ks: Sequence[int] = LEARN_KS,
     *,
     layer: int | Sequence[int] = -1,
     tile: int = 224,
     tokens_per_tile: int | None = None,
     tile_filter=None,
-    batch_size: int = 8,
+    batch: int = RUN_DEFAULTS["batch"],
     seed: int = 0,
     steps: int = 300,
     batch_tokens: int = 2048,
@@ -160,7 +161,7 @@ def learn_concepts(
     """A concept bank learned for NNLS projection of ``model``'s tokens over ``images_or_folder``.
 
     The tokens are gathered as :func:`fseg_jax.build_concepts` gathers them with ``per_token=True`` (same
-    ``layer``, ``tile``, ``tokens_per_tile``, ``tile_filter``, ``batch_size``, ``seed``), then one bank per k is
+    ``layer``, ``tile``, ``tokens_per_tile``, ``tile_filter``, ``batch``, ``seed``), then one bank per k is
     learned by :func:`learn_dictionary` (``steps``, ``batch_tokens``, ``optimizer``, ``seed``, ``devices``);
     with ``checkpoint_dir`` each k checkpoints to ``k<k>.safetensors`` there and a rerun resumes.
 
@@ -174,7 +175,7 @@ def learn_concepts(
     ks = sorted_ks(ks)
     model, layer, x_nd = collect_features(
         model, images_or_folder, layer=layer, tile=tile, per_token=True, tokens_per_tile=tokens_per_tile,
-        tile_filter=tile_filter, batch_size=batch_size, seed=seed, at_least=ks[-1],
+        tile_filter=tile_filter, batch=batch, seed=seed, at_least=ks[-1],
     )
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,11 @@ rule), upsample the weights bilinearly to the padded image size and take the arg
 no ``(H, W, k)`` float array is ever held. Images are grouped by padded size on the host,
 so a folder of varied sizes compiles once per distinct size (or once per ``bucket`` with a coarser bucket).
 
-Every front end (:func:`segment`, :func:`make_token_fn`, ``fseg-jax segment``, the slide pipeline through
-``Pipeline.create(...).token_fn()``) describes its run as one frozen :class:`Pipeline`, built and checked once
-by ``Pipeline.create``; the jitted program itself is the public, pure :func:`segment_padded`.
+Every front end (:func:`segment`, :func:`make_token_fn`, ``segment_slide`` / ``SlideSegmenter``, ``concept_atlas``,
+the command line) describes its run as one frozen :class:`Pipeline`, built and checked once by ``Pipeline.create``
+from the options of ``fseg_jax.options``; its one batch runner feeds the public, pure jitted programs
+:func:`segment_padded` (labels) and :func:`weights_padded` (token weights only), and the slide's tile step takes
+``Pipeline.tile_fn()``.
 
 Methods (labels are concept indices into the bank's ``k`` concepts, except for ``"dff"``):
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -49,9 +50,22 @@ from fseg_jax.compilation import jit
 from fseg_jax.concepts.names import ConceptClasses, check_classes
 from fseg_jax.features import layer_list, padded_size, preprocess, token_features
 from fseg_jax.io.images import collect_images
-from fseg_jax.methods import METHODS
 from fseg_jax.models import with_compute_dtype
-from fseg_jax.upsample import upsample, upsample_argmax  # noqa: F401 - upsample is re-exported here
+from fseg_jax.options import (
+    DTYPES,
+    METHODS,
+    NMF_SOLVERS,
+    RUN_DEFAULTS,
+    SOLVERS,
+    check_choice,
+    check_components,
+    check_devices,
+    check_int,
+    check_layers,
+    check_optional_int,
+    check_tol,
+)
+from fseg_jax.upsample import upsample_argmax
 
 _MODEL_HELP = "pass model= (a model, a preset name such as 'uni', or a converted model directory)"
 
@@ -93,12 +107,14 @@ class ProgramOptions(NamedTuple):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pipeline:
-    """One segmentation, described once and checked once: what :func:`segment`, :func:`make_token_fn`,
-    ``fseg-jax segment`` and the slide pipeline run.
+    """One segmentation run, described once and checked once: what :func:`segment`, :func:`make_token_fn`,
+    ``segment_slide`` / ``SlideSegmenter``, ``concept_atlas`` and the command line run.
 
     Build it with :meth:`create`, which takes the user-facing arguments (model and bank as objects, names or
-    paths); the constructor takes resolved values and checks them. Then :meth:`segment` labels images and
-    :meth:`token_fn` gives the pure per-tile function.
+    paths; every keyword with its default in ``fseg_jax.options.RUN_DEFAULTS``) and resolves them once; the
+    constructor takes resolved values and checks them. Then :meth:`segment` labels images and :meth:`token_fn`
+    gives the pure per-tile function. Each option is checked here, before any work: a bad value is one
+    ``ValueError`` naming it, the same whichever front end passed it.
 
     Attributes:
         model: the model (``VisionTransformer``, ``ResNet50``), float32 parameters.
@@ -112,55 +128,54 @@ class Pipeline:
         solver, tol, max_iter: NMF core options (``fseg_jax.factorization``); None takes its defaults.
         dtype: compute dtype of the forward pass (e.g. bfloat16), None for the model's own (float32).
         bucket: pad images to a multiple of this many pixels (None: of the patch size).
-        batch_size: images per compiled call.
+        batch: images (or slide tiles) per compiled call.
         classes: the bank's classes for k (``ConceptBank.classes``: its concepts grouped by name), or None when
             the bank names none of them (or the concepts came as an array); ``segment(classes=True)`` maps the
             labels through them.
+        model_source: how the model was named (a preset, a folder, ``"<preset>-random"``), for the records of a
+            run (a slide's summary.json); the config's name when a model object was given.
+        bank_source: how the concepts were named (a bank path or preset, a ``ConceptBank``'s repr), ``"array"`` for
+            a matrix, None for dff.
     """
 
     model: Any
     concepts: np.ndarray | None
-    k: int | None = None
-    method: str = "project"
-    layers: tuple[int, ...] = (-1,)
-    n_components: int = 20
-    seed: int = 0
-    solver: str | None = None
-    tol: float | None = None
-    max_iter: int | None = None
-    dtype: Any = None
-    bucket: int | None = None
-    batch_size: int = 4
+    k: int | None = RUN_DEFAULTS["k"]
+    method: str = RUN_DEFAULTS["method"]
+    layers: tuple[int, ...] = (RUN_DEFAULTS["layer"],)
+    n_components: int = RUN_DEFAULTS["n_components"]
+    seed: int = RUN_DEFAULTS["seed"]
+    solver: str | None = RUN_DEFAULTS["solver"]
+    tol: float | None = RUN_DEFAULTS["tol"]
+    max_iter: int | None = RUN_DEFAULTS["max_iter"]
+    dtype: Any = RUN_DEFAULTS["dtype"]
+    bucket: int | None = RUN_DEFAULTS["bucket"]
+    batch: int = RUN_DEFAULTS["batch"]
     classes: ConceptClasses | None = None
+    model_source: str | None = None
+    bank_source: str | None = None
 
     def __post_init__(self):
-        _check_method(self.method, self.k, self.concepts)
+        _check_options(method=self.method, k=self.k, concepts=self.concepts, layer=self.layers,
+                       n_components=self.n_components, seed=self.seed, solver=self.solver, tol=self.tol,
+                       max_iter=self.max_iter, dtype=self.dtype, bucket=self.bucket, batch=self.batch)
         if self.classes is not None and self.method == "dff":
             raise ValueError("method 'dff' labels NMF components, which have no names: leave classes unset")
         object.__setattr__(self, "layers", tuple(layer_list(list(self.layers), self.model)))
-        _check_int("n_components", self.n_components)
-        _check_int("batch_size", self.batch_size)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        padded_size(1, 1, self.model.config.patch_size, self.bucket)  # checks the bucket
-        choices = factorization.SOLVERS if self.method == "project" else factorization.NMF_SOLVERS
-        if self.solver is not None and (self.method == "nearest" or self.solver not in choices):
-            allowed = "none" if self.method == "nearest" else ", ".join(choices)
-            raise ValueError(f"solver {self.solver!r} does not apply to method {self.method!r} (solvers: {allowed})")
-        if self.tol is not None and (
-            isinstance(self.tol, bool)
-            or not isinstance(self.tol, (int, float, np.floating))
-            or not (math.isfinite(self.tol) and self.tol >= 0)
-        ):
-            raise ValueError(f"tol must be a finite number >= 0, got {self.tol!r}")
-        if self.max_iter is not None:
-            _check_int("max_iter", self.max_iter)
+        padded_size(1, 1, self.model.config.patch_size, self.bucket)  # checks the bucket against the patch
         if self.dtype is not None:
             object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        if self.model_source is None:
+            object.__setattr__(self, "model_source", getattr(self.model.config, "name", type(self.model).__name__))
+        object.__setattr__(self, "_placed", {})
         if self.method == "dff":
             object.__setattr__(self, "k", int(self.k))
             object.__setattr__(self, "concepts", None)
+            check_components("dff", self.k, self.k, self.feature_dim, f"a model of width {self.feature_dim}")
             return
+        if self.method == "factorize":
+            check_components("factorize", int(self.n_components), int(self.n_components), self.feature_dim,
+                             f"a model of width {self.feature_dim}")
         arr = np.asarray(self.concepts)
         if arr.ndim == 2 and arr.shape[1] != self.feature_dim:
             name = getattr(self.model.config, "name", type(self.model).__name__)
@@ -176,6 +191,8 @@ class Pipeline:
         checked.setflags(write=False)
         object.__setattr__(self, "concepts", checked)
         object.__setattr__(self, "k", int(self.k))
+        if self.bank_source is None:
+            object.__setattr__(self, "bank_source", "array")
         check_classes(self.classes, self.k)
 
     @classmethod
@@ -184,40 +201,65 @@ class Pipeline:
         concepts=None,
         *,
         model=None,
-        k: int | None = None,
-        method: str = "project",
-        layer: int | Sequence[int] = -1,
-        n_components: int = 20,
-        seed: int = 0,
-        solver: str | None = None,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        dtype=None,
-        bucket: int | None = None,
-        batch_size: int = 4,
+        k: int | None = RUN_DEFAULTS["k"],
+        method: str = RUN_DEFAULTS["method"],
+        layer: int | Sequence[int] = RUN_DEFAULTS["layer"],
+        n_components: int = RUN_DEFAULTS["n_components"],
+        seed: int = RUN_DEFAULTS["seed"],
+        solver: str | None = RUN_DEFAULTS["solver"],
+        tol: float | None = RUN_DEFAULTS["tol"],
+        max_iter: int | None = RUN_DEFAULTS["max_iter"],
+        dtype=RUN_DEFAULTS["dtype"],
+        bucket: int | None = RUN_DEFAULTS["bucket"],
+        batch: int = RUN_DEFAULTS["batch"],
+        random_init: int | None = RUN_DEFAULTS["random_init"],
+        depth: int | None = RUN_DEFAULTS["depth"],
     ) -> Pipeline:
         """Resolve and check the arguments of :func:`segment` (see there) into a pipeline.
 
-        ``model`` may be a model, a preset name or a converted model directory (loaded once per process and
-        kept: ``fseg_jax.hub.resolve_model``; with ``dtype`` given, its parameters are stored in that dtype);
-        None takes the model the concept bank records. A bank given by
-        path, preset or ``ConceptBank`` is checked against the model (width, and a warning when it was made for
-        another model or layer); ``k`` picks one of its matrices, and the bank's names for that k, if any,
-        become the pipeline's ``classes``.
+        Every option is checked first, before a model or bank is loaded. ``model`` may be a model, a preset
+        name or a converted model directory (loaded once per process and kept: ``fseg_jax.hub.resolve_model``);
+        None takes the model the concept bank records; with ``dtype`` given, a model loaded or built here stores
+        its weights in that dtype (``param_dtype``: half the memory in bfloat16, the same forward). ``random_init`` (a seed) builds a random-weight model of
+        the preset ``model`` names (or the bank records) in memory, named ``<preset>-random``, cut to ``depth``
+        blocks when given (``fseg_jax.hub.random_model``); a bank made with such a model records that name and
+        needs ``random_init`` again. A bank given by path, preset or ``ConceptBank`` is checked against the model
+        (width, and a warning when it was made for another model or layer); ``k`` picks one of its matrices,
+        and the bank's names for that k, if any, become the pipeline's ``classes``. Upstream banks named by
+        preset are cached in ``fseg_jax.concepts.default_cache_dir()``, as the command line caches them.
         """
         from fseg_jax.hub import model_source, resolve_model
 
-        _check_method(method, k, concepts)
+        _check_options(method=method, k=k, concepts=concepts, layer=layer, n_components=n_components, seed=seed,
+                       solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch=batch)
+        if depth is not None and random_init is None:
+            raise ValueError(f"depth={depth!r} applies to random-weight models only: pass random_init= (a seed) too")
+        check_optional_int("random_init", random_init, minimum=0)
+        check_optional_int("depth", depth)
         bank = None
+        bank_source = None
         if method == "dff":
             concepts = None
         elif isinstance(concepts, (str, os.PathLike)) or hasattr(concepts, "ks"):  # a path, preset or ConceptBank
             from fseg_jax.concepts import resolve_concepts
 
+            bank_source = repr(concepts)
+            if isinstance(concepts, (str, os.PathLike)):  # a file by its absolute path, so it reads from anywhere
+                bank_source = str(Path(concepts).resolve()) if Path(concepts).is_file() else str(concepts)
             bank = resolve_concepts(concepts)
-        # a model loaded here for a bfloat16 forward is stored in bfloat16 too: half the memory, the same forward
+        spec = model if model is not None else _recorded_model(bank, method, random_init is not None)
         stored = {} if dtype is None else {"param_dtype": jnp.dtype(dtype)}
-        model = resolve_model(model if model is not None else _recorded_model(bank, method), **stored)
+        if random_init is not None:
+            from fseg_jax.hub import random_model
+
+            if not isinstance(spec, str):
+                raise ValueError("random_init builds a preset's architecture: pass model= as a preset name")
+            preset = spec.removesuffix(_RANDOM_SUFFIX)
+            model = random_model(preset, seed=random_init, depth=depth, **stored)
+            source = preset + _RANDOM_SUFFIX
+        else:
+            source = str(spec) if isinstance(spec, (str, os.PathLike)) else None
+            model = resolve_model(spec, **stored)
         layers = tuple(layer_list(layer, model))
         if bank is not None:
             from fseg_jax.concepts import check_compatible
@@ -234,8 +276,8 @@ class Pipeline:
         classes = bank.classes(k) if bank is not None and bank.has_names(k) else None
         return cls(
             model=model, concepts=concepts, k=k, method=method, layers=layers, n_components=n_components, seed=seed,
-            solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch_size=batch_size,
-            classes=classes,
+            solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch=batch, classes=classes,
+            model_source=source, bank_source=bank_source,
         )
 
     @property
@@ -267,6 +309,24 @@ class Pipeline:
         """The model computing in ``dtype`` (parameters shared with ``model``)."""
         return self.model if self.dtype is None else with_compute_dtype(self.model, self.dtype)
 
+    def check_tokens(self, n_tokens: int, where: str) -> None:
+        """ValueError when an NMF method asks for more components than ``n_tokens`` tokens allow (``where``
+        names the image or tile)."""
+        check_components(self.method, self.options.n_components, n_tokens, self.feature_dim, where)
+
+    def placed(self, devices: Sequence | None = None):
+        """``(mesh, graphdef, state, concepts)``: the compute model's parameters and the program concepts
+        replicated over a 1-D mesh of ``devices`` (default: every local device), placed once per pipeline and
+        device set and reused by every later call."""
+        devices = check_devices(devices)
+        devices = tuple(jax.local_devices() if devices is None else devices)
+        if devices not in self._placed:
+            graphdef, state = nnx.split(self.compute_model)
+            mesh = Mesh(np.asarray(devices), ("batch",))
+            state, concepts_j = jax.device_put((state, jnp.asarray(self.program_concepts)), NamedSharding(mesh, P()))
+            self._placed[devices] = (mesh, graphdef, state, concepts_j)
+        return self._placed[devices]
+
     def segment(
         self, images, *, return_weights: bool = False, classes: bool = False, devices: Sequence | None = None
     ):
@@ -274,50 +334,23 @@ class Pipeline:
 
         ``classes``: class labels (indices into ``self.classes.names``) instead of concept labels; ValueError
         when the pipeline has no classes. ``devices`` (default: every local device): each batch is split over
-        them along the batch axis, the parameters replicated; a batch is padded to a multiple of their number.
+        them along the batch axis, the parameters replicated (placed once, see :meth:`placed`); a batch is
+        padded to a multiple of their number.
         """
         if classes and self.classes is None:
             raise ValueError(_no_classes_message(self))
         images_list, kind = collect_images(images)
-        model = self.compute_model
-        patch = model.config.patch_size
-        graphdef, state = nnx.split(model)
-        options = self.options
-        devices = list(jax.local_devices() if devices is None else devices)
-        mesh = Mesh(np.asarray(devices), ("batch",))
-        state, concepts_j = jax.device_put((state, jnp.asarray(self.program_concepts)), NamedSharding(mesh, P()))
-        batch_sharding = NamedSharding(mesh, P("batch"))
-
-        # group by padded size and dtype: one compiled program per group shape
-        groups: dict[tuple, list[int]] = {}
-        for i, im in enumerate(images_list):
-            hp, wp = padded_size(im.shape[0], im.shape[1], patch, self.bucket)
-            groups.setdefault((hp, wp, im.dtype.str), []).append(i)
-
         outputs: list[Any] = [None] * len(images_list)
-        for (hp, wp, _), members in groups.items():
-            for start in range(0, len(members), self.batch_size):
-                idx = members[start : start + self.batch_size]
-                padded_b = -(-_next_pow2(len(idx), self.batch_size) // len(devices)) * len(devices)
-                batch = np.stack([_pad_edge(images_list[i], hp, wp) for i in idx])
-                if padded_b > len(idx):
-                    batch = np.concatenate([batch, np.repeat(batch[-1:], padded_b - len(idx), axis=0)])
-                batch = jax.device_put(batch, batch_sharding)
-                out = jax.device_get(segment_padded(graphdef, options, state, concepts_j, batch))
-                for j, i in enumerate(idx):
-                    h, w = images_list[i].shape[:2]
-                    labels_j, weights_j, components_j, mapping_j = (None if o is None else o[j] for o in out)
-                    labels_j = labels_j[:h, :w]
-                    if classes:
-                        labels_j = self.classes.map(labels_j)
-                    outputs[i] = (labels_j, weights_j, components_j, mapping_j)
+        for idx, out in self._run(images_list, segment_padded, devices):
+            for j, i in enumerate(idx):
+                h, w = images_list[i].shape[:2]
+                labels_j, weights_j, components_j, mapping_j = (None if o is None else o[j] for o in out)
+                labels_j = labels_j[:h, :w]
+                if classes:
+                    labels_j = self.classes.map(labels_j)
+                outputs[i] = (labels_j, weights_j, components_j, mapping_j)
 
-        if kind == "single":
-            pack = lambda items: items[0]  # noqa: E731
-        elif kind == "batch":
-            pack = np.stack
-        else:
-            pack = list
+        pack = functools.partial(_pack, kind=kind)
         labels = pack([o[0] for o in outputs])
         if not return_weights and self.method != "dff":
             return labels
@@ -325,6 +358,39 @@ class Pipeline:
         components = pack([o[2] for o in outputs]) if self.method in ("factorize", "dff") else None
         mapping = pack([o[3] for o in outputs]) if self.method == "factorize" else None
         return SegmentResult(labels, weights, components, mapping)
+
+    def weights(self, images, *, devices: Sequence | None = None):
+        """The token weights of ``images`` alone, (h, w, m) float32 per image (batched as :func:`segment`
+        batches labels), as ``segment(..., return_weights=True).weights`` gives them, without the labels: no
+        upsampling, no argmax."""
+        images_list, kind = collect_images(images)
+        outputs: list[Any] = [None] * len(images_list)
+        for idx, out in self._run(images_list, weights_padded, devices):
+            for j, i in enumerate(idx):
+                outputs[i] = out[j]
+        return _pack(outputs, kind)
+
+    def _run(self, images_list, program, devices):
+        """The one batch runner of the pipeline's programs: images grouped by padded size and dtype (one
+        compilation per group shape), edge-padded, cut into batches of ``batch`` padded by :func:`pad_batch`,
+        split over the devices the parameters were placed on once (:meth:`placed`). Yields (the images'
+        indices, the program's host outputs for the batch)."""
+        mesh, graphdef, state, concepts_j = self.placed(devices)
+        patch = self.model.config.patch_size
+        options = self.options
+        n_dev = mesh.devices.size
+        batch_sharding = NamedSharding(mesh, P("batch"))
+        groups: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images_list):
+            hp, wp = padded_size(im.shape[0], im.shape[1], patch, self.bucket)
+            self.check_tokens((hp // patch) * (wp // patch), f"image {i} ({im.shape[0]} x {im.shape[1]} px)")
+            groups.setdefault((hp, wp, im.dtype.str), []).append(i)
+        for (hp, wp, _), members in groups.items():
+            for start in range(0, len(members), self.batch):
+                idx = members[start : start + self.batch]
+                batch = pad_batch(np.stack([_pad_edge(images_list[i], hp, wp) for i in idx]), self.batch, n_dev)
+                batch = jax.device_put(batch, batch_sharding)
+                yield idx, jax.device_get(program(graphdef, options, state, concepts_j, batch))
 
     def token_fn(self):
         """``(fn, params)``: the pure per-tile function of :func:`make_token_fn` (see there) and its inputs."""
@@ -341,26 +407,38 @@ class Pipeline:
 
         return fn, {"model": state, "concepts": jnp.asarray(self.program_concepts)}
 
+    def tile_fn(self):
+        """``(fn, params)`` for the slide's tile step: :meth:`token_fn`'s function, except that for ``"factorize"``
+        it returns ``(scores (B, h, w, k), component weights (B, h, w, m), component -> concept map (B, m))``, so
+        that the step labels pixels as :func:`segment` does (the component weights upsampled, argmaxed, then
+        mapped: the one meaning of ``"factorize"``) and keeps the per-concept scores as the tile's weights."""
+        if self.method != "factorize":
+            return self.token_fn()
+        model = self.compute_model
+        graphdef, state = nnx.split(model)
+        config = model.config
+        options = self.options
+
+        def one(feats_hwd, concepts_kd):
+            weights, _, mapping = token_weights(feats_hwd, concepts_kd, options)
+            return _concept_scores(weights, mapping, concepts_kd.shape[0]), weights, mapping
+
+        def fn(params, images_bhw3):
+            x = preprocess(images_bhw3, config, size=tuple(images_bhw3.shape[1:3]))
+            feats = token_features(nnx.merge(graphdef, params["model"]), x, list(options.layers))
+            return jax.vmap(lambda f: one(f, params["concepts"]))(feats)
+
+        return fn, {"model": state, "concepts": jnp.asarray(self.program_concepts)}
+
 
 def segment(
     images,
     concepts=None,
     *,
-    model=None,
-    k: int | None = None,
-    method: str = "project",
-    layer: int | Sequence[int] = -1,
     return_weights: bool = False,
-    n_components: int = 20,
-    seed: int = 0,
-    batch_size: int = 4,
-    bucket: int | None = None,
-    dtype=None,
-    solver: str | None = None,
-    tol: float | None = None,
-    max_iter: int | None = None,
-    devices: Sequence | None = None,
     classes: bool = False,
+    devices: Sequence | None = None,
+    **options,
 ):
     """Segment one image or many into concepts, or into the classes a named bank groups them in.
 
@@ -374,57 +452,46 @@ def segment(
             preset name understood by ``fseg_jax.concepts.resolve_concepts``. Not used by ``"dff"``.
             Negative entries (rounding noise in published banks) are clipped to 0 in a copy; empty banks and
             all-zero concepts are refused (``fseg_jax.factorization.check_concepts``, as ``fseg_jax.project`` does).
-        model: a model with ``config`` and ``forward_intermediates`` (``VisionTransformer``, ``ResNet50``), a
-            preset name or a converted model directory (loaded once and kept in memory); None (default): the
-            model the concept bank records (a bank made by ``build_concepts`` or imported with a preset).
-        k: the bank size to use from a ``ConceptBank``; for ``"dff"`` the number of NMF components.
-        method: ``"project"``, ``"nearest"``, ``"factorize"`` or ``"dff"`` (see the module docs).
-        layer: block whose output is used (negative counts from the end); a list concatenates several blocks.
         return_weights: also return the token-level weights (a :class:`SegmentResult`).
-        n_components: free NMF components for ``"factorize"`` (the original uses 20).
-        seed: seed of the NMF's start (``"factorize"``, ``"dff"``), the same for every image: the components
-            of ``"dff"`` are ``fseg_jax.factorize(x_dn, k, seed=seed).w.T`` of the image's (d, n) matrix of
-            channels by tokens, the matrix the original factorises.
-        batch_size: images per compiled call (batches are padded to a power of two up to this).
-        bucket: pad images to a multiple of this many pixels (a multiple of the patch size) instead of the
-            patch size, so images of nearby sizes share one compilation. The model then sees more edge
-            padding, which changes its features slightly; None (default) pads to the patch size, as the
-            original does.
-        dtype: compute dtype of the model's forward pass, e.g. ``jnp.bfloat16`` on GPU/TPU (parameters stay
-            float32; the NMF and everything after the model run in float32). None: the model's own (float32).
-        solver, tol, max_iter: passed to the NMF core (``fseg_jax.factorization``) when given; its defaults otherwise.
-        devices: the devices a batch is split over (default: every local device, e.g. all GPUs of a host);
-            the labels are the same whatever the split.
         classes: return class labels: each concept label mapped to its class, an index into
             ``bank.classes(k).names`` (concepts that share a name are one class, see ``ConceptBank.with_names``).
             Needs a ``ConceptBank`` (or bank path or preset) with names for ``k``: ValueError otherwise, before
             anything is computed. Weights stay per concept.
+        devices: the devices a batch is split over (default: every local device, e.g. all GPUs of a host);
+            the labels are the same whatever the split.
+        **options: the run's options, passed untouched to :meth:`Pipeline.create` (defaults in
+            ``fseg_jax.options.RUN_DEFAULTS``):
+
+            - ``model``: a model with ``config`` and ``forward_intermediates`` (``VisionTransformer``,
+              ``ResNet50``), a preset name or a converted model directory (loaded once and kept in memory);
+              None (default): the model the concept bank records. ``random_init`` (a seed) and ``depth``: a
+              random-weight model of that preset, built in memory.
+            - ``k``: the bank size to use from a ``ConceptBank``; for ``"dff"`` the number of NMF components
+              (at most min(tokens, feature dimension), as ``fseg_jax.factorize`` requires).
+            - ``method``: ``"project"``, ``"nearest"``, ``"factorize"`` or ``"dff"`` (see the module docs).
+            - ``layer``: block whose output is used (negative counts from the end); a list concatenates several.
+            - ``n_components``: free NMF components for ``"factorize"`` (the original uses 20).
+            - ``seed``: seed of the NMF's start (``"factorize"``, ``"dff"``), the same for every image: the
+              components of ``"dff"`` are ``fseg_jax.factorize(x_dn, k, seed=seed).w.T`` of the image's (d, n)
+              matrix of channels by tokens, the matrix the original factorises.
+            - ``batch``: images per compiled call (batches are padded to a power of two up to this).
+            - ``bucket``: pad images to a multiple of this many pixels (a multiple of the patch size) instead of
+              the patch size, so images of nearby sizes share one compilation. The model then sees more edge
+              padding, which changes its features slightly; None (default) pads to the patch size, as the
+              original does.
+            - ``dtype``: compute dtype of the model's forward pass, e.g. ``jnp.bfloat16`` on GPU/TPU (parameters
+              stay float32; the NMF and everything after the model run in float32). None: the model's own.
+            - ``solver``, ``tol``, ``max_iter``: passed to the NMF core (``fseg_jax.factorization``) when given.
 
     Returns:
         int32 labels: (H, W) for one image, (B, H, W) for a batch array, a list of (H, W) for a list input.
         A :class:`SegmentResult` instead when ``return_weights`` is true or ``method`` is ``"dff"``.
     """
-    pipeline = Pipeline.create(
-        concepts, model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
-        solver=solver, tol=tol, max_iter=max_iter, dtype=dtype, bucket=bucket, batch_size=batch_size,
-    )
+    pipeline = Pipeline.create(concepts, **options)
     return pipeline.segment(images, return_weights=return_weights, classes=classes, devices=devices)
 
 
-def make_token_fn(
-    model,
-    concepts_kd,
-    *,
-    k: int | None = None,
-    method: str = "project",
-    layer: int | Sequence[int] = -1,
-    dtype=None,
-    n_components: int = 20,
-    seed: int = 0,
-    solver: str | None = None,
-    tol: float | None = None,
-    max_iter: int | None = None,
-):
+def make_token_fn(model, concepts_kd, **options):
     """A pure function from images to token-level concept weights, for callers that jit and shard it.
 
     Returns ``(fn, params)`` with ``fn(params, images_bhw3) -> (B, h, w, k)`` float32: images are uint8 (or float
@@ -433,20 +500,70 @@ def make_token_fn(
     ``"factorize"`` the largest weight among the NMF components mapped to each concept (0 for concepts no
     component maps to), so the argmax over concepts is the original's label at every token.
 
-    ``model``, ``concepts_kd`` and ``k`` are as ``model``, ``concepts`` and ``k`` of :func:`segment` (a model,
-    preset or directory, or None for the bank's own; a (k, d) array, or a bank and the k to use from it); for
-    ``"dff"`` ``concepts_kd`` may be None and ``k`` is the number of components. ``params`` holds the model
-    state and the concepts; ``dtype`` (e.g. ``jnp.bfloat16``) runs the forward pass in that compute dtype
-    (parameters stay float32).
+    ``model`` and ``concepts_kd`` are ``model`` and ``concepts`` of :func:`segment` (a model, preset or
+    directory, or None for the bank's own; a (k, d) array, or a bank and ``k=`` the k to use from it); for
+    ``"dff"`` ``concepts_kd`` may be None and ``k`` is the number of components. ``**options`` are the run's
+    options, passed untouched to :meth:`Pipeline.create`. ``params`` holds the model state and the concepts;
+    ``dtype`` (e.g. ``jnp.bfloat16``) runs the forward pass in that compute dtype (parameters stay float32).
     """
-    pipeline = Pipeline.create(
-        concepts_kd, model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
-        solver=solver, tol=tol, max_iter=max_iter, dtype=dtype,
-    )
-    return pipeline.token_fn()
+    return Pipeline.create(concepts_kd, model=model, **options).token_fn()
 
 
-def _recorded_model(bank, method: str) -> str:
+def padded_batch_size(n: int, cap: int, n_devices: int = 1) -> int:
+    """How many entries a batch of ``n`` is computed as: the next power of two per device, times the device
+    count, at most ``cap`` rounded up to a multiple of the device count. A few static shapes, so a few
+    compilations, and a batch of 3 is not computed as 16."""
+    cap = -(-cap // n_devices) * n_devices
+    per_device = 1
+    while per_device * n_devices < n:
+        per_device *= 2
+    return min(per_device * n_devices, cap)
+
+
+def pad_batch(batch_bhw3: np.ndarray, cap: int, n_devices: int = 1) -> np.ndarray:
+    """The one padding policy of every batched front end (``segment``'s images, slide tiles): a batch of n is
+    computed as :func:`padded_batch_size` entries, the extra ones copies of the last (their results are
+    dropped). A new array when padded; the input is never modified."""
+    n = batch_bhw3.shape[0]
+    size = padded_batch_size(n, cap, n_devices)
+    if size <= n:
+        return batch_bhw3
+    return np.concatenate([batch_bhw3, np.repeat(batch_bhw3[-1:], size - n, axis=0)])
+
+
+_RANDOM_SUFFIX = "-random"
+
+
+def _check_options(*, method, k, concepts, layer, n_components, seed, solver, tol, max_iter, dtype, bucket,
+                   batch) -> None:
+    """Every option of a run that can be checked without the model: types, ranges and choices."""
+    check_choice("method", method, METHODS)
+    check_optional_int("k", k)
+    check_layers(layer)
+    check_int("n_components", n_components)
+    check_int("seed", seed, minimum=0)
+    check_int("batch", batch)
+    check_optional_int("bucket", bucket)
+    check_optional_int("max_iter", max_iter)
+    check_tol(tol)
+    if dtype is not None:
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = dtype
+        check_choice("dtype", name, DTYPES)
+    if method == "dff" and k is None:
+        raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
+    if method != "dff" and concepts is None:
+        raise ValueError(f"method {method!r} needs concepts: pass a ConceptBank, a (k, d) array, or a bank path "
+                         "or preset")
+    choices = SOLVERS if method == "project" else NMF_SOLVERS
+    if solver is not None and (method == "nearest" or solver not in choices):
+        allowed = "none" if method == "nearest" else ", ".join(choices)
+        raise ValueError(f"solver {solver!r} does not apply to method {method!r} (solvers: {allowed})")
+
+
+def _recorded_model(bank, method: str, random: bool) -> str:
     """The preset name or directory a concept bank records, for a call given no model; ValueError otherwise."""
     from fseg_jax.models.config import preset_names
 
@@ -456,6 +573,11 @@ def _recorded_model(bank, method: str) -> str:
     recorded = bank.model
     if recorded is None:
         raise ValueError(f"no model given and the concept bank records none: {_MODEL_HELP}")
+    if recorded.endswith(_RANDOM_SUFFIX) and recorded.removesuffix(_RANDOM_SUFFIX) in preset_names():
+        if not random:
+            raise ValueError(f"the concept bank was made with a random-weight model, {recorded!r}: pass random_init= "
+                             "(and depth=) to build it again, or pass model=")
+        return recorded
     if os.path.isabs(recorded):
         if not Path(recorded).is_dir():
             raise ValueError(f"the concept bank was made with the model in {recorded}, which no longer exists: "
@@ -467,18 +589,6 @@ def _recorded_model(bank, method: str) -> str:
     return recorded
 
 
-def _check_method(method: str, k, concepts) -> None:
-    """The method is known, ``"dff"`` has its number of components k, the other methods have concepts."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "dff":
-        if k is None or isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError("method 'dff' needs k >= 1, the number of NMF components: pass k=")
-    elif concepts is None:
-        raise ValueError(f"method {method!r} needs concepts: pass a ConceptBank, a (k, d) array, or a bank path "
-                         "or preset")
-
-
 def _no_classes_message(pipeline: Pipeline) -> str:
     if pipeline.method == "dff":
         return "method 'dff' labels NMF components, which have no names: classes=True needs a concept method"
@@ -486,11 +596,6 @@ def _no_classes_message(pipeline: Pipeline) -> str:
         f"classes=True needs concepts with names, but these k={pipeline.k} concepts have none: pass a ConceptBank "
         "(or bank file) whose concepts are named (fseg-jax concepts name, ConceptBank.with_names)"
     )
-
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # --- the jitted program ---------------------------------------------------------------------------------------
@@ -531,6 +636,17 @@ def segment_padded(
     return jax.vmap(one)(feats)
 
 
+@jit(static_argnames=("graphdef", "options"))
+def weights_padded(
+    graphdef, options: ProgramOptions, state, concepts_kd: Float[Array, "m d"], images_bhw3: Shaped[Array, "b hp wp 3"]
+) -> Float[Array, "b h w m"]:
+    """:func:`segment_padded`'s token weights alone (no upsampling, no labels), for callers that need only them."""
+    model = nnx.merge(graphdef, state)
+    _, hp, wp, _ = images_bhw3.shape
+    feats = token_features(model, preprocess(images_bhw3, model.config, size=(hp, wp)), list(options.layers))
+    return jax.vmap(lambda f: token_weights(f, concepts_kd, options)[0])(feats)
+
+
 def token_weights(
     feats_hwd: Float[Array, "h w d"], concepts_kd: Float[Array, "m d"], options: ProgramOptions
 ) -> tuple[Float[Array, "h w m"], Float[Array, "m d"] | None, Int[Array, " m"] | None]:
@@ -561,9 +677,13 @@ def _token_scores(feats_hwd, concepts_kd, options: ProgramOptions):
     weights, _, mapping = token_weights(feats_hwd, concepts_kd, options)
     if mapping is None:
         return weights
-    # per concept: the largest weight among the components mapped to it
-    onehot = mapping[:, None] == jnp.arange(concepts_kd.shape[0])[None, :]
-    return jnp.max(jnp.where(onehot[None, None], weights[..., :, None], 0.0), axis=-2)
+    return _concept_scores(weights, mapping, concepts_kd.shape[0])
+
+
+def _concept_scores(weights_hwm, mapping_m, k: int):
+    """(h, w, k): per concept, the largest weight among the components mapped to it (0 where none is)."""
+    onehot = mapping_m[:, None] == jnp.arange(k)[None, :]
+    return jnp.max(jnp.where(onehot[None, None], weights_hwm[..., :, None], 0.0), axis=-2)
 
 
 def _unit_rows(a):
@@ -575,11 +695,11 @@ def _unit_rows(a):
 # --- host-side helpers -------------------------------------------------------------------------------------------
 
 
-def _next_pow2(n: int, cap: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return min(p, cap)
+def _pack(items: list, kind: str):
+    """Per-image results as the input came: one item, a stacked batch, or a list."""
+    if kind == "single":
+        return items[0]
+    return np.stack(items) if kind == "batch" else list(items)
 
 
 def _pad_edge(image: np.ndarray, height: int, width: int) -> np.ndarray:

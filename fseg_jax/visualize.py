@@ -1,5 +1,9 @@
 """Pictures of a segmentation: a fixed palette per concept index and the label map blended over the image.
 
+One colour per concept everywhere: concept i is ``palette(k)[i]`` in image overlays, the atlas, the slide overlay,
+GeoJSON, the viewer and summary.json (or its class's colour when a bank names it), and a slide's background is
+:data:`BACKGROUND`, outside the concepts' palette.
+
 Only numpy and Pillow (a core dependency); no plotting library.
 """
 
@@ -12,14 +16,16 @@ import numpy as np
 from PIL import Image
 
 from fseg_jax.io import as_rgb, to_uint8
+from fseg_jax.options import check_alpha
 
 if TYPE_CHECKING:
     from fseg_jax.concepts.names import ConceptClasses
 
-# Index 0 is a neutral grey (slides use label 0 for background); 1..19 are distinct, saturated colours
-# (Sasha Trubetskoy's "20 simple, distinct colours" without white and black).
+BACKGROUND = (160, 160, 160)
+"""The colour of background (a slide's label 0, the glass): a neutral grey no concept takes."""
+
+# The first 19 concepts: Sasha Trubetskoy's "20 simple, distinct colours" without white, black and grey.
 _BASE = (
-    (160, 160, 160),
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
     (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
@@ -30,7 +36,7 @@ _GOLDEN = 0.6180339887498949
 
 def palette(n: int) -> np.ndarray:
     """(n, 3) uint8 RGB colours for concept indices 0..n-1, the same for every n (``palette(m)`` is a prefix
-    of ``palette(n)`` for m <= n). The first 20 are a hand-chosen qualitative table (index 0 neutral grey);
+    of ``palette(n)`` for m <= n); none is :data:`BACKGROUND`. The first 19 are a hand-chosen qualitative table;
     later ones step the hue by the golden ratio, cycling through three saturation/brightness levels."""
     n = int(n)
     if n < 0:
@@ -64,7 +70,8 @@ def overlay(
         legend: append a white strip under the picture with one entry per label present: its colour, its
             index (and name) and its share of the pixels; with `classes`, one entry per class present: its
             colour, name (and concepts) and the summed share of its concepts.
-        palette: (n, 3) uint8 colours, default :func:`palette` sized to the labels and `names`. With `classes`,
+        palette: (n, 3) uint8 colours, default :func:`palette` sized to the labels and `names` (label i in concept
+            i's colour, as every output draws it). With `classes`,
             the colours of the concepts, which a class without a colour of its own takes from its first concept.
         names: optional display names per label index (legend only).
         classes: the bank's classes (``ConceptBank.classes(k)``) when `labels` are concept indices 0..k-1:
@@ -81,8 +88,7 @@ def overlay(
         raise ValueError(f"labels shape {lab.shape} does not match the image's {rgb.shape[:2]} (H, W)")
     if lab.dtype.kind not in "iu":
         raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    alpha = check_alpha(alpha)
     if lab.size and int(lab.min()) < 0:
         raise ValueError(f"labels must be >= 0, got a minimum of {int(lab.min())}")
     n_labels = int(lab.max()) + 1 if lab.size else 0

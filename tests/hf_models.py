@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from timm_models import randomize
 
-from fseg_jax.models.config import read_manifest
+from fseg_jax.models.weights import read_manifest
 
 
 def make_hf_model(hf_config: dict, depth: int | None = None, *, seed: int = 0):

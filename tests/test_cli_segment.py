@@ -130,7 +130,7 @@ def test_enable_compilation_cache_sets_jax_config(tmp_path):
         (["--k", "16"], "available: 4, 8"),
         ([], "--k is required: the bank holds k in 4, 8"),
         (["--k", "4", "--method", "kmeans"], "Invalid value for '--method'"),
-        (["--k", "4", "--batch-size", "0"], "--batch-size"),
+        (["--k", "4", "--batch", "0"], "batch must be a positive integer, got 0"),
     ],
 )
 def test_bad_options(assets, tmp_path, extra, message):
@@ -154,7 +154,7 @@ def test_bad_inputs_exit_with_one_line(assets, tmp_path):
 
     res = _invoke(assets / "images" / "a.png", "--model", tmp_path / "nomodel", "--concepts",
                   assets / "bank.safetensors", "--k", 4, "-o", tmp_path / "out", "--no-compilation-cache")
-    assert res.exit_code == 1 and "cannot load model" in res.output
+    assert res.exit_code == 1 and "nomodel' is neither a converted model directory" in res.output
 
     res = _invoke(assets / "images" / "a.png", "--model", assets / "model", "--k", 4, "-o", tmp_path / "out")
     assert res.exit_code == 2 and "--concepts is required" in res.output

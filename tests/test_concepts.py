@@ -301,13 +301,27 @@ def test_build_uses_per_tile_mean_features(tiny_vit):
     images = _images()
     before = images.copy()
     # 2 images of 96x150 in 48 px tiles: 2 x 3 tiles each (the 6 px border is left out) -> 12 tiles
-    bank = build_concepts(tiny_vit, images, ks=(12, 3), tile=48, batch_size=5)
+    bank = build_concepts(tiny_vit, images, ks=(12, 3), tile=48, batch=5)
     np.testing.assert_array_equal(images, before)
     assert bank.ks == (3, 12) and bank.feature_dim == 64 and bank.model == "uni" and bank.layer == -1
     feats = _manual_tile_features(tiny_vit, images, 48).mean(axis=(1, 2))
     # with k == number of tiles every tile is its own centre
     np.testing.assert_allclose(_sorted_rows(bank[12]), _sorted_rows(feats), rtol=1e-4, atol=1e-5)
     assert (bank[3] >= 0).all()
+
+
+def test_build_reads_float_and_16_bit_images_as_segment_does(tiny_vit):
+    """The one image policy: a float (or 16-bit) image is not quantised to 8 bits before its features, as
+    segment does not quantise it; an 8-bit image in the same list keeps its own batch."""
+    from fseg_jax.concepts import collect_features
+
+    image = _images()[0]
+    smooth = (image.astype(np.float32) + 0.37) / 256.0  # values between the 8-bit levels
+    _, _, x_nd = collect_features(tiny_vit, [smooth, image], tile=48, per_token=True, batch=4)
+    tokens = lambda im: _manual_tile_features(tiny_vit, [im], 48).reshape(-1, 64)  # noqa: E731
+    np.testing.assert_allclose(x_nd, np.concatenate([tokens(smooth), tokens(image)]), rtol=1e-5, atol=1e-6)
+    quantised = tokens((np.clip(smooth, 0, 1) * 255).round().astype(np.uint8))
+    assert np.abs(x_nd[: len(quantised)] - quantised).max() > 1e-3
 
 
 def test_build_is_deterministic_and_reads_folders(tiny_vit, tmp_path):

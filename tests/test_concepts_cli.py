@@ -79,7 +79,7 @@ def test_random_model_options(tmp_path):
     assert no_images.exit_code == 2 and "or --sample" in no_images.output
     too_deep = runner.invoke(main, ["concepts", "build", "uni", "--sample", "--random-init", "0", "--depth", "30",
                                     "-o", out])
-    assert too_deep.exit_code == 1 and "depth must be in [1, 24]" in too_deep.output
+    assert too_deep.exit_code == 1 and "depth must be an integer in [1, 24] for uni, got 30" in too_deep.output
 
 
 def test_group_is_listed():
@@ -87,15 +87,24 @@ def test_group_is_listed():
     assert result.exit_code == 0 and "import" in result.output and "build" in result.output
 
 
-def test_concepts_option_takes_cache_and_mirror_from_the_environment(shared_data, tmp_path, monkeypatch):
+def test_concepts_option_takes_the_mirror_from_the_environment_and_caches_where_the_library_does(
+    shared_data, tmp_path, monkeypatch
+):
+    """One cache for upstream banks: what the command line fetched, the library finds (and the other way)."""
     import shutil
 
     from fseg_jax.cli.common import resolve_concepts_option
+    from fseg_jax.concepts import default_cache_dir, resolve_concepts
 
     www = tmp_path / "www"
     www.mkdir()
     shutil.copy(shared_data / "concepts" / "resnet.joblib", www / "resnet.joblib")
     monkeypatch.setenv("FSEG_JAX_CONCEPTS_URL", www.as_uri())
-    monkeypatch.setenv("FSEG_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FSEG_JAX_CACHE", str(tmp_path / "cache"))  # the compiled programs' cache only
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert resolve_concepts_option("resnet50").ks == (16, 32, 64, 128, 256)
-    assert (tmp_path / "cache" / "concepts" / "resnet50-d8fe4411715f.safetensors").is_file()
+    cached = default_cache_dir() / "resnet50-d8fe4411715f.safetensors"
+    assert cached.is_file() and str(cached).startswith(str(tmp_path / "home"))
+    assert not (tmp_path / "cache" / "concepts").exists()
+    shutil.rmtree(www)  # no download possible: the library reads the command line's cache
+    assert resolve_concepts("resnet50", base_url=www.as_uri()).ks == (16, 32, 64, 128, 256)

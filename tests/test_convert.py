@@ -14,7 +14,7 @@ from timm_models import fseg_config, make_timm_model, random_input, relative_err
 
 from fseg_jax import convert_timm_state_dict
 from fseg_jax.convert.checkpoint import convert_checkpoint, open_checkpoint
-from fseg_jax.convert.timm import ConversionError
+from fseg_jax.convert.engine import ConversionError
 
 
 @pytest.fixture(scope="module")

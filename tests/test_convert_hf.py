@@ -15,8 +15,8 @@ from timm_models import random_input, relative_error
 import fseg_jax.hub as hub
 from fseg_jax import ViTConfig, convert_hf_state_dict, load_model
 from fseg_jax.convert.checkpoint import open_checkpoint
-from fseg_jax.convert.timm import ConversionError
-from fseg_jax.models.config import read_manifest
+from fseg_jax.convert.engine import ConversionError
+from fseg_jax.models.weights import read_manifest
 from fseg_jax.models.vit import torch_bicubic_matrix
 
 HF_PRESETS = ["phikon", "phikon_v2"]

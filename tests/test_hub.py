@@ -19,9 +19,9 @@ from timm_models import fseg_config, make_timm_model, random_input, relative_err
 import fseg_jax.hub as hub
 from fseg_jax import ViTConfig, VisionTransformer, load_model, save_model
 from fseg_jax.cli import main
-from fseg_jax.convert.timm import ConversionError
+from fseg_jax.convert.engine import ConversionError
 from fseg_jax.hub import ModelAccessError
-from fseg_jax.models.config import read_manifest
+from fseg_jax.models.weights import read_manifest
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -229,6 +229,25 @@ def test_cli_convert_random_init(tmp_path):
 
     result = runner.invoke(main, [*args, "--checkpoint", str(tmp_path / "config.json"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--random-init makes weights without a checkpoint" in result.output
+
+
+def test_cli_convert_random_init_is_the_library_random_model(tmp_path):
+    """`convert --preset P --random-init S --depth N` writes what `random_model(P, seed=S, depth=N)` builds, under
+    its name `P-random`, so a bank built with either records one model."""
+    from fseg_jax.hub import random_model
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["convert", "--preset", "kaiko_vits16", "--random-init", "2", "--depth", "2",
+                                  "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    model, expected = load_model(tmp_path / "out"), random_model("kaiko_vits16", seed=2, depth=2)
+    assert model.config == expected.config and model.config.name == "kaiko_vits16-random"
+    x = random_input(32, 32)
+    np.testing.assert_array_equal(np.asarray(model.forward_intermediates(x)[-1]),
+                                  np.asarray(expected.forward_intermediates(x)[-1]))
+    result = runner.invoke(main, ["convert", "--preset", "kaiko_vits16", "--depth", "2", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "--depth applies to --random-init models only" in result.output
+
 
 def test_cli_convert_resnet50(tmp_path):
     from safetensors.torch import save_file

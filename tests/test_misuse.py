@@ -98,7 +98,7 @@ def _tmpfs(where: Path, options: str):
 
 def test_segment_alpha_out_of_range_is_refused_before_any_work(assets, tmp_path):
     result = _segment(assets, assets / "images", "-o", tmp_path / "out", "--alpha", 5)
-    assert result.exit_code == 2 and "Invalid value for '--alpha': 5.0 is not in the range 0<=x<=1" in result.output
+    assert result.exit_code == 2 and "Invalid value for --alpha: alpha must be a number in [0, 1], got 5.0" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -109,7 +109,7 @@ def test_segment_folder_reports_each_bad_file_and_goes_on(assets, tmp_path):
     whole = (folder / "a.png").read_bytes()
     (folder / "cut.png").write_bytes(whole[: len(whole) // 2])
     out = tmp_path / "out"
-    result = _segment(assets, folder, "-o", out, "--batch-size", 2)
+    result = _segment(assets, folder, "-o", out, "--batch", 2)
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert f"FAILED cannot read {folder / 'bad.png'} as an image (format not recognised)" in lines
@@ -169,7 +169,7 @@ def test_read_only_output_folder(assets, tmp_path):
 def test_full_disk_leaves_every_image_complete_or_absent(assets, tmp_path):
     with _tmpfs(tmp_path / "disk", "size=24k") as disk:
         out = disk / "out"
-        result = _segment(assets, assets / "images", "-o", out, "--batch-size", 1)
+        result = _segment(assets, assets / "images", "-o", out, "--batch", 1)
         assert result.exit_code == 1
         line = _error_line(result)
         assert line.startswith(f"Error: {out}{os.sep}") and ".tmp" not in line
@@ -194,7 +194,7 @@ def test_a_short_write_on_a_full_disk_names_the_target(tmp_path):
 def test_an_output_that_cannot_be_written_leaves_none_of_its_image(assets, tmp_path):
     out = tmp_path / "out"
     (out / "b_overlay.png").mkdir(parents=True)  # b's labels are written, then its overlay cannot be
-    result = _segment(assets, assets / "images", "-o", out, "--batch-size", 1)
+    result = _segment(assets, assets / "images", "-o", out, "--batch", 1)
     assert result.exit_code == 1
     assert _error_line(result) == f"Error: {out / 'b_overlay.png'}: is a directory; give a file, not a folder"
     assert sorted(p.name for p in out.iterdir()) == ["a_labels.npy", "a_labels.png", "a_overlay.png", "b_overlay.png"]
@@ -210,7 +210,7 @@ def test_ctrl_c_of_a_folder_run(assets, tmp_path):
         Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(folder / f"{stem}.png")
     out = tmp_path / "out"
     command = [sys.executable, "-c", "from fseg_jax.cli import main; main()", "segment", str(folder),
-               "--concepts", str(assets / "bank.safetensors"), "--batch-size", "1", "--no-compilation-cache",
+               "--concepts", str(assets / "bank.safetensors"), "--batch", "1", "--no-compilation-cache",
                "-o", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

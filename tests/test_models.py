@@ -16,7 +16,8 @@ from tiny_models import tiny_config, tiny_vit
 
 from fseg_jax import ResNet50, ViTConfig, VisionTransformer, convert_timm_state_dict
 from fseg_jax.models import with_compute_dtype
-from fseg_jax.models.config import ResNetConfig, read_manifest
+from fseg_jax.models.config import ResNetConfig
+from fseg_jax.models.weights import read_manifest
 
 PRESETS = ["uni", "uni2_h", "gigapath", "virchow", "virchow2", "h_optimus_0", "h_optimus_1", "h0_mini", "mstar",
            "kaiko_vits16", "kaiko_vits8", "kaiko_vitb16", "kaiko_vitb8", "lunit_vits8", "gpfm", "kaiko_vitl14"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fseg_jax.visualize import overlay, palette
+from fseg_jax.visualize import BACKGROUND, overlay, palette
 
 
 def test_palette_is_fixed_distinct_and_prefix_stable():
@@ -13,10 +13,10 @@ def test_palette_is_fixed_distinct_and_prefix_stable():
     assert p.shape == (300, 3) and p.dtype == np.uint8
     np.testing.assert_array_equal(palette(20), p[:20])
     np.testing.assert_array_equal(palette(7), p[:7])
-    assert tuple(p[0]) == (160, 160, 160)  # neutral: slides give it to background
+    assert BACKGROUND == (160, 160, 160) and BACKGROUND not in {tuple(c) for c in p}  # background: no concept's
     assert len({tuple(c) for c in p[:256]}) == 256
-    # the hand-chosen part is well separated
-    first = p[:20].astype(float)
+    # the hand-chosen part is well separated, from each other and from background
+    first = np.concatenate([p[:19], [BACKGROUND]]).astype(float)
     dist = np.sqrt(((first[:, None] - first[None]) ** 2).sum(-1)) + np.eye(20) * 1e9
     assert dist.min() > 40
     assert palette(0).shape == (0, 3)

@@ -21,9 +21,10 @@ from timm_models import make_timm_model, random_input, relative_error, save_hub_
 import fseg_jax
 import fseg_jax.hub as hub
 from fseg_jax import ViTConfig, convert_hf_state_dict, load_model
-from fseg_jax.convert.timm import ConversionError, convert_dinov2_teacher_state_dict
+from fseg_jax.convert.engine import ConversionError
+from fseg_jax.convert.timm import convert_dinov2_teacher_state_dict
 from fseg_jax.hub import random_model
-from fseg_jax.models.config import read_manifest
+from fseg_jax.models.weights import read_manifest
 from fseg_jax.models.vit import torch_bicubic_matrix
 from fseg_jax.wsi.pipeline import SlideSegmenter
 

@@ -23,7 +23,7 @@ def test_public_names_are_not_shadowed_by_submodules():
 
 def test_the_names_users_need_are_exported_and_are_what_they_say():
     import fseg_jax.concepts as concepts
-    import fseg_jax.factorization as nmf_module
+    import fseg_jax.factorization as factorization
     import fseg_jax.segmentation as segmentation
 
     expected = {
@@ -33,11 +33,11 @@ def test_the_names_users_need_are_exported_and_are_what_they_say():
         "make_token_fn": segmentation.make_token_fn,
         "ConceptBank": concepts.ConceptBank,
         "build_concepts": concepts.build_concepts,
-        "project": nmf_module.project,
-        "factorize": nmf_module.factorize,
-        "nnls": nmf_module.nnls,
-        "nmf": nmf_module.nmf,
-        "nmf_from": nmf_module.nmf_from,
+        "project": factorization.project,
+        "factorize": factorization.factorize,
+        "nnls": factorization.nnls,
+        "nmf": factorization.nmf,
+        "nmf_from": factorization.nmf_from,
     }
     for name, value in expected.items():
         assert name in fseg_jax.__all__, name

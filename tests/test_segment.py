@@ -13,7 +13,8 @@ from tiny_models import tiny_config, tiny_vit
 
 import fseg_jax.segmentation as seg
 from fseg_jax.concepts import ConceptBank
-from fseg_jax.segmentation import make_token_fn, segment, upsample, upsample_argmax
+from fseg_jax.segmentation import make_token_fn, segment
+from fseg_jax.upsample import upsample, upsample_argmax
 
 D = 32
 
@@ -111,7 +112,7 @@ def test_labels_are_argmax_of_upsampled_weights(model, concepts, method):
 
 def test_batch_equals_single_images(model, concepts):
     imgs = np.stack([_image(40, 56, seed=s) for s in range(3)])
-    batch = segment(imgs, concepts, model=model, batch_size=4)
+    batch = segment(imgs, concepts, model=model, batch=4)
     assert batch.shape == (3, 40, 56)
     for i in range(3):
         np.testing.assert_array_equal(batch[i], segment(imgs[i], concepts, model=model))
@@ -143,12 +144,12 @@ def test_bucketing_compiles_a_handful_of_times(model, concepts, monkeypatch):
     sizes = [(33, 72), (47, 90), (20, 100), (120, 30), (50, 128), (61, 17), (18, 18), (40, 127)]
     imgs = [_image(h, w, i) for i, (h, w) in enumerate(sizes)]
     count_traces(1)
-    out = segment(imgs, concepts, model=model, bucket=128, batch_size=8)
+    out = segment(imgs, concepts, model=model, bucket=128, batch=8)
     assert [o.shape for o in out] == sizes  # every image pads to 128 x 128: one program
-    segment(imgs, concepts, model=model, bucket=128, batch_size=8)  # compiled once, reused
+    segment(imgs, concepts, model=model, bucket=128, batch=8)  # compiled once, reused
     count_traces(3)
     # without a bucket: one program per distinct padded size (48 x 80, 48 x 96, 32 x 112)
-    for o, (h, w) in zip(segment(imgs[:3], concepts, model=model, batch_size=8), sizes):
+    for o, (h, w) in zip(segment(imgs[:3], concepts, model=model, batch=8), sizes):
         chex.assert_shape(o, (h, w))
     with pytest.raises(AssertionError, match="traced > 3 times"):  # the fourth size is a fourth program
         segment(imgs[3], concepts, model=model)
@@ -300,3 +301,27 @@ def test_float_rgba_gray_pil_and_path_inputs_match_uint8(model, concepts, tmp_pa
     gray16 = segment(tmp_path / "gray16.png", concepts, model=model)
     gray_float = segment(np.repeat(gray[..., None], 3, axis=2).astype(np.float32) / 255.0, concepts, model=model)
     np.testing.assert_array_equal(gray16, gray_float)
+
+
+def test_one_runner_places_the_parameters_once_and_gives_weights_without_labels(model, concepts, monkeypatch):
+    """Pipeline.weights is segment's weights without the labels; both run through the parameters placed on the
+    devices by the first call, never again, and the padding policy copies the last image."""
+    pipeline = seg.Pipeline.create(concepts, model=model, batch=4)
+    images = [_image(40, 56, 1), _image(40, 56, 2), _image(33, 20, 3)]
+    full = pipeline.segment(images, return_weights=True)
+    from flax import nnx
+
+    split, placements = nnx.split, []
+    monkeypatch.setattr(nnx, "split", lambda *a: placements.append(a) or split(*a))
+    weights = pipeline.weights(images)
+    pipeline.segment(images[:1])
+    assert placements == []  # nothing split or placed again
+    assert len(weights) == 3 and weights[2].shape == (3, 2, 6)
+    for ours, theirs in zip(weights, full.weights):
+        np.testing.assert_array_equal(ours, theirs)
+    batch = np.stack([_image(8, 8, 1), _image(8, 8, 2), _image(8, 8, 3)])
+    padded = seg.pad_batch(batch, 16)
+    assert padded.shape[0] == 4 and padded is not batch and (padded[3] == batch[2]).all()
+    np.testing.assert_array_equal(padded[:3], batch)
+    two = batch[:2]
+    assert seg.pad_batch(two, 16) is two  # a power of two already: nothing added, nothing copied

@@ -221,7 +221,7 @@ def test_tissue_mask_finds_tissue_and_drops_specks():
     assert not tissue_mask(blank, mpp=1.0).any()
 
 
-def test_token_tissue_follows_the_slide_not_the_overhanging_grid(tmp_path):
+def test_token_tissue_is_judged_on_the_part_inside_the_slide(tmp_path):
     """Token (r, c) covers working pixels [16c, 16c+16): the thumbnail maps onto the grid without stretching."""
     from PIL import Image
 
@@ -232,9 +232,19 @@ def test_token_tissue_follows_the_slide_not_the_overhanging_grid(tmp_path):
         thumb, tokens = detect_tissue(s, size=(100, 70), patch=16)
     assert thumb.shape == (70, 100, 3) and tokens.shape == (5, 7)
     # column 6 lies a quarter inside the slide (x 96..100 of 96..112) and row 4 three eighths (y 64..70 of
-    # 64..80): the rest is glass, so under half tissue
+    # 64..80): each is judged on the part that exists, all tissue, so the tissue runs to the slide's edge
     expected = np.zeros((5, 7), bool)
-    expected[:4, 5] = True
+    expected[:, 5:] = True
+    np.testing.assert_array_equal(tokens, expected)
+
+    image[:, 80:] = 255  # glass again, and tissue only in the slide's last 3 pixels of columns (97..100)
+    image[:, 97:] = (200, 110, 170)
+    Image.fromarray(image).save(tmp_path / "edge.png")
+    with open_slide(tmp_path / "edge.png", slide_mpp=1.0) as s:
+        _, tokens = detect_tissue(s, size=(100, 70), patch=16)
+    # column 6's part inside the slide (96..100) is three quarters tissue; column 5 (80..96) holds none
+    expected = np.zeros((5, 7), bool)
+    expected[:, 6] = True
     np.testing.assert_array_equal(tokens, expected)
 
 

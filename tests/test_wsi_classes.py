@@ -70,9 +70,9 @@ def test_summary_areas_per_class_are_the_sums_of_their_concepts(runs):
     assert [(c["label"], c["name"], c["concepts"]) for c in summary["classes"]] == [
         (1, "stroma", [0, 3]), (2, "nuclei", [1]), (3, "concept 2", [2])
     ]
-    # colours: given, else the slide colour of the class's first concept (concept i is palette(k + 1)[i + 1])
-    assert nuclei["color"] == [0x12, 0x34, 0x56] and stroma["color"] == palette(K + 1)[1].tolist()
-    assert other["color"] == palette(K + 1)[3].tolist() and other["area_mm2"] == 0.0  # concept 2 is absent
+    # colours: given, else the slide colour of the class's first concept (concept i is palette(k)[i], as in every output)
+    assert nuclei["color"] == [0x12, 0x34, 0x56] and stroma["color"] == palette(K)[0].tolist()
+    assert other["color"] == palette(K)[2].tolist() and other["area_mm2"] == 0.0  # concept 2 is absent
     by_concept = {c["concept"]: c for c in summary["concepts"]}
     unnamed = {c["concept"]: c for c in concepts.summary["concepts"]}
     for entry in summary["classes"]:
@@ -112,9 +112,9 @@ def test_overlay_draws_classes(runs):
     picture = np.asarray(Image.open(classes.out_dir / "overlay.png"))
     colours = {tuple(c) for c in picture.reshape(-1, 3)}
     assert (0x12, 0x34, 0x56) in colours  # the nuclei swatch of the legend, in its given colour
-    assert tuple(palette(K + 1)[4]) not in colours  # concept 3 is drawn as stroma, in concept 0's colour
+    assert tuple(palette(K)[3]) not in colours  # concept 3 is drawn as stroma, in concept 0's colour
     unnamed = np.asarray(Image.open(concepts.out_dir / "overlay.png"))
-    assert tuple(palette(K + 1)[4]) in {tuple(c) for c in unnamed.reshape(-1, 3)}
+    assert tuple(palette(K)[3]) in {tuple(c) for c in unnamed.reshape(-1, 3)}
 
 
 def test_a_run_without_names_writes_concepts_as_before(runs):

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fseg_jax.models.config import ViTConfig, read_manifest
+from fseg_jax.models.config import ViTConfig
+from fseg_jax.models.weights import read_manifest
 
 
 def timm_arguments(preset: str) -> tuple[str, dict]:

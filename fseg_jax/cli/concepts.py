@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import click
 
-from fseg_jax.cli.common import concepts_option, model_from_options, one_line, random_model_options
+from fseg_jax.cli.common import (
+    model_from_options,
+    one_line,
+    pipeline_from_options,
+    random_model_options,
+    run_options,
+)
+from fseg_jax.options import BUILD_KS, LEARN_KS, RUN_DEFAULTS, SLIDE_DEFAULTS
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:
@@ -74,7 +82,7 @@ def _bank_from_images(command):
     return command
 
 
-def _write_bank(make, model_spec, random_seed, depth, images, sample, output) -> None:
+def _write_bank(make, model_spec, random_init, depth, images, sample, output) -> None:
     """Resolve the model and the images (with --sample), ``make(model, images)`` a bank, save it, report."""
     from fseg_jax.concepts import save_concepts
 
@@ -84,7 +92,7 @@ def _write_bank(make, model_spec, random_seed, depth, images, sample, output) ->
         from fseg_jax.data import sample_image_path
 
         images = (str(sample_image_path()), *images)
-    model = model_from_options(model_spec, random_seed, depth)
+    model = model_from_options(model_spec, random_init, depth)
     try:
         path = save_concepts(output, bank := make(model, list(images)))
     except (ValueError, OSError) as e:
@@ -94,13 +102,13 @@ def _write_bank(make, model_spec, random_seed, depth, images, sample, output) ->
 
 @concepts.command("build")
 @_bank_from_images
-@click.option("--k", "ks", default="8,16,32,64,128,256", show_default=True, help="Comma-separated k values.")
+@click.option("--k", "ks", default=",".join(map(str, BUILD_KS)), show_default=True, help="Comma-separated k values.")
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block whose features are clustered.")
 @click.option("--tile", default=224, show_default=True, type=int, help="Tile side in pixels.")
 @click.option("--per-token", is_flag=True, help="Cluster patch tokens instead of per-tile means.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Tiles per model call.")
+@click.option("--batch", "batch", default=RUN_DEFAULTS["batch"], show_default=True, type=int, help="Tiles per model call.")
 @click.option("--seed", default=0, show_default=True, type=int, help="k-means seed.")
-def build(model_spec, images, sample, random_seed, depth, output, ks, layer, tile, per_token, batch_size, seed):
+def build(model_spec, images, sample, random_init, depth, output, ks, layer, tile, per_token, batch, seed):
     """Build a bank for MODEL (preset or converted model folder) by k-means over tiles of IMAGES
     (image files or folders of them).
 
@@ -113,14 +121,14 @@ def build(model_spec, images, sample, random_seed, depth, output, ks, layer, til
     ks = _parse_ks(ks)
     _write_bank(
         lambda model, files: build_concepts(model, files, ks, layer=layer, tile=tile, per_token=per_token,
-                                            batch_size=batch_size, seed=seed),
-        model_spec, random_seed, depth, images, sample, output,
+                                            batch=batch, seed=seed),
+        model_spec, random_init, depth, images, sample, output,
     )
 
 
 @concepts.command("learn")
 @_bank_from_images
-@click.option("--k", "ks", default="8,16,32", show_default=True, help="Comma-separated k values.")
+@click.option("--k", "ks", default=",".join(map(str, LEARN_KS)), show_default=True, help="Comma-separated k values.")
 @click.option("--layer", default=-1, show_default=True, type=int, help="Block whose tokens are used.")
 @click.option("--tile", default=224, show_default=True, type=int, help="Tile side in pixels.")
 @click.option("--tokens-per-tile", default=None, type=int, help="Tokens drawn per tile (default: all).")
@@ -129,7 +137,7 @@ def build(model_spec, images, sample, random_seed, depth, output, ks, layer, til
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the start and the batches.")
 @click.option("--checkpoint-dir", default=None, type=click.Path(file_okay=False),
               help="Save each k's state here as it learns; a rerun with the same folder resumes.")
-def learn(model_spec, images, sample, random_seed, depth, output, ks, layer, tile, tokens_per_tile, steps,
+def learn(model_spec, images, sample, random_init, depth, output, ks, layer, tile, tokens_per_tile, steps,
           batch_tokens, seed, checkpoint_dir):
     """Learn a bank for NNLS projection of MODEL's tokens over IMAGES (files or folders of them).
 
@@ -144,25 +152,22 @@ def learn(model_spec, images, sample, random_seed, depth, output, ks, layer, til
             model, files, ks, layer=layer, tile=tile, tokens_per_tile=tokens_per_tile, seed=seed, steps=steps,
             batch_tokens=batch_tokens, checkpoint_dir=checkpoint_dir,
         ),
-        model_spec, random_seed, depth, images, sample, output,
+        model_spec, random_init, depth, images, sample, output,
     )
 
 
 @concepts.command("atlas")
 @click.argument("images", nargs=-1, type=click.Path(exists=True))
-@click.option("--concepts", "concepts_spec", required=True, help="Bank: a .safetensors file or a preset (uni, ...).")
-@click.option("--k", type=int, default=None, help="Which k of the bank (needed when it holds several).")
-@click.option("--model", "model_spec", default=None, help="Model (preset or folder); default: the one the bank records.")
-@random_model_options
+@functools.partial(run_options, methods=("project",))
 @click.option("--sample", is_flag=True, help="Also use the H&E sample that ships with fseg_jax.")
 @click.option("--n", default=8, show_default=True, type=int, help="Patches per concept.")
 @click.option("--patch", default=64, show_default=True, type=int, help="Patch side in pixels.")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="Slides: working microns per pixel.")
+@click.option("--mpp", type=float, default=SLIDE_DEFAULTS["mpp"], show_default=True, help="Slides: working microns per pixel.")
 @click.option("--slide-mpp", type=float, help="Slides: their own microns per pixel, for files that do not record it.")
 @click.option("--tile", type=int, help="Slides: tile side in working pixels [default: 512 rounded down to whole patches].")
 @click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Atlas picture to write (.png); its numbers go beside it as .json.")
-def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, patch, mpp, slide_mpp, tile, output):
+def atlas(images, sample, n, patch, mpp, slide_mpp, tile, output, concepts, k, **options):
     """Show what each concept of a bank is: the patches of IMAGES (image or slide files, or folders of them)
     where it weighs most.
 
@@ -184,10 +189,9 @@ def atlas(images, concepts_spec, k, model_spec, random_seed, depth, sample, n, p
         from fseg_jax.data import sample_image_path
 
         files = [sample_image_path(), *files]
-    bank = concepts_option(concepts_spec, k)
-    model = model_from_options(model_spec, random_seed, depth)
+    pipeline = pipeline_from_options(concepts, k, **options)
     try:
-        result = concept_atlas((str(f) for f in files), bank, model=model, k=k, n=n, patch=patch, mpp=mpp,
+        result = concept_atlas((str(f) for f in files), pipeline=pipeline, n=n, patch=patch, mpp=mpp,
                                slide_mpp=slide_mpp, tile=tile)
         png, numbers = save_atlas(output, result)
     except (ValueError, TypeError, OSError, RuntimeError) as e:

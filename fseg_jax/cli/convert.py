@@ -17,16 +17,20 @@ import click
               help="Local checkpoint: model.safetensors (no torch needed) or pytorch_model.bin.")
 @click.option("--revision", help="Hub revision, overriding the one pinned in the preset's manifest.")
 @click.option("--random-init", "random_seed", type=int, default=None, metavar="SEED",
-              help="No checkpoint: random weights of the preset's architecture, drawn from SEED. For trying the "
-              "pipeline without access to the gated weights; its segmentations mean nothing.")
+              help="No checkpoint: random weights of the preset's architecture, drawn from SEED, named "
+              "<preset>-random (as `segment --random-init` names it). For trying the pipeline without access to "
+              "the gated weights; its segmentations mean nothing.")
+@click.option("--depth", type=int, default=None,
+              help="With --random-init: keep only this many blocks (a quicker model for trying the pipeline).")
 @click.option("-o", "--out", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory (model.safetensors + config.json).")
-def convert(preset, timm_config, checkpoint, revision, random_seed, out):
+def convert(preset, timm_config, checkpoint, revision, random_seed, depth, out):
     """Convert a timm / torchvision checkpoint to an fseg_jax model directory (loadable with load_model)."""
     from fseg_jax.convert.checkpoint import convert_checkpoint
-    from fseg_jax.convert.timm import ConversionError
+    from fseg_jax.convert.engine import ConversionError
     from fseg_jax.hub import ModelAccessError, download_checkpoint, model_summary, save_model
-    from fseg_jax.models.config import ViTConfig, config_from_preset, preset_layout
+    from fseg_jax.models.config import ViTConfig, config_from_preset
+    from fseg_jax.models.weights import preset_layout
 
     if (preset is None) == (timm_config is None):
         raise click.UsageError("give exactly one of --preset and --timm-config")
@@ -34,6 +38,8 @@ def convert(preset, timm_config, checkpoint, revision, random_seed, out):
         raise click.UsageError("--timm-config needs --checkpoint (or --random-init)")
     if revision is not None and checkpoint is not None:
         raise click.UsageError("--revision selects a hub download; drop it when converting a local --checkpoint")
+    if depth is not None and random_seed is None:
+        raise click.UsageError("--depth applies to --random-init models only")
     if random_seed is not None and (checkpoint is not None or revision is not None):
         raise click.UsageError("--random-init makes weights without a checkpoint; drop --checkpoint and --revision")
     try:
@@ -42,12 +48,10 @@ def convert(preset, timm_config, checkpoint, revision, random_seed, out):
         else:
             config = ViTConfig.from_timm(_read_json(timm_config), name=timm_config.parent.name)
         if random_seed is not None:
-            from flax import nnx
-
-            from fseg_jax.models import build_model
+            from fseg_jax.hub import random_model_of
 
             checkpoint = f"random weights (seed {random_seed})"
-            model = build_model(config, rngs=nnx.Rngs(random_seed))
+            model = random_model_of(config, seed=random_seed, depth=depth)
         else:
             if checkpoint is None:
                 checkpoint = download_checkpoint(preset, revision=revision)

@@ -7,15 +7,8 @@ from pathlib import Path
 
 import click
 
-from fseg_jax.cli.common import (
-    concepts_option,
-    default_compilation_cache,
-    model_from_options,
-    one_line,
-    random_model_options,
-)
+from fseg_jax.cli.common import default_compilation_cache, one_line, pipeline_from_options, run_options
 from fseg_jax.compilation import enable_compilation_cache
-from fseg_jax.methods import METHODS
 
 OUTPUT_SUFFIXES = ("_labels.png", "_labels.npy", "_overlay.png")  # what one image's outputs are named
 
@@ -69,25 +62,8 @@ def write_outputs(
 @click.argument("images", nargs=-1, metavar="IMAGE...")
 @click.option("--sample", is_flag=True,
               help="Also segment the H&E sample that ships with fseg_jax (a CC0 crop of OpenSlide's CMU-1-Small-Region).")
-@click.option("--model", "model_spec", default=None,
-              help="Model preset (e.g. uni) or a converted model folder [default: the model the bank records].")
-@random_model_options
-@click.option("--concepts", "concepts_spec", default=None,
-              help="Concept bank: a .safetensors file or a preset (uni, gigapath, resnet50). Not used by dff.")
-@click.option("--k", type=int, default=None, help="Bank size to use (for dff: the number of components).")
-@click.option("--method", type=click.Choice(METHODS), default="project", show_default=True,
-              help="project: NNLS onto the bank; nearest: most similar concept; factorize: per-image NMF, "
-                   "components mapped to the bank; dff: per-image NMF without a bank.")
-@click.option("--layer", "layers", type=int, multiple=True, default=(-1,), show_default=True,
-              help="Block whose features are used; repeat to concatenate several blocks.")
-@click.option("--n-components", type=int, default=20, show_default=True, help="Free NMF components (factorize).")
-@click.option("--seed", type=int, default=0, show_default=True, help="NMF initialisation seed.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Images per compiled call.")
-@click.option("--bucket", type=int, default=None,
-              help="Pad images to a multiple of this many pixels so nearby sizes share a compilation.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Compute dtype of the model (bfloat16 for GPU/TPU).")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Overlay opacity.")
+@run_options
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Overlay opacity, in [0, 1].")
 @click.option("--legend/--no-legend", default=True, show_default=True, help="Legend strip under the overlay.")
 @click.option("--classes", "class_labels", is_flag=True,
               help="Label files hold classes (the bank's concepts grouped by name) instead of concepts.")
@@ -96,9 +72,8 @@ def write_outputs(
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
 @click.option("-o", "--out", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for <name>_labels.png, <name>_labels.npy and <name>_overlay.png.")
-def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, method, layers, n_components, seed,
-            batch_size, bucket, dtype, alpha, legend, class_labels, compilation_cache, no_compilation_cache,
-            out_dir):
+def segment(images, sample, alpha, legend, class_labels, compilation_cache, no_compilation_cache, out_dir,
+            concepts, k, **options):
     """Segment IMAGE... (files or folders of images) into concepts.
 
     Writes, per image, the label map as PNG (8-bit, or 16-bit when a label exceeds 255) and .npy (int32),
@@ -106,16 +81,14 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
     (fseg-jax concepts name), the overlay colours and lists their classes (concepts sharing a name as one),
     and --classes writes class indices, in the order `fseg-jax concepts name BANK --k K` lists them.
     """
-    if batch_size < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--batch-size")
-    if method != "dff" and concepts_spec is None:
-        raise click.UsageError(f"--concepts is required for method {method}")
-    if method == "dff" and k is None:
-        raise click.UsageError("--k (the number of components) is required for method dff")
-    if method == "dff" and class_labels:
+    from fseg_jax.options import check_alpha
+
+    try:
+        check_alpha(alpha)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--alpha") from None
+    if options["method"] == "dff" and class_labels:
         raise click.UsageError("--classes needs a concept bank; method dff uses none")
-    if method == "dff" and model_spec is None:
-        raise click.UsageError("--model is required for method dff, which uses no concept bank")
     if not images and not sample:
         raise click.UsageError("give IMAGE... to segment, or --sample")
     if sample:
@@ -131,20 +104,8 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
     from tqdm import tqdm
 
     from fseg_jax.io import read_image
-    from fseg_jax.segmentation import Pipeline
 
-    model = model_from_options(model_spec, random_seed, depth)
-    concepts = None
-    if method != "dff":
-        concepts = concepts_option(concepts_spec, k)
-    layer = layers[0] if len(layers) == 1 else list(layers)
-    try:
-        pipeline = Pipeline.create(
-            concepts, model=model, k=k, method=method, layer=layer, n_components=n_components, seed=seed,
-            batch_size=batch_size, bucket=bucket, dtype=None if dtype == "float32" else dtype,
-        )
-    except (ValueError, TypeError, OSError, RuntimeError) as e:  # bad bank or options, a bank's model not found
-        raise click.ClickException(one_line(e)) from None
+    pipeline = pipeline_from_options(concepts, k, **options)
     if class_labels and pipeline.classes is None:
         raise click.ClickException(
             f"--classes needs a bank whose concepts are named, and this bank has no names for k={pipeline.k} "
@@ -163,14 +124,14 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
         bar.update(1)
 
     with tqdm(total=len(files), unit="image", desc="segment", disable=None) as bar:
-        for start in range(0, len(files), batch_size):
+        for start in range(0, len(files), pipeline.batch):
             chunk = []
-            for f in files[start:start + batch_size]:
+            for f in files[start:start + pipeline.batch]:
                 try:
                     chunk.append((f, read_image(f)))
                 except (ValueError, OSError) as e:
                     fail(f, e)
-            for f, picture, lab in _segmented(pipeline, chunk, method, fail):
+            for f, picture, lab in _segmented(pipeline, chunk, fail):
                 write_outputs(out, f.stem, picture, lab, alpha=alpha, legend=legend, classes=pipeline.classes,
                               class_labels=class_labels)
                 bar.update(1)
@@ -180,7 +141,7 @@ def segment(images, sample, model_spec, random_seed, depth, concepts_spec, k, me
         raise click.ClickException(f"{len(failed)} of {len(files)} images failed (listed above); they have no outputs")
 
 
-def _segmented(pipeline, chunk, method: str, fail):
+def _segmented(pipeline, chunk, fail):
     """(path, image, labels) of each (path, image) of `chunk` that segments; a batch that fails is tried image
     by image, so that only the images that fail are reported (through `fail`)."""
     if not chunk:
@@ -191,6 +152,6 @@ def _segmented(pipeline, chunk, method: str, fail):
         if len(chunk) == 1:
             fail(chunk[0][0], e)
             return []
-        return [item for one in chunk for item in _segmented(pipeline, [one], method, fail)]
-    labels = result.labels if method == "dff" else result
+        return [item for one in chunk for item in _segmented(pipeline, [one], fail)]
+    labels = result.labels if pipeline.method == "dff" else result
     return [(f, picture, lab) for (f, picture), lab in zip(chunk, labels)]

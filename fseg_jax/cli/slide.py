@@ -6,42 +6,33 @@ from pathlib import Path
 
 import click
 
-SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here so that --help does not import JAX
+from fseg_jax.cli.common import run_options
+from fseg_jax.options import RESOLUTIONS, SLIDE_DEFAULTS
 
 
 @click.command("slide")
 @click.argument("slides", type=click.Path(exists=True, path_type=Path))
-@click.option("--model", "model",
-              help="Model preset (uni, gigapath, ...) or a converted-model folder [default: the one the bank records].")
-@click.option("--concepts", "concepts", help="Concept bank: .safetensors file or preset (uni, gigapath, resnet50).")
-@click.option("--k", "k", type=int, help="Number of concepts (one of the bank's k; optional when it holds one).")
-@click.option("--method", type=click.Choice(["project", "nearest", "factorize"]), default="project", show_default=True,
-              help="project: NNLS onto the bank; nearest: most similar concept; factorize: NMF per tile, "
-                   "components mapped to the bank.")
-@click.option("--layer", type=int, default=-1, show_default=True, help="Block whose tokens are used.")
-@click.option("--n-components", type=int, default=20, show_default=True, help="Free NMF components (factorize).")
-@click.option("--seed", type=int, default=0, show_default=True, help="NMF initialisation seed (factorize).")
-@click.option("--solver", type=click.Choice(SOLVERS), default=None,
-              help="NMF solver [default: fseg_jax.factorization's; hals reproduces the original's iterates].")
-@click.option("--tol", type=float, default=None, help="Solver tolerance [default: the solver's].")
-@click.option("--max-iter", type=int, default=None, help="Solver iteration cap [default: the solver's].")
-@click.option("--labels", "resolution", type=click.Choice(["pixel", "token"]), default="pixel", show_default=True,
+@run_options
+@click.option("--labels", "resolution", type=click.Choice(RESOLUTIONS), default=SLIDE_DEFAULTS["resolution"],
+              show_default=True,
               help="pixel: F-Seg's per-pixel argmax of the bilinearly upsampled weights; token: one label per "
                    "token (faster).")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="Working microns per pixel (0.5 ~ 20x).")
-@click.option("--slide-mpp", type=float, help="The slides' own microns per pixel, for files that do not record it.")
-@click.option("--tile", type=int, default=None,
+@click.option("--mpp", type=float, default=SLIDE_DEFAULTS["mpp"], show_default=True,
+              help="Working microns per pixel (0.5 ~ 20x).")
+@click.option("--slide-mpp", type=float, default=SLIDE_DEFAULTS["slide_mpp"],
+              help="The slides' own microns per pixel, for files that do not record it (or record it wrongly).")
+@click.option("--force-slide-mpp", is_flag=True,
+              help="Use --slide-mpp even where it contradicts the file's own by more than 2x.")
+@click.option("--tile", type=int, default=SLIDE_DEFAULTS["tile"],
               help="Tile side in working pixels, a multiple of the patch [default: 1024 rounded down to one: 1022 "
                    "at patch 14].")
-@click.option("--margin", type=int,
+@click.option("--margin", type=int, default=SLIDE_DEFAULTS["margin"],
               help="Context discarded on each tile side, in pixels [default: tile/16 rounded down to a multiple of "
                    "the patch: 64 at tile 1024, 56 at 1022].")
-@click.option("--batch", type=int, default=16, show_default=True, help="Tiles per step, split over all local devices.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--save-weights", is_flag=True, help="Also write the token weights (weights.safetensors).")
 @click.option("--distributed", is_flag=True,
               help="Join a jax.distributed run found by cluster auto-detection (SLURM, Open MPI, Cloud TPU, ...): "
-                   "this process computes its share of tiles.")
+                   "the slides are spread over its processes.")
 @click.option("--coordinator", metavar="HOST:PORT",
               help="Join a run of --num-processes processes whose process 0 serves at HOST:PORT (with --process-id).")
 @click.option("--num-processes", type=int, help="Processes in the run (with --coordinator).")
@@ -51,50 +42,57 @@ SOLVERS = ("admm", "hals", "mu")  # fseg_jax.factorization.SOLVERS, named here s
 @click.option("--viewer", is_flag=True,
               help="Also write a zoomable viewer per slide (OUT/<slide name>/viewer/index.html; serve it with "
                    "`fseg-jax view`).")
-@click.option("--merge", "merge_only", is_flag=True, help="Only write the outputs of a finished multi-process run.")
+@click.option("--merge", "merge_only", is_flag=True,
+              help="Only write the outputs of a finished multi-process run made by an older version.")
+@click.option("--wait", is_flag=True, help="Wait for a slide folder another run is using instead of failing that slide.")
 @click.option("--compilation-cache", type=click.Path(file_okay=False), default=None,
               help="JAX compilation cache folder [default: $FSEG_JAX_CACHE/jax or ~/.cache/fseg_jax/jax].")
 @click.option("--no-compilation-cache", is_flag=True, help="Do not use the persistent compilation cache.")
 @click.option("-o", "--out", "--output", "out_root", type=click.Path(path_type=Path), required=True, help="Output folder (one sub-folder per slide).")
-def slide(slides, model, concepts, k, method, layer, n_components, seed, solver, tol, max_iter, resolution, mpp,
-          slide_mpp, tile, margin, batch, dtype, save_weights, distributed, coordinator, num_processes, process_id,
-          coordinator_timeout, viewer, merge_only, compilation_cache, no_compilation_cache, out_root):
+def slide(slides, resolution, mpp, slide_mpp, force_slide_mpp, tile, margin, save_weights, distributed, coordinator,
+          num_processes, process_id, coordinator_timeout, viewer, merge_only, wait, compilation_cache,
+          no_compilation_cache, out_root, concepts, k, **options):
     """Segment SLIDES (a slide, an image, or a folder of them) into OUT/<slide name>/.
 
     Writes labels.ome.tif (0 = background, i+1 = concept i), labels.geojson (QuPath annotations),
     overlay.png and summary.json per slide (and with --viewer, viewer/). When the bank names the concepts
     of this k (fseg-jax concepts name), they show classes instead: i+1 = class i, the concepts that share a
-    name as one. A re-run resumes an interrupted one; a slide that fails is reported and skipped. Several
-    processes (one per host) share the tiles of each slide with --coordinator/--num-processes/--process-id
-    (or --distributed); then run --merge once.
+    name as one. A re-run resumes an interrupted one; a slide that fails is reported and skipped; a slide
+    folder another run is using is refused (or waited for, --wait). Several processes (one per host) share
+    the slides with --coordinator/--num-processes/--process-id (or --distributed): each slide is computed
+    and written by one of them, and only a slide too large for one is split over several.
     """
-    from fseg_jax.wsi.pipeline import SlideFailure, find_slides, merge_slide, segment_slides, slide_folder_name
+    from fseg_jax.wsi.pipeline import FolderBusy, SlideFailure, find_slides, merge_slide, segment_slides, slide_out_dirs
 
+    try:
+        paths = find_slides(slides)
+        out_dirs = slide_out_dirs(paths, out_root)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     if merge_only:
         failed = 0
-        for path in find_slides(slides):
+        for path, out_dir in zip(paths, out_dirs):
             try:
-                summary = merge_slide(out_root / slide_folder_name(path))
+                summary = merge_slide(out_dir, wait=wait)
                 click.echo(f"{path.name}: merged, {summary['tiles']['tissue']} tiles")
-            except ValueError as err:
+            except (ValueError, FolderBusy) as err:
                 failed += 1
                 click.echo(f"{path.name}: {err}", err=True)
                 continue
-            if viewer and not _write_viewer(path, out_root / slide_folder_name(path)):
+            if viewer and not _write_viewer(path, out_dir):
                 failed += 1
         raise SystemExit(1 if failed else 0)
 
-    if concepts is None:
-        raise click.UsageError("--concepts is required (except with --merge)")
-    from fseg_jax.cli.common import concepts_option
+    if concepts is None and options["method"] != "dff":
+        raise click.UsageError("--concepts is required (except with --merge and for method dff)")
+    from fseg_jax.options import check_positive
 
-    bank = concepts_option(concepts, k)
-    if model is None:
-        if bank.model is None:
-            raise click.UsageError("--model is required: the bank records no model")
-        model = bank.model
-    if not Path(concepts).expanduser().is_file():
-        concepts = bank  # a preset, fetched into the command line's cache; a file goes on as its path
+    for hint, name, value in (("--mpp", "mpp", mpp), ("--slide-mpp", "slide_mpp", slide_mpp)):
+        if value is not None:
+            try:
+                check_positive(name, value)
+            except ValueError as err:
+                raise click.BadParameter(str(err), param_hint=hint) from None
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit) and any(v is None for v in explicit):
         raise click.UsageError("--coordinator, --num-processes and --process-id go together")
@@ -111,9 +109,11 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
         from fseg_jax.compilation import enable_compilation_cache
 
         enable_compilation_cache(compilation_cache or default_compilation_cache())
-    part = None
+    processes = None
     if coordinator is not None or distributed:
         import jax
+
+        from fseg_jax.wsi.cohort import JaxProcesses
 
         if coordinator is not None:
             _check_coordinator(coordinator, process_id, coordinator_timeout)
@@ -123,17 +123,17 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
             )
         else:
             jax.distributed.initialize(initialization_timeout=coordinator_timeout)
-        part = (jax.process_index(), jax.process_count())
+        processes = JaxProcesses()
 
-    from fseg_jax.wsi.pipeline import DeviceMemoryError, SlideSegmenter
+    from fseg_jax.cli.common import pipeline_from_options
+    from fseg_jax.wsi.pipeline import DeviceMemoryError, SlideRunMismatch, SlideSegmenter
 
+    pipeline = pipeline_from_options(concepts, k, **options)
     try:
-        segmenter = SlideSegmenter.from_model(
-            model, concepts, k=k, method=method, layer=layer, dtype=None if dtype == "float32" else dtype,
-            n_components=n_components, seed=seed, solver=solver, tol=tol, max_iter=max_iter, tile=tile,
-            margin=margin, batch=batch, mpp=mpp, resolution=resolution, save_weights=save_weights,
+        segmenter = SlideSegmenter.from_pipeline(
+            pipeline, tile=tile, margin=margin, mpp=mpp, resolution=resolution, save_weights=save_weights,
         )
-    except (ValueError, TypeError, OSError, RuntimeError) as err:  # an unknown model or bank, a k the bank lacks, ...
+    except (ValueError, TypeError) as err:  # a tile or margin that does not fit the model's patch, ...
         raise click.ClickException(str(err)) from None
 
     viewer_failures = []
@@ -142,8 +142,10 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
         if isinstance(result, SlideFailure):
             click.echo(f"FAILED {result.slide.name}: {result.error}", err=True)
         elif not result.complete:
-            click.echo(f"{result.slide.name}: share done ({result.tiles_computed} tiles); run --merge when all are")
+            click.echo(f"{result.slide.name}: part computed ({result.tiles_computed} tiles); one process writes the outputs")
         else:
+            if result.replaced:
+                click.echo(f"{result.slide.name}: {result.replaced}")
             if result.tiles_computed or not result.tiles:
                 note = f"{result.tiles_computed} tiles computed"
             else:
@@ -154,11 +156,15 @@ def slide(slides, model, concepts, k, method, layer, n_components, seed, solver,
 
     try:
         results = segment_slides(
-            slides, out_root, segmenter, slide_mpp=slide_mpp, part=part, progress=True, on_result=report
+            paths, out_root, segmenter, slide_mpp=slide_mpp, force_slide_mpp=force_slide_mpp, processes=processes,
+            wait=wait, progress=True, on_result=report,
         )
-    except DeviceMemoryError as err:
+    except (DeviceMemoryError, SlideRunMismatch) as err:
         raise click.ClickException(str(err)) from None
     failures = [r for r in results if isinstance(r, SlideFailure)]
+    if processes is not None and processes.count > 1:  # every process ends with the same view of the run
+        failed = "".join(f"; {r.slide.name} failed (process {r.process})" for r in failures)
+        click.echo(f"all processes: {len(results) - len(failures)} of {len(results)} slides done{failed}")
     if failures:
         click.echo(f"{len(failures)} of {len(results)} slides failed", err=True)
     if viewer_failures:

@@ -8,8 +8,9 @@ import numpy as np
 
 from fseg_jax.concepts.bank import ConceptBank, normalise_layer
 from fseg_jax.io import iter_images
+from fseg_jax.options import BUILD_KS, RUN_DEFAULTS, check_int
 
-DEFAULT_KS = (8, 16, 32, 64, 128, 256)
+DEFAULT_KS = BUILD_KS
 def build_concepts(
     model: Any,
     images_or_folder: Any,
@@ -20,7 +21,7 @@ def build_concepts(
     per_token: bool = False,
     tokens_per_tile: int | None = None,
     tile_filter: Callable[[np.ndarray], bool] | None = None,
-    batch_size: int = 8,
+    batch: int = RUN_DEFAULTS["batch"],
     seed: int = 0,
     n_init: int = 3,
     max_iter: int = 300,
@@ -33,7 +34,8 @@ def build_concepts(
             preset name or a converted model directory (loaded through ``fseg_jax.hub.resolve_model``).
         images_or_folder: a folder (its image files, sorted by name, not recursive), an image path, an
             ``(H, W, 3)`` image, a ``(B, H, W, 3)`` batch, or a list of any of these. Images are read one at a
-            time, so memory holds one image and the per-tile features.
+            time, so memory holds one image and the per-tile features; as ``segment`` reads them (16-bit and
+            float images are not quantised to 8 bits).
         ks: the k values of the bank.
         layer: block index (negative from the end), or a list of blocks whose features are concatenated.
         tile: side of the square tiles cut from each image on a non-overlapping grid (a multiple of the
@@ -41,7 +43,7 @@ def build_concepts(
         per_token: cluster every patch token instead of one spatial mean per tile.
         tokens_per_tile: with `per_token`, keep only this many randomly chosen tokens of each tile.
         tile_filter: keep a tile only when ``tile_filter(tile_hw3_uint8)`` is true (e.g. a tissue test).
-        batch_size: tiles per model call.
+        batch: tiles per model call.
         seed, n_init, max_iter, tol: k-means settings (see :func:`fseg_jax.kmeans.kmeans`); one seed gives
             one bank.
 
@@ -56,7 +58,7 @@ def build_concepts(
     ks = sorted_ks(ks)
     model, layer, x_nd = collect_features(
         model, images_or_folder, layer=layer, tile=tile, per_token=per_token, tokens_per_tile=tokens_per_tile,
-        tile_filter=tile_filter, batch_size=batch_size, seed=seed, at_least=ks[-1],
+        tile_filter=tile_filter, batch=batch, seed=seed, at_least=ks[-1],
     )
     centres = {
         k: kmeans(x_nd, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol).centers for k in ks
@@ -81,7 +83,7 @@ def collect_features(
     per_token: bool = False,
     tokens_per_tile: int | None = None,
     tile_filter: Callable[[np.ndarray], bool] | None = None,
-    batch_size: int = 8,
+    batch: int = RUN_DEFAULTS["batch"],
     seed: int = 0,
     at_least: int = 1,
 ) -> tuple[Any, int | tuple[int, ...], np.ndarray]:
@@ -97,8 +99,7 @@ def collect_features(
     patch = int(model.config.patch_size)
     if tile < patch or tile % patch:
         raise ValueError(f"tile must be a positive multiple of the model's patch size {patch}, got {tile}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch = check_int("batch", batch)
     if tokens_per_tile is not None and (not per_token or tokens_per_tile < 1):
         raise ValueError("tokens_per_tile needs per_token=True and a value >= 1")
     layer = normalise_layer(layer)
@@ -111,7 +112,7 @@ def collect_features(
             return f_td[np.sort(rng.choice(len(f_td), size=min(tokens_per_tile, len(f_td)), replace=False))]
 
     tiles = _iter_tiles(images_or_folder, tile, tile_filter)
-    feats = _tile_features(model, tiles, layer, tile, batch_size, per_token, keep)
+    feats = _tile_features(model, tiles, layer, tile, batch, per_token, keep)
     x_nd = np.concatenate(feats, axis=0) if feats else np.zeros((0, 0), np.float32)
     if x_nd.shape[0] < at_least:
         what = "tokens" if per_token else "tiles"
@@ -123,15 +124,17 @@ def collect_features(
 
 
 def _iter_tiles(images_or_folder: Any, tile: int, tile_filter: Callable | None) -> Iterator[np.ndarray]:
+    """Each image's whole tiles, as ``segment`` reads images (uint8, or float32 in [0, 1] for 16-bit and float
+    inputs, not quantised); ``tile_filter`` judges each tile as uint8."""
     from fseg_jax.io.images import as_rgb, to_uint8
 
     for name, item in iter_images(images_or_folder):
-        image = to_uint8(as_rgb(item, name=name))
+        image = as_rgb(item, name=name)
         h, w = image.shape[:2]
         for y in range(0, h - tile + 1, tile):
             for x in range(0, w - tile + 1, tile):
                 t = image[y : y + tile, x : x + tile]
-                if tile_filter is None or tile_filter(t):
+                if tile_filter is None or tile_filter(to_uint8(t)):
                     yield t
 
 
@@ -140,7 +143,7 @@ def _tile_features(
     tiles: Iterable[np.ndarray],
     layer: Any,
     tile: int,
-    batch_size: int,
+    batch: int,
     per_token: bool,
     keep: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[np.ndarray]:
@@ -166,21 +169,26 @@ def _tile_features(
         return jnp.mean(f_bhwd, axis=(1, 2))[:, None, :]
 
     out: list[np.ndarray] = []
-    batch = np.zeros((batch_size, tile, tile, 3), np.uint8)
-
-    def flush(n):
-        f = np.asarray(features(state, batch))
-        out.extend(f[i] if keep is None else keep(f[i]) for i in range(n))
-
+    buffer: np.ndarray | None = None  # one batch of tiles of one dtype (uint8, or float32 from other inputs)
     n = 0
+
+    def flush():
+        nonlocal n
+        buffer[n:] = buffer[n - 1]  # the padding policy of every batched front end: copies of the last entry
+        f = np.asarray(features(state, buffer))
+        out.extend(f[i] if keep is None else keep(f[i]) for i in range(n))
+        n = 0
+
     for t in tiles:
-        batch[n] = t
+        if buffer is None or t.dtype != buffer.dtype:
+            if n:
+                flush()
+            buffer = np.zeros((batch, tile, tile, 3), t.dtype)
+        buffer[n] = t
         n += 1
-        if n == batch_size:
-            flush(n)
-            n = 0
+        if n == batch:
+            flush()
     if n:
-        batch[n:] = 0
-        flush(n)
+        flush()
     return out
 

@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from fseg_jax.convert.timm import ConversionError
+from fseg_jax.convert.engine import ConversionError
 
 
 _SAFETENSORS_DTYPES = {

@@ -1,7 +1,7 @@
 """Hugging Face transformers state dicts (``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``) ->
 ``VisionTransformer``.
 
-The same strict accounting as the timm path (``fseg_jax.convert.timm.fill_model``): every source key is
+The same strict accounting as the timm path (``fseg_jax.convert.engine.fill_model``): every source key is
 consumed by a rule or ignored by name, every parameter is filled, shapes are checked, all problems are
 reported in one ``ConversionError``.
 
@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fseg_jax.convert.timm import Rule, conv_kernel, fill_model, identity, linear_kernel
+from fseg_jax.convert.engine import Rule, conv_kernel, fill_model, identity, linear_kernel
 from fseg_jax.models.config import ViTConfig
 
 _LAYER = r"(?:vit\.|dinov2\.)?(?:encoder\.layer|layers)\.(\d+)\."

@@ -1,19 +1,16 @@
 """Architecture configs: a frozen dataclass per model family, with named presets for the released checkpoints.
 
-Every number a preset stores is one its checkpoint proves (e.g. ``mlp_hidden=8192``, the fc1 width), not the
-float ratio timm derives it from. ``ViTConfig.from_timm`` reads a timm hub ``config.json`` and
-``ViTConfig.from_hf`` a Hugging Face transformers one (``ViTModel``, ``Dinov2Model``,
-``Dinov2WithRegistersModel``, and ``Dinov2Model`` re-hosted with the DINOv2 repository's registers and
-position-embedding options, as Hibou ships it); both refuse any option this port does not implement.
+A preset stores the integers of its checkpoint's shapes (e.g. ``mlp_hidden=8192``, the fc1 width), not the float
+ratio timm derives them from; a preset whose manifest says ``"verified": false`` (``fseg_jax.models.weights``) has
+not yet been checked against the released file. ``ViTConfig.from_timm`` and ``ViTConfig.from_hf`` read a timm or a
+transformers ``config.json`` (the parsers live beside the converters, in ``fseg_jax.convert.timm_config`` and
+``fseg_jax.convert.hf_config``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any, Mapping
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -138,15 +135,11 @@ class ViTConfig(_DictConfig):
 
     @classmethod
     def from_preset(cls, name: str) -> "ViTConfig":
-        """The architecture of a released checkpoint: one of ``ViTConfig.presets()``."""
+        """The architecture of a released checkpoint: one of ``preset_names()`` but ``"resnet50"``."""
         try:
             return _PRESETS[name]
         except KeyError:
             raise ValueError(f"unknown ViT preset {name!r}; available: {', '.join(sorted(_PRESETS))}") from None
-
-    @staticmethod
-    def presets() -> tuple[str, ...]:
-        return tuple(sorted(_PRESETS))
 
     @classmethod
     def from_timm(cls, timm_config: Mapping[str, Any], *, name: str | None = None) -> "ViTConfig":
@@ -156,7 +149,9 @@ class ViTConfig(_DictConfig):
         implements (or one that cannot change the features, such as dropout rates or the classifier head);
         anything else is an error that names the key.
         """
-        return _from_timm(cls, timm_config, name)
+        from fseg_jax.convert.timm_config import vit_config_from_timm
+
+        return vit_config_from_timm(timm_config, name)
 
     @classmethod
     def from_hf(cls, hf_config: Mapping[str, Any], *, name: str | None = None) -> "ViTConfig":
@@ -173,7 +168,9 @@ class ViTConfig(_DictConfig):
         one this port implements with the value it implements, or one that cannot change the features
         (dropout rates, initialisation, backbone-head options); anything else is an error that names the key.
         """
-        return _from_hf(cls, hf_config, name)
+        from fseg_jax.convert.hf_config import vit_config_from_hf
+
+        return vit_config_from_hf(hf_config, name)
 
 
 @dataclass(frozen=True)
@@ -206,13 +203,6 @@ class ResNetConfig(_DictConfig):
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
-    @classmethod
-    def from_preset(cls, name: str = "resnet50") -> "ResNetConfig":
-        if name != "resnet50":
-            raise ValueError(f"unknown ResNet preset {name!r}; available: resnet50")
-        return cls()
-
-
 
 def config_from_preset(name: str) -> ViTConfig | ResNetConfig:
     """Any preset name (ViT or ResNet) to its config."""
@@ -223,33 +213,6 @@ def config_from_preset(name: str) -> ViTConfig | ResNetConfig:
 
 def preset_names() -> tuple[str, ...]:
     return tuple(sorted((*_PRESETS, "resnet50")))
-
-
-def _manifest_folder():
-    """``weights/`` beside the ``fseg_jax`` package of a source checkout, else the installed ``fseg_jax.weights``.
-
-    The checkout's own folder comes first so that a source tree on ``sys.path`` reads its own manifests even
-    where another checkout is installed in editable mode (whose finder maps ``fseg_jax.weights`` to itself).
-    """
-    root = Path(__file__).resolve().parents[2]
-    if (root / "pyproject.toml").is_file() and (root / "weights" / "__init__.py").is_file():
-        return root / "weights"
-    return resources.files("fseg_jax.weights")
-
-
-def read_manifest(name: str) -> dict[str, Any]:
-    """The weights manifest of a preset (``weights/<name>.json``, shipped as ``fseg_jax.weights``)."""
-    path = _manifest_folder().joinpath(f"{name}.json")
-    if not path.is_file():
-        raise ValueError(f"no weights manifest for {name!r}; available: {', '.join(preset_names())}")
-    return json.loads(path.read_text())
-
-
-def preset_layout(name: str) -> str:
-    """The checkpoint layout of a preset's hub file: the manifest's ``layout`` where it names one
-    (``"dinov2_teacher"``), else ``"transformers"`` or ``"timm"`` (timm and torchvision)."""
-    manifest = read_manifest(name)
-    return manifest.get("layout") or ("transformers" if "transformers" in manifest else "timm")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,247 +269,3 @@ _PRESETS: dict[str, ViTConfig] = {
     "kaiko_vitl14": ViTConfig("kaiko_vitl14", 14, 1024, 24, 16, 4096, reg_tokens=4, no_embed_class=True,
                               pos_embed_grid=(37, 37), mean=HALF, std=HALF),
 }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# timm config.json -> ViTConfig
-
-# timm architecture name -> its registered defaults (timm/models/vision_transformer.py)
-_TIMM_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_small_patch8_224": dict(patch_size=8, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_base_patch8_224": dict(patch_size=8, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-    "vit_giant_patch14_224": dict(patch_size=14, embed_dim=1408, mlp_ratio=48 / 11, depth=40, num_heads=16),
-    "vit_giant_patch14_dinov2": dict(
-        patch_size=14, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=2.66667 * 2,
-        mlp_layer="swiglu_packed", act_layer="silu", img_size=518,
-    ),
-    "vit_giant_patch14_reg4_dinov2": dict(
-        patch_size=14, embed_dim=1536, depth=40, num_heads=24, init_values=1e-5, mlp_ratio=2.66667 * 2,
-        mlp_layer="swiglu_packed", act_layer="silu", reg_tokens=4, no_embed_class=True, img_size=518,
-    ),
-    "vit_large_patch14_dinov2": dict(
-        patch_size=14, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5, img_size=518,
-    ),
-    "vit_base_patch14_reg4_dinov2": dict(
-        patch_size=14, embed_dim=768, depth=12, num_heads=12, init_values=1e-5, reg_tokens=4,
-        no_embed_class=True, img_size=518,
-    ),
-    "vit_large_patch14_reg4_dinov2": dict(
-        patch_size=14, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5, reg_tokens=4,
-        no_embed_class=True, img_size=518,
-    ),
-}
-
-# model_args that cannot change the features this port computes (inference only, no classifier head)
-_INERT_ARGS = {
-    "num_classes", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-    "drop_path_rate", "weight_init", "dynamic_img_size", "fix_init", "pool_include_prefix", "device", "dtype",
-}
-# model_args accepted only with the value this port implements (timm's defaults)
-_FIXED_ARGS = {
-    "in_chans": 3, "qkv_bias": True, "qk_norm": False, "proj_bias": True, "pre_norm": False,
-    "final_norm": True, "class_token": None, "dynamic_img_pad": False, "fc_norm": None, "global_pool": None,
-    "pos_embed": "learn", "embed_layer": None, "norm_layer": None, "block_fn": None, "scale_attn_norm": False,
-    "scale_mlp_norm": False, "attn_layer": None, "embed_norm_layer": None,
-}
-_FIXED_ALLOWED = {
-    "class_token": (True,),
-    "fc_norm": (None, False),
-    "global_pool": ("token", ""),
-    "embed_layer": (None, "PatchEmbed", "timm.layers.PatchEmbed", "timm.layers.patch_embed.PatchEmbed"),
-    "norm_layer": (None, "LayerNorm", "layernorm", "torch.nn.LayerNorm"),
-    "block_fn": (None, "Block", "timm.models.vision_transformer.Block"),
-    "attn_layer": (None, "Attention", "timm.models.vision_transformer.Attention"),
-}
-_MLP_NAMES = {
-    "mlp": "mlp", "Mlp": "mlp", "timm.layers.Mlp": "mlp", "timm.layers.mlp.Mlp": "mlp",
-    "swiglu_packed": "swiglu_packed", "SwiGLUPacked": "swiglu_packed", "swiglupacked": "swiglu_packed",
-    "timm.layers.SwiGLUPacked": "swiglu_packed", "timm.layers.mlp.SwiGLUPacked": "swiglu_packed",
-}
-_ACT_NAMES = {
-    "gelu": "gelu", "GELU": "gelu", "torch.nn.GELU": "gelu", "nn.GELU": "gelu",
-    "silu": "silu", "SiLU": "silu", "swish": "silu", "torch.nn.SiLU": "silu", "nn.SiLU": "silu",
-}
-_TOP_LEVEL = {"architecture", "model_args", "pretrained_cfg", "num_classes", "num_features", "global_pool",
-              "label_names", "label_descriptions"}
-
-
-def _from_timm(cls, timm_config: Mapping[str, Any], name: str | None) -> ViTConfig:
-    problems: list[str] = []
-    unknown_top = sorted(set(timm_config) - _TOP_LEVEL)
-    if unknown_top:
-        problems.append(f"unknown top-level key(s) {unknown_top}")
-    arch = timm_config.get("architecture")
-    if arch not in _TIMM_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported timm architecture {arch!r}; supported: {', '.join(sorted(_TIMM_ARCHITECTURES))}"
-        )
-    args: dict[str, Any] = dict(img_size=224, mlp_ratio=4.0, init_values=None, reg_tokens=0,
-                                no_embed_class=False, mlp_layer="mlp", act_layer="gelu")
-    args.update(_TIMM_ARCHITECTURES[arch])
-    model_args = dict(timm_config.get("model_args") or {})
-    if "global_pool" in timm_config:
-        model_args.setdefault("global_pool", timm_config["global_pool"])
-    for key, value in model_args.items():
-        if key in _INERT_ARGS:
-            continue
-        if key in _FIXED_ARGS:
-            allowed = _FIXED_ALLOWED.get(key, (_FIXED_ARGS[key],))
-            if value not in allowed:
-                problems.append(f"model_args[{key!r}]={value!r} is not implemented (only {allowed})")
-            continue
-        if key == "mlp_layer":
-            if value not in _MLP_NAMES:
-                problems.append(f"model_args['mlp_layer']={value!r} is not implemented")
-                continue
-            value = _MLP_NAMES[value]
-        elif key == "act_layer":
-            if value not in _ACT_NAMES:
-                problems.append(f"model_args['act_layer']={value!r} is not implemented")
-                continue
-            value = _ACT_NAMES[value]
-        elif key not in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "init_values",
-                         "reg_tokens", "no_embed_class"):
-            problems.append(f"unknown timm argument model_args[{key!r}]={value!r}")
-            continue
-        args[key] = value
-    if problems:
-        raise ValueError(f"cannot build a ViTConfig from the timm config of {arch!r}: " + "; ".join(problems))
-
-    img = args["img_size"]
-    img_hw = (img, img) if isinstance(img, int) else tuple(img)
-    patch = args["patch_size"]
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    pretrained = timm_config.get("pretrained_cfg") or {}
-    if "mean" in pretrained:
-        mean = tuple(pretrained["mean"])
-    if "std" in pretrained:
-        std = tuple(pretrained["std"])
-    return cls(
-        name=name or arch,
-        patch_size=patch,
-        embed_dim=args["embed_dim"],
-        depth=args["depth"],
-        num_heads=args["num_heads"],
-        # timm: hidden_features = int(dim * mlp_ratio)
-        mlp_hidden=int(args["embed_dim"] * args["mlp_ratio"]),
-        mlp_layer=args["mlp_layer"],
-        act_layer=args["act_layer"],
-        reg_tokens=args["reg_tokens"],
-        no_embed_class=args["no_embed_class"],
-        pos_embed_grid=(img_hw[0] // patch, img_hw[1] // patch),
-        layer_scale=args["init_values"] is not None,
-        mean=mean,
-        std=std,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hugging Face transformers config.json -> ViTConfig
-
-# model_type -> (the architectures entry it must have, its keys with transformers' defaults)
-_HF_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "vit": ("ViTModel", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                             hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16)),
-    "dinov2": ("Dinov2Model", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4,
-                                   hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=14,
-                                   use_swiglu_ffn=False)),
-    "dinov2_with_registers": ("Dinov2WithRegistersModel", dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, hidden_act="gelu",
-        layer_norm_eps=1e-6, image_size=224, patch_size=16, use_swiglu_ffn=False, num_register_tokens=4)),
-}
-# keys that cannot change the features of the base model at inference (bookkeeping, dropout, initialisation,
-# the options of the backbone / pooler / masked-image heads that this port does not build)
-_HF_INERT = {
-    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "id2label",
-    "label2id", "hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate", "initializer_range",
-    "layerscale_value", "encoder_stride", "pooler_output_size", "pooler_act", "use_mask_token", "out_features",
-    "out_indices", "stage_names", "apply_layernorm", "reshape_hidden_states",
-    # generic PreTrainedConfig options (runtime outputs, text-model settings), present in full dumps
-    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "chunk_size_feed_forward",
-    "is_encoder_decoder", "problem_type", "tie_word_embeddings",
-}
-# keys accepted only with the value this port implements
-_HF_FIXED = {"num_channels": 3, "qkv_bias": True, "pruned_heads": {}}
-# A Dinov2Model re-hosted with its own modeling code (``auto_map``, loaded with ``trust_remote_code``), as Hibou ships
-# it: the DINOv2 repository's ViT, with register tokens inserted after the position embeddings are added and that
-# repository's position-embedding resampling. Read only with such an ``auto_map``, and all required: the custom
-# code's own defaults are not known here.
-_HF_DINOV2_REMOTE_KEYS = ("num_register_tokens", "interpolate_antialias", "interpolate_offset")
-
-
-def _pair(value) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, (int, float)) else tuple(int(v) for v in value)
-
-
-def _from_hf(cls, hf_config: Mapping[str, Any], name: str | None) -> ViTConfig:
-    model_type = hf_config.get("model_type")
-    if model_type not in _HF_MODELS:
-        raise ValueError(
-            f"unsupported transformers model_type {model_type!r}; supported: {', '.join(sorted(_HF_MODELS))}"
-        )
-    architecture, defaults = _HF_MODELS[model_type]
-    problems: list[str] = []
-    remote = model_type == "dinov2" and "auto_map" in hf_config
-    if remote:
-        auto_map = hf_config["auto_map"]
-        auto_model = auto_map.get("AutoModel") if isinstance(auto_map, dict) else None
-        if not (isinstance(auto_model, str) and auto_model.endswith(".Dinov2Model")):
-            problems.append(f"auto_map={hf_config['auto_map']!r} is not implemented (only a custom '*.Dinov2Model')")
-        missing = [k for k in _HF_DINOV2_REMOTE_KEYS if k not in hf_config]
-        if missing:
-            problems.append(f"a custom-code Dinov2Model config needs {missing} (their defaults are the custom code's)")
-        defaults = {**defaults, **{k: None for k in _HF_DINOV2_REMOTE_KEYS}, "auto_map": None}
-    for key in sorted(set(hf_config) - set(defaults) - _HF_INERT - set(_HF_FIXED)):
-        problems.append(f"unknown transformers option {key!r}={hf_config[key]!r}")
-    for key, allowed in _HF_FIXED.items():
-        if key in hf_config and hf_config[key] != allowed:
-            problems.append(f"{key}={hf_config[key]!r} is not implemented (only {allowed!r})")
-    architectures = hf_config.get("architectures") or [architecture]
-    if list(architectures) != [architecture]:
-        problems.append(f"architectures={list(architectures)!r} is not implemented (only [{architecture!r}])")
-    args = {**defaults, **{k: v for k, v in hf_config.items() if k in defaults}}
-    swiglu = bool(args.get("use_swiglu_ffn", False))
-    if not swiglu and args["hidden_act"] != "gelu":  # the SwiGLU FFN of Dinov2Model uses SiLU whatever hidden_act says
-        problems.append(f"hidden_act={args['hidden_act']!r} is not implemented (only 'gelu')")
-    patch, img = _pair(args["patch_size"]), _pair(args["image_size"])
-    if patch[0] != patch[1]:
-        problems.append(f"patch_size={args['patch_size']!r} is not implemented (square patches only)")
-    grid = (img[0] // patch[0], img[1] // patch[1])
-    if grid[0] != grid[1]:  # transformers reshapes the stored grid to sqrt(num_positions) on each side
-        problems.append(f"image_size={args['image_size']!r} is not implemented (a square position grid only)")
-    if problems:
-        raise ValueError(
-            f"cannot build a ViTConfig from the transformers {model_type!r} config: " + "; ".join(problems)
-        )
-
-    if remote:
-        resample = dict(pos_embed_resample="dinov2", interpolate_antialias=bool(args["interpolate_antialias"]),
-                        interpolate_offset=float(args["interpolate_offset"]))
-    else:
-        resample = dict(pos_embed_resample="timm" if model_type == "dinov2_with_registers" else "transformers")
-    d = int(args["hidden_size"])
-    if model_type == "vit":
-        mlp = dict(mlp_hidden=int(args["intermediate_size"]))
-    elif swiglu:  # Dinov2SwiGLUFFN: weights_in is Linear(D, 2 * hidden), hidden rounded up to a multiple of 8
-        hidden = int(d * args["mlp_ratio"])
-        mlp = dict(mlp_hidden=2 * ((int(hidden * 2 / 3) + 7) // 8 * 8), mlp_layer="swiglu_packed", act_layer="silu")
-    else:
-        mlp = dict(mlp_hidden=int(d * args["mlp_ratio"]))
-    return cls(
-        name=name or model_type,
-        patch_size=patch[0],
-        embed_dim=d,
-        depth=int(args["num_hidden_layers"]),
-        num_heads=int(args["num_attention_heads"]),
-        **mlp,
-        pos_embed_grid=grid,
-        reg_tokens=int(args.get("num_register_tokens") or 0),
-        layer_scale=model_type != "vit",
-        norm_eps=float(args["layer_norm_eps"]),
-        **resample,
-    )

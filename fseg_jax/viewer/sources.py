@@ -31,7 +31,8 @@ class SlideTiles:
 
     def __init__(self, path: str | Path, geometry: DeepZoomGeometry, *, target_mpp: float, slide_mpp: float):
         self.geometry = geometry
-        self._reader: Slide = open_slide(path, slide_mpp=slide_mpp)
+        # the resolution the run used, accepted then (forced, perhaps, against the file's): not judged again
+        self._reader: Slide = open_slide(path, slide_mpp=slide_mpp, force_slide_mpp=True)
         self._openslide = None
         self._deepzoom = None
         try:

@@ -9,15 +9,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-# fn(params, images_bhw3_uint8) -> (B, h, w, k) float32 token weights, as built by segment.make_token_fn
+from fseg_jax.options import RESOLUTIONS
+
+# fn(params, images_bhw3_uint8) -> (B, h, w, k) float32 token weights, as built by fseg_jax.segmentation.make_token_fn
 TokenFn = Callable[[object, object], object]
-
-
-RESOLUTIONS = ("pixel", "token")
 
 
 class TileStep:
     """One compiled function for batches of tiles: token weights, margins cropped, labels.
+
+    `fn(params, images)` returns the (B, h, w, k) concept weights, or a tuple (per-concept scores (B, h, w, k),
+    component weights (B, h, w, m), component -> concept map (B, m)) (``Pipeline.tile_fn`` for "factorize"):
+    then the labels are the components' mapped to concepts, and the scores are the weights kept.
 
     resolution "pixel" (F-Seg's rule): each tile's weights are upsampled bilinearly by the patch size and
     argmaxed per pixel, using one context token beyond the core on each side so that neighbouring cores
@@ -25,7 +28,8 @@ class TileStep:
 
     The batch axis is sharded over a 1-D mesh of `devices` (all local devices by default) and the
     parameters are replicated. A batch of n tiles is padded to the next power of two of tiles per device
-    (times the device count), at most `batch` (rounded up to a multiple of the device count): a few static
+    (times the device count), at most `batch` (rounded up to a multiple of the device count), by the padding
+policy every front end shares (`fseg_jax.segmentation.pad_batch`): a few static
     shapes, so a few compilations, and a slide of 3 tiles is not computed as 16. Calling it with a
     (n, tile, tile, 3) uint8 array returns (labels, weights): labels (n, c p, c p) ("pixel") or (n, c, c)
     ("token"), concept indices in `label_dtype`, c the core tokens a side and p the patch; weights
@@ -55,6 +59,8 @@ class TileStep:
 
         if resolution not in RESOLUTIONS:
             raise ValueError(f"unknown resolution {resolution!r}; choose one of {', '.join(RESOLUTIONS)}")
+        if not devices and devices is not None:
+            raise ValueError("devices must name at least one device, got an empty list; leave it unset for all")
         devices = list(jax.local_devices() if devices is None else devices)
         n_dev = len(devices)
         self.devices = devices
@@ -67,26 +73,26 @@ class TileStep:
         out_dtype = jnp.dtype(label_dtype)
 
         def step(params, images):
-            w = fn(params, images)
-            core = w[:, m : m + c, m : m + c, :]
+            out = fn(params, images)
+            scores, w, mapping = out if isinstance(out, tuple) else (out, out, None)
             if resolution == "pixel":
-                labels = jax.vmap(lambda w_hwk: upsample_argmax_core(w_hwk, patch, m))(w)
+                labels = jax.vmap(lambda w_hwm: upsample_argmax_core(w_hwm, patch, m))(w)
             else:
-                labels = core.argmax(axis=-1)
+                labels = w[:, m : m + c, m : m + c, :].argmax(axis=-1)
+            if mapping is not None:  # component labels -> concepts, per tile
+                labels = jax.vmap(lambda labels_hw, mapping_m: mapping_m[labels_hw])(labels, mapping)
             labels = labels.astype(out_dtype)
-            return (labels, core) if with_weights else (labels,)
+            return (labels, scores[:, m : m + c, m : m + c, :]) if with_weights else (labels,)
 
         self._step = jax.jit(step, in_shardings=(replicated, self._in_sharding), out_shardings=self._in_sharding,
                              compiler_options=compiler_options())
         self.with_weights = with_weights
 
     def padded_size(self, n: int) -> int:
-        """The batch size `n` tiles are computed as: the next power of two per device, times the device count."""
-        n_dev = len(self.devices)
-        per_device = 1
-        while per_device * n_dev < n:
-            per_device *= 2
-        return min(per_device * n_dev, self.batch)
+        """The batch size `n` tiles are computed as (`fseg_jax.segmentation.padded_batch_size`)."""
+        from fseg_jax.segmentation import padded_batch_size
+
+        return padded_batch_size(n, self.batch, len(self.devices))
 
     def dispatch(self, images: np.ndarray):
         """Start the step on one batch without waiting; `collect` turns the handle into numpy arrays."""
@@ -95,10 +101,9 @@ class TileStep:
         n = images.shape[0]
         if n > self.batch:
             raise ValueError(f"batch of {n} tiles exceeds the step's batch size {self.batch}")
-        size = self.padded_size(n)
-        if n < size:
-            pad = np.full((size - n, *images.shape[1:]), 255, images.dtype)
-            images = np.concatenate([images, pad])
+        from fseg_jax.segmentation import pad_batch
+
+        images = pad_batch(images, self.batch, len(self.devices))
         return n, self._step(self._params, jax.device_put(images, self._in_sharding))
 
     @staticmethod

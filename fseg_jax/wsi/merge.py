@@ -3,8 +3,8 @@
 The label map is assembled at the working resolution in a memory map in the work folder, one tile core at a
 time (label 0 = background, i.e. pixels of tokens without tissue; label i+1 = concept i), then written as
 labels.ome.tif (band by band, with the labels' names), labels.geojson (traced from it), overlay.png,
-summary.json (the settings, the area of each concept, timings and versions) and, on request,
-weights.safetensors; then the work folder is removed.
+summary.json (the settings, the area of each concept, timings, versions and which process computed how many
+tiles) and, on request, weights.safetensors; then the work folder is removed.
 
 A run with classes (a bank that names its concepts, see `ConceptBank.classes`) writes classes where a run
 without writes concepts: label j+1 = class j in labels.ome.tif, labels.geojson and overlay.png, each named
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fseg_jax.concepts.names import ConceptClasses, default_name
-from fseg_jax.visualize import palette
+from fseg_jax.visualize import BACKGROUND, palette
 from fseg_jax.wsi.outputs import (
     label_dtype,
     label_names,
@@ -32,6 +32,7 @@ from fseg_jax.wsi.outputs import (
     write_label_tiff,
     write_weights,
 )
+from fseg_jax.wsi.lock import hold_folder
 from fseg_jax.wsi.overlay import write_overlay
 from fseg_jax.wsi.plan import plan_grid
 from fseg_jax.wsi.sampling import array_sampler, expand_tokens, mapped_sampler
@@ -44,8 +45,8 @@ WEIGHTS_FILE = "weights.safetensors"
 def slide_classes(classes: ConceptClasses) -> dict:
     """How a slide run's plan records its classes: {"names": [...], "concepts": [[concept, ...], ...],
     "colors": [[r, g, b], ...]}, a class without a colour of its own in its first concept's slide colour
-    (concept i is drawn in ``palette(k + 1)[i + 1]``, 0 being background)."""
-    colors = classes.rgb(palette(classes.k + 1)[1:])
+    (concept i is drawn in ``palette(k)[i]``, as in every output)."""
+    colors = classes.rgb(palette(classes.k))
     return {
         "names": list(classes.names),
         "concepts": [list(members) for members in classes.concepts],
@@ -59,15 +60,15 @@ def _written_labels(k: int, classes: dict | None) -> tuple[list[str], np.ndarray
     (`slide_classes`); 0 = background either way."""
     if classes is None:
         names = ["background", *(default_name(i) for i in range(k))]
-        return names, palette(k + 1), np.arange(k + 1, dtype=label_dtype(k + 1))
+        return names, np.asarray([BACKGROUND, *palette(k)], np.uint8), np.arange(k + 1, dtype=label_dtype(k + 1))
     names = ["background", *classes["names"]]
     lut = np.zeros(k + 1, label_dtype(len(names)))
     for j, members in enumerate(classes["concepts"]):
         lut[np.asarray(members) + 1] = j + 1
-    return names, np.asarray([palette(1)[0], *classes["colors"]], np.uint8), lut
+    return names, np.asarray([BACKGROUND, *classes["colors"]], np.uint8), lut
 
 
-def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
+def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26, wait: bool = False) -> dict:
     """Write a slide's outputs from its finished work folder; return the summary (see the module docstring).
 
     The label map is assembled at the working resolution in a memory map in the work folder and read back
@@ -80,8 +81,18 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     topology kept, valid) with a tolerance of half a cell, so every boundary lies within 1.5 x step working
     pixels of the label map's. summary.json records step and tolerance in working pixels.
 
-    Raises ValueError naming the missing batches when some process has not finished its share.
+    The folder is held while it is written (`fseg_jax.wsi.lock.hold_folder`): another run there is a
+    FolderBusy error, or with `wait` is waited for. Raises ValueError naming the missing batches when some
+    process has not finished its share.
     """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: no slide run to merge (no such folder)")
+    with hold_folder(out_dir, wait=wait):
+        return _merge_held(out_dir, max_trace_pixels)
+
+
+def _merge_held(out_dir: Path, max_trace_pixels: int) -> dict:
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     work = WorkDir(out_dir)
@@ -108,10 +119,14 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     labels = work.label_map((height, width), dtype)
     weights = np.zeros((*grid.tokens_hw, k), np.float32) if plan["save_weights"] else None
     compute_s = read_wait_s = 0.0
+    computed_by: dict[tuple, int] = {}
     for b in range(len(batches)):
         chunk = work.get(b, work_key)
         compute_s += float(chunk["seconds"])
         read_wait_s += float(chunk["read_wait"])
+        if "process" in chunk:  # batches of older versions do not say
+            who = (str(chunk["host"]), *map(int, chunk["process"]))
+            computed_by[who] = computed_by.get(who, 0) + len(chunk["tiles"])
         for j, t in enumerate(chunk["tiles"].tolist()):
             rs, cs = grid.core_slices(t)
             y0, x0 = rs.start * p, cs.start * p
@@ -131,6 +146,10 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict:
     summary = _write_outputs(
         out_dir, plan, labels, thumb=thumb, tissue_tokens=tissue_tokens, weights=weights, timing=timing, t0=t0,
         max_trace_pixels=max_trace_pixels,
+        computed_by=[
+            {"host": host, "process": index, "processes": count, "tiles": tiles}
+            for (host, index, count), tiles in sorted(computed_by.items())
+        ],
     )
     del labels  # the memory map's file goes with the work folder
     work.clear()
@@ -185,7 +204,7 @@ def remerge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict
     timing = {**{key: previous["timing_s"][key] for key in ("read_wait", "compute")}, "tissue": plan["tissue_seconds"]}
     summary = _write_outputs(
         out_dir, plan, labels, thumb=thumb, tissue_tokens=tissue_tokens, weights=None, timing=timing, t0=t0,
-        max_trace_pixels=max_trace_pixels, keep_weights=plan["save_weights"],
+        max_trace_pixels=max_trace_pixels, keep_weights=plan["save_weights"], computed_by=previous.get("computed_by"),
     )
     del labels  # the memory map's file goes with the work folder
     work.clear()
@@ -204,10 +223,12 @@ def _write_outputs(
     t0: float,
     max_trace_pixels: int,
     keep_weights: bool = False,
+    computed_by: list[dict] | None = None,
 ) -> dict:
     """Write the outputs of `plan`'s run from its concept label map `labels` (0 = background, i + 1 = concept
     i), summary.json last; return the summary. weights: the token weights to write, or None (then
-    keep_weights: the weights file already there is this run's; else it is removed)."""
+    keep_weights: the weights file already there is this run's; else it is removed). computed_by: which
+    process (host, index and count in its run) computed how many tiles, when the batches record it."""
     grid = plan_grid(plan)
     p = grid.patch
     k = plan["k"]
@@ -303,6 +324,7 @@ def _write_outputs(
             for j, (name, members) in enumerate(zip(classes["names"], classes["concepts"]))
         ]}),
         "timing_s": {**timing, "write": time.perf_counter() - t0},
+        **({"computed_by": computed_by} if computed_by else {}),
         "versions": _versions(),
         "outputs": written,
         "fingerprint": plan["fingerprint"],

@@ -28,7 +28,7 @@ def remove_stale_temporaries(folder: Path, names: Sequence[str]) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")  # strict JSON: no NaN or Infinity
 
 
 def label_dtype(n_labels: int) -> np.dtype:

@@ -114,23 +114,32 @@ def finished_summary(out_dir: Path, fingerprint: str) -> dict | None:
     return summary if summary.get("fingerprint") == fingerprint else None
 
 
-def start_or_resume(work: WorkDir, reader: Slide, plan: dict, *, batch: int, shared: bool) -> dict:
-    """The plan the work folder holds for these settings, or a new one started there.
+def start_or_resume(work: WorkDir, reader: Slide, plan: dict, *, batch: int, shared: bool) -> tuple[dict, str | None]:
+    """(the plan the work folder holds for these settings, or a new one started there; what it replaced).
 
     A plan that differs from the folder's in its classes only takes its place and keeps its finished
     batches. A new plan finds the tissue, groups the tiles with tissue into batches of `batch` and replaces
     whatever run the folder held, unless it is `shared` by the processes of a multi-process run: a folder
-    holding other settings is then a `SlideRunMismatch`.
+    holding other settings is then a `SlideRunMismatch`. What it replaced is said in one sentence (the
+    settings that differ and the batches discarded), None when it replaced nothing: a run never discards
+    another's work without saying so.
     """
     old = work.read_plan()
     if old is not None and old["fingerprint"] == plan["fingerprint"]:
-        return old
+        return old, None
     if old is not None and not shared and work_fingerprint(old) == plan["work_fingerprint"]:
         plan = {**plan, "batches": old["batches"], "tissue_seconds": old["tissue_seconds"]}
         work.replace_plan(plan)
-        return plan
+        return plan, None
     if old is not None and shared:
         raise SlideRunMismatch(mismatch_message(work, old, plan))
+    replaced = None
+    if old is not None:
+        done = len(work.done(work_fingerprint(old)))
+        replaced = (
+            f"discarded the unfinished work of a run with other settings ({_differences(old, plan)}; "
+            f"{done} of {len(old.get('batches', []))} batches computed)"
+        )
     t0 = time.perf_counter()
     thumb, tissue_tokens = detect_tissue(reader, size=tuple(plan["size"]), patch=plan["patch"])
     tiles = plan_grid(plan).tiles_with(tissue_tokens)
@@ -140,7 +149,7 @@ def start_or_resume(work: WorkDir, reader: Slide, plan: dict, *, batch: int, sha
         "tissue_seconds": time.perf_counter() - t0,
     }
     work.start(plan, thumb, tissue_tokens)
-    return plan
+    return plan, replaced
 
 
 def check_unchanged(work: WorkDir, plan: dict) -> None:
@@ -159,9 +168,14 @@ def batches_to_do(plan: dict, work: WorkDir, part: tuple[int, int]) -> tuple[lis
 
 
 def mismatch_message(work: WorkDir, old: dict, plan: dict) -> str:
-    keys = sorted(k for k in set(old) | set(plan) if k not in _NOT_SETTINGS)
-    differ = [f"{k}: {old.get(k)!r} there, {plan.get(k)!r} here" for k in keys if old.get(k) != plan.get(k)]
     return (
-        f"{work.path} holds a slide run with other settings ({'; '.join(differ) or 'other model parameters'}): "
+        f"{work.path} holds a slide run with other settings ({_differences(old, plan)}): "
         "every process of a multi-process run must use the same settings (remove that folder to start afresh)"
     )
+
+
+def _differences(old: dict, plan: dict) -> str:
+    """The settings in which two plans differ, "key: old there, new here; ..."."""
+    keys = sorted(k for k in set(old) | set(plan) if k not in _NOT_SETTINGS)
+    differ = [f"{k}: {old.get(k)!r} there, {plan.get(k)!r} here" for k in keys if old.get(k) != plan.get(k)]
+    return "; ".join(differ) or "other model parameters"

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from fseg_jax.io import as_rgb
+from fseg_jax.options import check_positive, check_slide_mpp
 
 SLIDE_SUFFIXES = frozenset(
     {
@@ -61,10 +62,12 @@ class Slide:
     """An open slide: level geometry, microns per pixel, and region reads as (h, w, 3) uint8 RGB.
 
     Level-0 microns per pixel come from the file's metadata (the backend's, then an OME-TIFF's OME-XML
-    PhysicalSizeX), or from `slide_mpp` when given (which overrides the metadata). Reads outside the slide are filled with white (glass).
+    PhysicalSizeX), or from `slide_mpp` when given (which overrides the metadata, see `open_slide`). Reads outside the slide are filled with white (glass).
     """
 
     backend: str = ""
+    file_mpp: float | None = None
+    """Level-0 microns per pixel as the file records them (None where it does not)."""
 
     def __init__(self, path: Path, level_dimensions, level_downsamples, mpp: float | None):
         self.path = path
@@ -204,8 +207,8 @@ class OpenSlideSlide(Slide):
     def __init__(self, path: Path, handle, slide_mpp: float | None):
         import openslide
 
-        mpp = slide_mpp or _float_or_none(handle.properties.get(openslide.PROPERTY_NAME_MPP_X)) or _ome_mpp(path)
-        super().__init__(path, handle.level_dimensions, handle.level_downsamples, mpp)
+        self.file_mpp = _float_or_none(handle.properties.get(openslide.PROPERTY_NAME_MPP_X)) or _ome_mpp(path)
+        super().__init__(path, handle.level_dimensions, handle.level_downsamples, slide_mpp or self.file_mpp)
         self._handle = handle
 
     def _read(self, level, x, y, width, height):
@@ -224,8 +227,8 @@ class TiffSlideSlide(Slide):
     backend = "tiffslide"
 
     def __init__(self, path: Path, handle, slide_mpp: float | None):
-        mpp = slide_mpp or _float_or_none(handle.properties.get("tiffslide.mpp-x")) or _ome_mpp(path)
-        super().__init__(path, handle.level_dimensions, handle.level_downsamples, mpp)
+        self.file_mpp = _float_or_none(handle.properties.get("tiffslide.mpp-x")) or _ome_mpp(path)
+        super().__init__(path, handle.level_dimensions, handle.level_downsamples, slide_mpp or self.file_mpp)
         self._handle = handle
 
     def _read(self, level, x, y, width, height):
@@ -243,6 +246,7 @@ class ImageSlide(Slide):
     backend = "image"
 
     def __init__(self, path: Path, pixels: np.ndarray, slide_mpp: float | None, file_mpp: float | None):
+        self.file_mpp = file_mpp
         super().__init__(path, [(pixels.shape[1], pixels.shape[0])], [1.0], slide_mpp or file_mpp)
         self._pixels = pixels
 
@@ -278,15 +282,26 @@ def _open_image(path: Path, slide_mpp: float | None) -> ImageSlide:
     return ImageSlide(path, as_rgb(pixels), slide_mpp, file_mpp)
 
 
-def open_slide(path: str | Path, *, slide_mpp: float | None = None) -> Slide:
+def open_slide(path: str | Path, *, slide_mpp: float | None = None, force_slide_mpp: bool = False) -> Slide:
     """Open a whole-slide image or a plain image.
 
-    slide_mpp: microns per level-0 pixel, overriding (or standing in for missing) file metadata.
+    slide_mpp: microns per level-0 pixel, standing in for missing file metadata, or overriding metadata it
+    agrees with within a factor of 2; one that contradicts the file's own by more is a SlideError (a ValueError)
+    unless `force_slide_mpp` (the file's metadata is known to be wrong).
     Raises SlideError, naming the file and every backend's complaint, when nothing can read it.
     """
-    path = Path(path)
-    if slide_mpp is not None and not slide_mpp > 0:
-        raise ValueError(f"slide_mpp must be positive, got {slide_mpp}")
+    if slide_mpp is not None:
+        slide_mpp = check_positive("slide_mpp", slide_mpp)
+    slide = _open(Path(path), slide_mpp)
+    try:
+        check_slide_mpp(slide_mpp, slide.file_mpp, force=force_slide_mpp)
+    except ValueError as err:
+        slide.close()
+        raise SlideError(f"{slide.path}: {err}") from None
+    return slide
+
+
+def _open(path: Path, slide_mpp: float | None) -> Slide:
     if not path.is_file():
         raise SlideError(f"{path}: no such file")
     problems: list[str] = []

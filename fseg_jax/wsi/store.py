@@ -8,9 +8,11 @@ settings that decide what the tiles compute: all but the classes and the bank's 
     batch-000042.F.npz  compressed: tiles (n,) int64, labels (n, c p, c p) or (n, c, c) (pixel or token
                         resolution; concept indices, uint8 or uint16), optional weights (n, c, c, k)
                         float32, seconds (dispatch to results of the batch), read_wait (seconds spent
-                        waiting on reads)
+                        waiting on reads), process (index, count) of the process that computed it in
+                        its run, host (that process's host name)
     labels.raw          the slide's label map at pixel resolution, (height, width), filled from the batches
-                        while the outputs are written (a memory map: never held in memory whole)
+                        while the outputs are written (a memory map: never held in memory whole; a new
+                        map is a new file, so a map another process still has open is never truncated)
 Every file is written atomically, so a batch file that exists is complete (a kill may leave a temporary
 beside it, which the folder's removal at the end takes away). Several processes (one per host) may fill
 the same folder, each writing its own batches; a batch counts as done only for the settings its name
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +99,14 @@ class WorkDir:
         return self.path / f"batch-{index:06d}.{fingerprint[:12]}.npz"
 
     def label_map(self, shape: tuple[int, int], dtype) -> np.memmap:
-        """A new zero-filled (height, width) label map on disk, replacing any earlier one."""
+        """A new zero-filled (height, width) label map on disk, replacing any earlier one.
+
+        The earlier file is unlinked, not truncated: a process that still maps it keeps its pages.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
-        return np.memmap(self.path / "labels.raw", dtype=dtype, mode="w+", shape=shape)
+        path = self.path / "labels.raw"
+        path.unlink(missing_ok=True)
+        return np.memmap(path, dtype=dtype, mode="w+", shape=shape)
 
     def put(
         self,
@@ -110,12 +118,16 @@ class WorkDir:
         *,
         seconds: float,
         read_wait: float,
+        process: tuple[int, int] = (0, 1),
     ) -> None:
+        """Save batch `index`; process: (index, count) of the process computing it, recorded with its host."""
         arrays = {
             "tiles": np.asarray(tiles, np.int64),
             "labels": labels,
             "seconds": np.float64(seconds),
             "read_wait": np.float64(read_wait),
+            "process": np.asarray(process, np.int64),
+            "host": np.str_(socket.gethostname()),
         }
         if weights is not None:
             arrays["weights"] = weights

@@ -55,7 +55,9 @@ def detect_tissue(slide, *, size: tuple[int, int], patch: int, thumbnail_side: i
 
     size: (width, height) of the slide at the working resolution; token (r, c) covers working pixels
     [r*patch, (r+1)*patch) x [c*patch, (c+1)*patch), so the token grid overhangs the slide by under one
-    token on the bottom and right; that overhang is glass. A token is tissue when at least half of it is.
+    token on the bottom and right. A token is tissue when at least half of its part inside the slide is:
+    the overhang, which does not exist, counts for nothing, so tissue that runs to the slide's edge keeps
+    its last partial row and column of tokens.
     """
     thumb = slide.thumbnail(thumbnail_side)
     th, tw = thumb.shape[:2]
@@ -63,6 +65,16 @@ def detect_tissue(slide, *, size: tuple[int, int], patch: int, thumbnail_side: i
     mask = tissue_mask(thumb, mpp=slide.mpp * slide.dimensions[0] / tw)
     h_tok, w_tok = -(-height // patch), -(-width // patch)
     # the token grid's extent in thumbnail pixels (at least the thumbnail, as the grid covers the slide)
-    extent = np.zeros((max(th, round(h_tok * patch * th / height)), max(tw, round(w_tok * patch * tw / width))), bool)
-    extent[:th, :tw] = mask
-    return thumb, resize_mask(extent, (h_tok, w_tok))
+    extent_hw = (max(th, round(h_tok * patch * th / height)), max(tw, round(w_tok * patch * tw / width)))
+    tissue = np.zeros(extent_hw, np.float32)
+    tissue[:th, :tw] = mask
+    inside = np.zeros(extent_hw, np.float32)
+    inside[:th, :tw] = 1.0
+    tissue_share, inside_share = (_box_mean(a, (h_tok, w_tok)) for a in (tissue, inside))
+    return thumb, tissue_share >= 0.5 * np.maximum(inside_share, 1e-6)
+
+
+def _box_mean(a_hw: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+    """A float (h, w) array area-averaged onto `shape_hw` cells."""
+    img = Image.fromarray(a_hw.astype(np.float32), mode="F")
+    return np.asarray(img.resize((shape_hw[1], shape_hw[0]), resample=Image.Resampling.BOX), np.float32)

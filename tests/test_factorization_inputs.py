@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import fseg_jax.factorization as nmf_module
+import fseg_jax.factorization as factorization
 from fseg_jax.factorization import factorize, project
 
 
@@ -140,7 +140,7 @@ def test_one_compilation_per_shape(data, monkeypatch):
     new tolerance reuse it. The shape (37 rows) is this test's own, so the first call here traces it."""
     x, c = data
     chex.clear_trace_counter()
-    monkeypatch.setattr(nmf_module, "nnls", chex.assert_max_traces(nmf_module.nnls, n=1))
+    monkeypatch.setattr(factorization, "nnls", chex.assert_max_traces(factorization.nnls, n=1))
     chex.assert_shape(project(x[:37], c, tol=1e-5).w, (37, 6))
     chex.assert_shape(project(x[:37] * 2, c, tol=1e-6).w, (37, 6))  # same shapes: no new trace
     with pytest.raises(AssertionError, match="traced > 1 times"):  # the counter is live: a new shape traces

@@ -7,8 +7,8 @@ solver compiled and warm. Printed per case: time and speed-up over scikit-learn,
 objective excess over the exact optimum and argmax agreement with it (float64 Lawson-Hanson per row, on up to
 --opt-rows rows).
 
-    python bench/nmf.py --quick
-    python bench/nmf.py --n 4880 --k 64 --d 1024
+    python bench/factorization.py --quick
+    python bench/factorization.py --n 4880 --k 64 --d 1024
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def load_bank(folder, d, k):
 
 def synthetic_x(c_kd, n, seed=0, max_active=3, noise=0.3):
     """X = relu(W_true C + noise), float32, W_true with up to ``max_active`` concepts per row (each slot kept with
-    probability 1, 0.6, 0.3), drawn at once for all rows: vectorised for n up to 65536. tests/test_nmf.py keeps
+    probability 1, 0.6, 0.3), drawn at once for all rows: vectorised for n up to 65536. tests/test_factorization.py keeps
     its own row-by-row generator (exactly 1..3 distinct concepts per row, for small certified problems): the
     tests do not import from bench/, and the two serve different problem sizes."""
     rng = np.random.default_rng(seed)
