@@ -5,7 +5,8 @@
 
 Parts: the two LayerNorms, the qkv / projection / fc1 / fc2 matmuls (with their bias and cast), the attention
 formulation "auto" picks on this machine, and the activation; each is timed on inputs of the dtype it receives in
-the block, best of ``--repeats``. The matmuls' GFLOP/s are printed beside their times, and the whole block's time
+the block, best of ``--repeats``, with the parameters passed in as arguments (float32, cast on every call, as in
+the model's forward). The matmuls' GFLOP/s are printed beside their times, and the whole block's time
 beside the sum of its parts.
 """
 
@@ -40,35 +41,37 @@ def main() -> None:
         b, n = (int(v) for v in shape.split("x"))
         for dtype in (None, jnp.bfloat16):
             block = VisionTransformer(config, rngs=nnx.Rngs(0), dtype=dtype).blocks[0]
+            graphdef, state = nnx.split(block)
             compute = dtype or jnp.float32
             x = jnp.asarray(np.random.default_rng(0).standard_normal((b, n, d), dtype=np.float32))
             rows = []
 
             def timed(name, fn, *inputs, flops=None):
-                jitted = jax.jit(fn, compiler_options=compiler_options())
-                out = jitted(*inputs)
+                """Time fn(block, *inputs), the block's parameters passed as an argument."""
+                jitted = jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a),
+                                 compiler_options=compiler_options())
+                out = jitted(state, *inputs)
                 jax.block_until_ready(out)
-                seconds, _ = best_time(lambda: jax.block_until_ready(jitted(*inputs)), args.repeats)
+                seconds, _ = best_time(lambda: jax.block_until_ready(jitted(state, *inputs)), args.repeats)
                 rows.append((name, seconds, flops))
                 return out
 
-            normed = timed("norm1", block.norm1, x)
-            qkv = timed("qkv", block.attn.qkv, normed, flops=2 * b * n * d * 3 * d)
+            normed = timed("norm1", lambda blk, x: blk.norm1(x), x)
+            qkv = timed("qkv", lambda blk, x: blk.attn.qkv(x), normed, flops=2 * b * n * d * 3 * d)
             q = qkv.reshape(b, n, 3, heads, d // heads)
-            attended = timed("attention", lambda q: attention(q[:, :, 0], q[:, :, 1], q[:, :, 2]), q,
+            attended = timed("attention", lambda blk, q: attention(q[:, :, 0], q[:, :, 1], q[:, :, 2]), q,
                              flops=4 * b * n * n * d)
-            timed("proj", block.attn.proj, attended.reshape(b, n, d), flops=2 * b * n * d * d)
-            timed("norm2", block.norm2, x)
-            hidden = timed("fc1", block.mlp.fc1, normed, flops=2 * b * n * d * config.mlp_hidden)
+            timed("proj", lambda blk, a: blk.attn.proj(a), attended.reshape(b, n, d), flops=2 * b * n * d * d)
+            timed("norm2", lambda blk, x: blk.norm2(x), x)
+            hidden = timed("fc1", lambda blk, x: blk.mlp.fc1(x), normed, flops=2 * b * n * d * config.mlp_hidden)
             if block.mlp.packed:
-                act = timed("activation", lambda h: (lambda a, g: block.mlp._activation(a) * g)(*jnp.split(h, 2, -1)),
-                            hidden)
+                act = timed("activation", lambda blk, h: (lambda a, g: blk.mlp._activation(a) * g)(
+                    *jnp.split(h, 2, -1)), hidden)
             else:
-                act = timed("activation", block.mlp._activation, hidden)
-            timed("fc2", block.mlp.fc2, act.astype(compute), flops=2 * b * n * act.shape[-1] * d)
-            jitted = jax.jit(block, compiler_options=compiler_options())
-            jax.block_until_ready(jitted(x))
-            whole, _ = best_time(lambda: jax.block_until_ready(jitted(x)), args.repeats)
+                act = timed("activation", lambda blk, h: blk.mlp._activation(h), hidden)
+            timed("fc2", lambda blk, h: blk.mlp.fc2(h), act.astype(compute), flops=2 * b * n * act.shape[-1] * d)
+            timed("block", lambda blk, x: blk(x), x)
+            whole = rows.pop()[1]  # the whole block, printed apart from its parts
             print(f"== {args.preset} block, {b} x {n} tokens, {jnp.dtype(compute).name}")
             for name, seconds, flops in rows:
                 rate = f"  {flops / seconds / 1e9:6.0f} GFLOP/s" if flops else ""

@@ -10,7 +10,7 @@ Frameworks: ``jax`` (fseg_jax, compiled with the package's XLA options), ``jax-f
 whatever ``--dtype`` says: the reference of the bfloat16 speed-up), ``timm`` (eager, SDPA attention) and
 ``timm-compile`` (the same model through ``torch.compile``). In bfloat16, timm runs the model converted with
 ``model.to(torch.bfloat16)`` on bfloat16 inputs (faster than autocast on CPU), fseg_jax with ``dtype=bfloat16`` and
-parameters stored in ``--param-dtype`` (float32 by default, as timm's autocast would keep them).
+parameters stored in ``--param-dtype`` (float32 by default).
 
 Each (framework, shape) runs in its own process so that peak memory (VmHWM) is its own. Reported per run:
 compile time (jax: lower + compile; timm: the first call), the best forward time of ``--repeats`` after it,

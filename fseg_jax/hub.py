@@ -216,11 +216,12 @@ def load_model(name_or_dir: str | Path, *, revision: str | None = None, cache_di
     commit = checkpoint.parent.name  # hub cache layout: .../snapshots/<commit>/<filename>
     converted = cached_assets_path("fseg_jax", namespace=name, subfolder=commit,
                                    assets_dir=assets_dir or assets_cache_dir())
-    if (converted / WEIGHTS_FILE).is_file() and (converted / CONFIG_FILE).is_file():
-        model = load_converted(converted, **model_kwargs)
-    else:
-        model = convert_checkpoint(checkpoint, config_from_preset(name), layout=preset_layout(name), **model_kwargs)
-        save_model(model, converted)  # file by file, atomically, the config last: no half-written cache entry
+    if not ((converted / WEIGHTS_FILE).is_file() and (converted / CONFIG_FILE).is_file()):
+        # the cache keeps the checkpoint's own values, whatever dtype this load stores them in
+        full = convert_checkpoint(checkpoint, config_from_preset(name), layout=preset_layout(name))
+        save_model(full, converted)  # file by file, atomically, the config last: no half-written cache entry
+        del full
+    model = load_converted(converted, **model_kwargs)
     _SOURCES[model] = name
     return model
 
@@ -244,7 +245,7 @@ def resolve_model(spec, *, dtype=None, **model_kwargs):
     Args:
         spec: a ``VisionTransformer`` / ``ResNet50``, a preset name, or a directory written by ``save_model``.
         dtype: compute dtype of the forward pass (e.g. ``jnp.bfloat16``); the parameters are shared with the
-            cached float32 model, not copied.
+            cached model, not copied.
         **model_kwargs: as for :func:`load_model` (``attention_impl``, ``param_dtype``); they apply to models
             loaded here, not to a model object.
     """

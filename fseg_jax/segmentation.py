@@ -248,7 +248,7 @@ class Pipeline:
                 bank_source = str(Path(concepts).resolve()) if Path(concepts).is_file() else str(concepts)
             bank = resolve_concepts(concepts)
         spec = model if model is not None else _recorded_model(bank, method, random_init is not None)
-        stored = {} if dtype is None else {"param_dtype": jnp.dtype(dtype)}
+        stored = {} if dtype is None or jnp.dtype(dtype) == jnp.float32 else {"param_dtype": jnp.dtype(dtype)}
         if random_init is not None:
             from fseg_jax.hub import random_model
 

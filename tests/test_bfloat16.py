@@ -58,14 +58,25 @@ def test_float32_matmuls_stay_float32():
         assert {v.aval.dtype for v in [*eqn.invars, *eqn.outvars]} == {jnp.dtype(jnp.float32)}, eqn
 
 
-def test_bfloat16_forward_stays_near_float32():
+def test_bfloat16_forward_stays_near_float32_on_a_float32_residual_stream():
     reference = tiny_vit(CONFIG)
     x = _images(1)
     expected = np.asarray(reference.forward_intermediates(x, indices=[-1])[0])
-    low = with_compute_dtype(reference, jnp.bfloat16).forward_intermediates(x, indices=[-1])[0]
+    model = with_compute_dtype(reference, jnp.bfloat16)
+    tokens = model.embed(x)
+    assert tokens.dtype == jnp.float32 and model.blocks[0](tokens).dtype == jnp.float32
+    low = model.forward_intermediates(x, indices=[-1])[0]
     assert low.dtype == jnp.bfloat16
     error = np.linalg.norm(np.asarray(low, np.float32) - expected) / np.linalg.norm(expected)
     assert 1e-4 < error < 2e-2  # bfloat16 really ran (8-bit mantissa), with float32 accumulation and residuals
+
+
+def test_a_random_model_is_the_same_model_in_every_storage_dtype():
+    full = tiny_vit(CONFIG)
+    half = tiny_vit(CONFIG, param_dtype=jnp.bfloat16)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(full)), nnx.to_flat_state(nnx.state(half))):
+        np.testing.assert_array_equal(np.asarray(a.get_value().astype(b.get_value().dtype), np.float32),
+                                      np.asarray(b.get_value(), np.float32), err_msg=str(path))
 
 
 def test_parameters_stored_in_bfloat16_compute_what_float32_ones_compute_in_bfloat16(tmp_path):

@@ -8,6 +8,7 @@ import json
 import shutil
 import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -266,3 +267,13 @@ def test_cli_convert_resnet50(tmp_path):
         y = tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(y)))))))
     (ours,) = model.forward_intermediates(x, indices=[-1])
     assert relative_error(ours, y.permute(0, 2, 3, 1).numpy()) <= 1e-5
+
+
+def test_a_first_load_in_bfloat16_caches_the_checkpoint_values(offline, h0_one_block):
+    timm_model, paths = h0_one_block
+    fake_hub_cache(offline, "h0_mini", paths["bin"])
+    half = load_model("h0_mini", param_dtype=jnp.bfloat16)  # converts, caches, then stores in bfloat16
+    assert half.blocks[0].mlp.fc1.kernel.get_value().dtype == jnp.bfloat16
+    full = load_model("h0_mini")  # from the converted cache: the float32 values of the checkpoint
+    expected = timm_model.state_dict()["blocks.0.attn.qkv.weight"].numpy().T
+    np.testing.assert_array_equal(np.asarray(full.blocks[0].attn.qkv.kernel.get_value()), expected)

@@ -195,9 +195,9 @@ def splash_attention(
     return out[:, :, :n].astype(v_bnhk.dtype).transpose(0, 2, 1, 3)
 
 
-def resolve_implementation(implementation: str, dtype, n_tokens: int, backend: str) -> str:
+def resolve_implementation(implementation: str, dtype, n_tokens: int, backend: str | None = None) -> str:
     """The formulation ``"auto"`` stands for on ``backend`` (``"cpu"``, ``"gpu"`` / ``"cuda"`` / ``"rocm"``,
-    ``"tpu"``).
+    ``"tpu"``; default: JAX's default backend; any other platform: ``"chunked"``).
 
     GPU: cuDNN flash attention for bfloat16/float16 (where this JAX can trace it; ``"batched"`` otherwise), and
     ``"batched"`` for float32 (cuDNN has no float32 path); TPU: ``"splash"`` from :data:`SPLASH_MIN_TOKENS` tokens,
@@ -207,6 +207,7 @@ def resolve_implementation(implementation: str, dtype, n_tokens: int, backend: s
         raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
     if implementation != "auto":
         return implementation
+    backend = jax.default_backend() if backend is None else backend
     if backend in ("gpu", "cuda"):
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "batched"
     if backend == "tpu":
@@ -229,9 +230,11 @@ def _formulation(implementation: str, q_bnhk, k_bnhk, v_bnhk, precision):
 def _auto_for(platform: str, q_bnhk, k_bnhk, v_bnhk, precision):
     implementation = resolve_implementation("auto", q_bnhk.dtype, q_bnhk.shape[1], platform)
     if implementation == "cudnn":
-        try:  # tracing cuDNN attention needs JAX's CUDA support; a CPU-only JAX exports the batched formulation
+        # tracing cuDNN attention needs JAX's CUDA support (RuntimeError without it) and a layout cuDNN takes
+        # (NotImplementedError otherwise): the batched formulation where either is missing
+        try:
             return _formulation("cudnn", q_bnhk, k_bnhk, v_bnhk, precision)
-        except RuntimeError:
+        except (RuntimeError, NotImplementedError):
             implementation = "batched"
     return _formulation(implementation, q_bnhk, k_bnhk, v_bnhk, precision)
 
@@ -258,5 +261,6 @@ def attention(
     if implementation != "auto":
         return _formulation(implementation, q_bnhk, k_bnhk, v_bnhk, precision)
     branches = {platform: functools.partial(_auto_for, platform, precision=precision)
-                for platform in ("cpu", "cuda", "rocm", "tpu")}
-    return jax.lax.platform_dependent(q_bnhk, k_bnhk, v_bnhk, **branches)
+                for platform in ("cuda", "rocm", "tpu")}
+    cpu = functools.partial(_auto_for, "cpu", precision=precision)  # the CPU loop, also for any other platform
+    return jax.lax.platform_dependent(q_bnhk, k_bnhk, v_bnhk, cpu=cpu, default=cpu, **branches)

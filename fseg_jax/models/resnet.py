@@ -20,8 +20,11 @@ from fseg_jax.models.vit import take_indices
 
 def _conv(cin: int, cout: int, k: int, stride: int, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Conv:
     pad = (k - 1) // 2
-    return nnx.Conv(cin, cout, kernel_size=(k, k), strides=stride, padding=((pad, pad), (pad, pad)),
-                    use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    conv = nnx.Conv(cin, cout, kernel_size=(k, k), strides=stride, padding=((pad, pad), (pad, pad)),
+                    use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    # drawn in float32 and stored in param_dtype: a random model of a seed is the same model in every dtype
+    conv.kernel = nnx.Param(conv.kernel[...].astype(param_dtype))
+    return conv
 
 
 class BatchNorm(nnx.Module):

@@ -63,8 +63,11 @@ class Linear(nnx.Module):
     def __init__(self, din: int, dout: int, *, dtype, param_dtype, precision, rngs: nnx.Rngs):
         self.dtype = dtype
         self.precision = precision
-        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (din, dout), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32))
+        # drawn as nnx.Linear draws them (a float32 kernel, then a key for the zero bias), whatever the storage
+        # dtype: a random model of a seed is the same model in every dtype
+        kernel = nnx.initializers.lecun_normal()(rngs.params(), (din, dout), jnp.float32)
+        self.kernel = nnx.Param(kernel.astype(param_dtype))
+        self.bias = nnx.Param(nnx.initializers.zeros(rngs.params(), (dout,), jnp.float32))
 
     def __call__(self, x: Array) -> Float[Array, "... out"]:
         y = _matmul(x, self.kernel[...], self.dtype, self.precision) + self.bias[...]
@@ -148,7 +151,7 @@ class PatchEmbed(nnx.Module):
         self.patch_size = p
         self.dtype = dtype
         self.precision = precision
-        self.kernel = nnx.Param(init(rngs.params(), (p, p, 3, embed_dim), param_dtype))
+        self.kernel = nnx.Param(init(rngs.params(), (p, p, 3, embed_dim), jnp.float32).astype(param_dtype))
         self.bias = nnx.Param(jnp.zeros((embed_dim,), jnp.float32))
 
     def __call__(self, x_bhwc: Float[Array, "b h w 3"]) -> Float[Array, "b gh gw d"]:
@@ -164,8 +167,8 @@ class LayerScale(nnx.Module):
     def __init__(self, dim: int, init_value: float = 1e-5):
         self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
 
-    def __call__(self, x: Array) -> Array:
-        return x * self.gamma[...].astype(x.dtype)
+    def __call__(self, x: Array) -> Float[Array, "... d"]:
+        return x * self.gamma[...]  # float32 (a bfloat16 branch is scaled on its way into the float32 residual)
 
 
 class Attention(nnx.Module):
