@@ -96,8 +96,6 @@ def segment(images, sample, alpha, legend, class_labels, compilation_cache, no_c
 
         images = (str(sample_image_path()), *images)
     files = _expand_inputs(images)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)  # before any work: an -o that cannot be a folder fails here
     if not no_compilation_cache:
         enable_compilation_cache(compilation_cache or default_compilation_cache())
 
@@ -111,6 +109,8 @@ def segment(images, sample, alpha, legend, class_labels, compilation_cache, no_c
             f"--classes needs a bank whose concepts are named, and this bank has no names for k={pipeline.k} "
             f"(name them with: fseg-jax concepts name BANK --k {pipeline.k} INDEX=NAME...)"
         )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # once the run is known to be valid, before any image is read
 
     failed: list[Path] = []
 
