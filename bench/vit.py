@@ -10,7 +10,8 @@ Frameworks: ``jax`` (fseg_jax, compiled with the package's XLA options), ``jax-f
 whatever ``--dtype`` says: the reference of the bfloat16 speed-up), ``timm`` (eager, SDPA attention) and
 ``timm-compile`` (the same model through ``torch.compile``). In bfloat16, timm runs the model converted with
 ``model.to(torch.bfloat16)`` on bfloat16 inputs (faster than autocast on CPU), fseg_jax with ``dtype=bfloat16`` and
-parameters stored in ``--param-dtype`` (float32 by default).
+parameters stored in ``--param-dtype`` (by default in the compute dtype, as timm's converted model and as
+``--dtype bfloat16`` stores them on the command line).
 
 Each (framework, shape) runs in its own process so that peak memory (VmHWM) is its own. Reported per run:
 compile time (jax: lower + compile; timm: the first call), the best forward time of ``--repeats`` after it,
@@ -169,8 +170,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="8x224x224,1x976x1280", help="comma-separated BxHxW")
     parser.add_argument("--frameworks", default="jax,timm")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="fseg_jax's storage dtype of the weights")
+    parser.add_argument("--param-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="fseg_jax's storage dtype of the weights (default: --dtype)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--attention", default="auto", help="fseg_jax attention implementation (default: auto)")
     parser.add_argument("--precision", default="highest", help="fseg_jax float32 matmul precision")
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.param_dtype = args.param_dtype or args.dtype
     if args.child:
         _child(args)
         return
