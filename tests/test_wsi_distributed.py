@@ -85,6 +85,15 @@ def _run_processes(args: list[str], out: Path, n: int = 2) -> list[tuple[int, st
     return [(p.returncode, *o) for p, o in zip(procs, outputs)]
 
 
+def _run_all_done(args: list[str], out: Path) -> list[tuple[int, str, str]]:
+    """`_run_processes` on a folder of four slides, every process exiting 0 and reporting all four done."""
+    runs = _run_processes(args, out)
+    for code, stdout, stderr in runs:
+        assert code == 0, stderr[-3000:]
+        assert "all processes: 4 of 4 slides done" in stdout, stdout
+    return runs
+
+
 def _start_processes(args: list[str], out: Path, n: int = 2) -> list[subprocess.Popen]:
     """`n` processes of one run, by process id (the coordinator started last: the others wait for it)."""
     address = f"127.0.0.1:{_free_port()}"
@@ -135,10 +144,7 @@ def one_process(setup, tmp_path_factory):
 
 def test_four_slides_two_processes_each_slide_written_by_one(setup, one_process, tmp_path):
     root, _, args = setup
-    runs = _run_processes([args[0], str(root / "four"), *args[2:]], tmp_path)
-    for code, stdout, stderr in runs:
-        assert code == 0, stderr[-3000:]
-        assert "all processes: 4 of 4 slides done" in stdout, stdout
+    runs = _run_all_done([args[0], str(root / "four"), *args[2:]], tmp_path)
     owners, tiles = [], []
     for i in range(4):
         folder = tmp_path / f"s{i}"
@@ -158,10 +164,7 @@ def test_four_slides_two_processes_each_slide_written_by_one(setup, one_process,
 
 def test_one_large_slide_is_split_and_the_small_ones_are_not(setup, one_process, tmp_path):
     root, _, args = setup
-    runs = _run_processes([args[0], str(root / "mixed"), *args[2:]], tmp_path)
-    for code, stdout, stderr in runs:
-        assert code == 0, stderr[-3000:]
-        assert "all processes: 4 of 4 slides done" in stdout, stdout
+    runs = _run_all_done([args[0], str(root / "mixed"), *args[2:]], tmp_path)
     for name in ("large", "small1", "small2", "small3"):
         _assert_same_outputs(tmp_path / name, one_process / "mixed" / name)
         assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(pipeline.OUTPUT_FILES)
@@ -192,10 +195,7 @@ def test_a_killed_process_is_completed_by_a_rerun(setup, one_process, tmp_path):
     finished = {p.parent.name for p in tmp_path.glob("*/summary.json")}
     assert len(finished) < 4
 
-    runs = _run_processes(command, tmp_path)
-    for code, stdout, stderr in runs:
-        assert code == 0, stderr[-3000:]
-        assert "all processes: 4 of 4 slides done" in stdout, stdout
+    runs = _run_all_done(command, tmp_path)
     for i in range(4):
         folder = tmp_path / f"s{i}"
         _assert_same_outputs(folder, one_process / "four" / f"s{i}")
