@@ -56,7 +56,6 @@ Rows of ``x`` that are all zero get ``W = 0``. The caller's arrays are never mod
 
 from __future__ import annotations
 
-import math
 import warnings
 from functools import lru_cache
 from typing import NamedTuple
@@ -68,7 +67,7 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Float
 
 from fseg_jax.compilation import jit
-from fseg_jax.options import NMF_SOLVERS, SOLVERS
+from fseg_jax.options import NMF_SOLVERS, SOLVERS, check_choice, check_int, check_optional_int, check_tol
 
 __all__ = [
     "DEFAULT_SOLVER",
@@ -91,6 +90,7 @@ _DEFAULT_MAX_ITER = {"admm": 5000, "hals": 10000, "mu": 10000}
 # coordinate-descent sweep that "hals" divides by; 1e-6 puts its objective below scikit-learn's at 1e-4.
 _DEFAULT_TOL = {"admm": 1e-6, "hals": 1e-4, "mu": 1e-4}
 _NMF_DEFAULT_MAX_ITER = 200
+_NMF_DEFAULT_TOL = 1e-4
 
 _HI = lax.Precision.HIGHEST
 _ADMM_RELAX = 1.6  # over-relaxation
@@ -267,25 +267,6 @@ def _objective(x_nd, w_nk, c_kd):
     return jnp.sum(r * r)
 
 
-def _check_solver(solver, choices):
-    if solver not in choices:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(map(repr, choices))}")
-
-
-def _resolve_max_iter(max_iter, default):
-    if max_iter is None:
-        return default
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    return int(max_iter)
-
-
-def _check_tol(tol):
-    if not (isinstance(tol, (int, float, np.floating)) and math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    return float(tol)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Pure, traceable entry points.
 
@@ -307,8 +288,8 @@ def nnls(
     Returns ``NNLSResult`` with w (n, k) in the working dtype, scalar n_iter, objective, converged. Safe
     to call under ``jax.jit`` and ``jax.vmap``; ``project`` is the checked, batched, jitted front end.
     """
-    _check_solver(solver, SOLVERS)
-    max_iter = _resolve_max_iter(max_iter, _DEFAULT_MAX_ITER[solver])
+    check_choice("solver", solver, SOLVERS)
+    max_iter = check_optional_int("max_iter", max_iter) or _DEFAULT_MAX_ITER[solver]
     tol = _DEFAULT_TOL[solver] if tol is None else tol
     dtype = jnp.result_type(x_nd, c_kd, jnp.float32)
     x_nd = jnp.asarray(x_nd, dtype)
@@ -392,7 +373,7 @@ def nmf_from(
 
     For callers with a start of their own; ``nmf`` starts from :func:`random_init`.
     """
-    _check_solver(solver, NMF_SOLVERS)
+    check_choice("solver", solver, NMF_SOLVERS)
     dtype = jnp.result_type(x_nd, jnp.float32)
     x_nd = jnp.asarray(x_nd, dtype)
     tol = jnp.asarray(tol, dtype)
@@ -410,8 +391,8 @@ def nmf(
     "hals" (scikit-learn's "cd": alternating sweeps over W then H) or "mu". ``k``, ``seed``, ``solver`` and
     ``max_iter`` are static.
     """
-    _check_solver(solver, NMF_SOLVERS)
-    max_iter = _resolve_max_iter(max_iter, _NMF_DEFAULT_MAX_ITER)
+    check_choice("solver", solver, NMF_SOLVERS)
+    max_iter = check_optional_int("max_iter", max_iter) or _NMF_DEFAULT_MAX_ITER
     x_nd = jnp.asarray(x_nd, jnp.result_type(x_nd, jnp.float32))
     w0, h0 = random_init(x_nd, k, seed)
     return nmf_from(x_nd, w0, h0, solver=solver, tol=tol, max_iter=max_iter)
@@ -530,9 +511,9 @@ def project(
       ``NNLSResult(w, n_iter, objective, converged)``: w (..., n, k) float32 (float64 when 64-bit mode is on
       and the inputs are float64), n_iter / objective / converged with shape (...) (scalars for 2-D x).
     """
-    _check_solver(solver, SOLVERS)
-    max_iter = _resolve_max_iter(max_iter, _DEFAULT_MAX_ITER[solver])
-    tol = _check_tol(_DEFAULT_TOL[solver] if tol is None else tol)
+    check_choice("solver", solver, SOLVERS)
+    max_iter = check_optional_int("max_iter", max_iter) or _DEFAULT_MAX_ITER[solver]
+    tol = _DEFAULT_TOL[solver] if check_tol(tol) is None else float(tol)
     xj = _prepare_x(x, clip_negative)
     cj = jnp.asarray(check_concepts(concepts, xj.shape[-1]))
     lead, (n, d) = xj.shape[:-2], xj.shape[-2:]
@@ -551,8 +532,8 @@ def factorize(
     *,
     seed: int = 0,
     solver: str = "hals",
-    tol: float = 1e-4,
-    max_iter: int = _NMF_DEFAULT_MAX_ITER,
+    tol: float | None = _NMF_DEFAULT_TOL,
+    max_iter: int | None = _NMF_DEFAULT_MAX_ITER,
     clip_negative: bool = False,
 ) -> NMFResult:
     """Full NMF ``X ~= W H`` with k free components (F-Seg's per-image "deep feature factorisation").
@@ -563,19 +544,18 @@ def factorize(
       seed: the start is scikit-learn's ``init="random"`` with ``random_state=seed`` (:func:`random_init`), the
         same for every problem of a batch.
       solver: "hals" (scikit-learn "cd", alternating sweeps on W and H) or "mu".
-      tol, max_iter: as scikit-learn's NMF (defaults 1e-4 and 200).
+      tol, max_iter: as scikit-learn's NMF (defaults 1e-4 and 200; None: the default).
 
     Returns ``NMFResult(w (..., n, k), h (..., k, d), n_iter, objective, converged)``.
     """
-    _check_solver(solver, NMF_SOLVERS)
-    max_iter = _resolve_max_iter(max_iter, _NMF_DEFAULT_MAX_ITER)
-    tol = _check_tol(tol)
+    check_choice("solver", solver, NMF_SOLVERS)
+    max_iter = check_optional_int("max_iter", max_iter) or _NMF_DEFAULT_MAX_ITER
+    tol = _NMF_DEFAULT_TOL if check_tol(tol) is None else float(tol)
     xj = _prepare_x(x, clip_negative)
     lead, (n, d) = xj.shape[:-2], xj.shape[-2:]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= min(n, d):
         raise ValueError(f"k must be an integer in [1, min(n, d)] = [1, {min(n, d)}], got {k!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    seed = check_int("seed", seed, minimum=0)
     res = _factorize_batched(xj.reshape(-1, n, d), tol, k=int(k), seed=int(seed), solver=solver, max_iter=max_iter)
     return NMFResult(
         res.w.reshape(*lead, n, k),

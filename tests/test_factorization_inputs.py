@@ -123,6 +123,20 @@ def test_invalid_options(data):
         factorize(x, 41)
     with pytest.raises(TypeError, match="floating"):
         factorize(x.astype(np.int16), 3)
+    for bad, match in (({"tol": float("nan")}, "tol must be"), ({"max_iter": 2.5}, "max_iter must be"),
+                       ({"seed": -1}, "seed must be an integer >= 0"), ({"seed": True}, "seed must be")):
+        with pytest.raises(ValueError, match=match):
+            factorize(x, 3, **bad)
+
+
+def test_factorize_none_means_the_default(data):
+    """tol=None and max_iter=None mean the defaults, as for project."""
+    x, _ = data
+    given = factorize(x, 3, tol=None, max_iter=None)
+    default = factorize(x, 3)
+    np.testing.assert_array_equal(np.asarray(given.w), np.asarray(default.w))
+    assert int(given.n_iter) == int(default.n_iter)
+    assert int(factorize(x, 3, tol=0.0, max_iter=None).n_iter) == 200  # tol 0: runs to the default cap
 
 
 def test_accepts_jax_arrays_lists_and_low_precision(data):
