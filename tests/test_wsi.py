@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fseg_jax.wsi import pipeline
-from fseg_jax.wsi.outputs import label_polygons, write_geojson, write_label_tiff
+from fseg_jax.wsi.outputs import label_polygons, write_geojson, write_label_tiff, write_weights
 from fseg_jax.wsi.reader import SlideError, open_slide
 from fseg_jax.wsi.sampling import array_sampler, token_sampler
 from fseg_jax.wsi.store import WorkDir
@@ -358,6 +358,24 @@ def test_label_tiff_streams_from_a_memory_map(tmp_path):
         tracemalloc.stop()
     np.testing.assert_array_equal(sampled, np.asarray(labels)[::16, ::16])
     assert peak < 375 * 6000  # under the 375 full rows the sample touches
+
+
+def test_weights_file_is_written_from_a_memory_map_in_slabs(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    weights = np.memmap(tmp_path / "weights.raw", dtype=np.float32, mode="w+", shape=(37, 23, 5))
+    weights[:] = rng.random(weights.shape, np.float32)
+    labels = rng.integers(0, 6, (37, 23)).astype(np.int32)
+    # 460 bytes a row of weights: two rows per write
+    write_weights(tmp_path / "w.safetensors", {"weights": weights, "labels": labels}, {"mpp": "1.0"}, chunk_bytes=1000)
+    back = load_file(tmp_path / "w.safetensors")
+    assert back.keys() == {"weights", "labels"}
+    np.testing.assert_array_equal(back["weights"], weights)
+    np.testing.assert_array_equal(back["labels"], labels)
+    with safe_open(tmp_path / "w.safetensors", "numpy") as f:
+        assert f.metadata() == {"mpp": "1.0"}
 
 
 # --- the pipeline -------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Writing a slide run's outputs from its finished batches: the label map, its areas and summary.json.
 
-The label map is assembled at the working resolution in a memory map in the work folder, one tile core at a
-time (label 0 = background, i.e. pixels of tokens without tissue; label i+1 = concept i), then written as
-labels.ome.tif (band by band, with the labels' names), labels.geojson (traced from it), overlay.png,
-summary.json (the settings, the area of each concept, timings, versions and which process computed how many
-tiles) and, on request, weights.safetensors; then the work folder is removed.
+The label map (label 0 = background, i.e. pixels of tokens without tissue; label i+1 = concept i) and the token
+weights are memory maps in the work folder at the working resolution, painted one tile core at a time by one
+painter (`SlideCanvas`): a one-process run paints each batch as it finishes, the merge paints the batches that
+processes of a split slide saved with their labels. The map is then written as labels.ome.tif (band by band,
+with the labels' names), labels.geojson (traced from it), overlay.png, summary.json (the settings, the area of
+each concept, timings, versions and which process computed how many tiles) and, on request,
+weights.safetensors; then the work folder is removed.
 
 A run with classes (a bank that names its concepts, see `ConceptBank.classes`) writes classes where a run
 without writes concepts: label j+1 = class j in labels.ome.tif, labels.geojson and overlay.png, each named
@@ -112,8 +114,9 @@ class SlideCanvas:
 def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26, wait: bool = False) -> dict:
     """Write a slide's outputs from its finished work folder; return the summary (see the module docstring).
 
-    The label map is assembled at the working resolution in a memory map in the work folder and read back
-    one band at a time, so memory stays bounded by a band of rows and one batch, whatever the slide's size.
+    The batches whose files carry their labels are painted into the work folder's maps (`SlideCanvas`; the
+    others are there already), which are read back one band at a time, so memory stays bounded by a band of
+    rows, one batch and the token grid's labels, whatever the slide's size.
     labels.geojson is traced from the label map sampled every `step` pixels (the top-left pixel of each
     step x step cell; the cells are the pixels of pyramid level log2(step) of labels.ome.tif): at token
     resolution step is the patch size and the polygons are the token edges exactly; at pixel resolution
@@ -124,7 +127,8 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26, wait: boo
 
     The folder is held while it is written (`fseg_jax.wsi.lock.hold_folder`): another run there is a
     FolderBusy error, or with `wait` is waited for. Raises ValueError naming the missing batches when some
-    process has not finished its share.
+    process has not finished its share, or when the maps that held finished batches are missing or not of
+    the slide's size (those batches are then no longer done: the next run computes them).
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():

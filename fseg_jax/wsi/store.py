@@ -126,28 +126,26 @@ class WorkDir:
     def check_maps(self, plan: dict) -> int:
         """Make the batches of `plan` whose labels are in the maps not done (remove their files, so that they
         are computed again) when a map is missing or not of the plan's size; return how many."""
-        return len(self._check_maps(plan)[1])
-
-    def _check_maps(self, plan: dict) -> tuple[set[int], set[int]]:
-        """(the batches whose labels are in the maps, those of them just made not done), see `check_maps`."""
+        if self._maps_fit(plan):
+            return 0
         key = work_fingerprint(plan)
-        mapped = self.mapped(key)
-        fit = all(
+        lost = self.mapped(key)
+        for b in lost:
+            self.batch_path(b, key).unlink(missing_ok=True)
+        return len(lost)
+
+    def _maps_fit(self, plan: dict) -> bool:
+        return all(
             (self.path / name).is_file() and (self.path / name).stat().st_size == math.prod(shape) * dtype.itemsize
             for name, (shape, dtype) in map_layout(plan).items()
         )
-        if not mapped or fit:
-            return mapped, set()
-        for b in mapped:
-            self.batch_path(b, key).unlink(missing_ok=True)
-        return set(), mapped
 
     def maps(self, plan: dict) -> tuple[np.memmap, np.memmap | None]:
         """(labels, weights or None) of `plan`'s run (`map_layout`), read-write: the maps on disk while some
         finished batch is in them (after `check_maps`), else new zero-filled ones replacing any earlier."""
-        mapped, _ = self._check_maps(plan)
+        keep = self.check_maps(plan) == 0 and bool(self.mapped(work_fingerprint(plan)))
         maps = [
-            np.memmap(self.path / name, dtype=dtype, mode="r+", shape=shape) if mapped
+            np.memmap(self.path / name, dtype=dtype, mode="r+", shape=shape) if keep
             else self._new_map(name, shape, dtype)
             for name, (shape, dtype) in map_layout(plan).items()
         ]
