@@ -299,10 +299,11 @@ class SlideSegmenter:
         naming it, or with `wait` is waited for. Work that another run left there with other settings is
         replaced, and the result's `replaced` says so.
         part: (index, count) of a slide split over several processes: this process computes batches index,
-        index+count, ... and, when count > 1, leaves the outputs to `merge_slide`; the caller then holds the
-        folder for all of them (see `fseg_jax.wsi.cohort`). Default (0, 1): every batch, then the outputs. A
-        work folder holding a run with other settings is then an error (`SlideRunMismatch`), not replaced:
-        the processes must agree, and a batch computed under other settings never counts as done.
+        index+count, ... and, when count > 1, saves each batch's labels in the work folder and leaves the
+        outputs to `merge_slide`; the caller then holds the folder for all of them (see `fseg_jax.wsi.cohort`).
+        Default (0, 1): every batch, each painted into the work folder's label map as it finishes, then the
+        outputs. A work folder holding a run with other settings is then an error (`SlideRunMismatch`), not
+        replaced: the processes must agree, and a batch computed under other settings never counts as done.
         process: (index, count) of this process in its run, recorded with each batch it computes
         (summary.json's computed_by); default `part`. A device without the memory for a batch raises
         `DeviceMemoryError`, which says which smaller batch or tile to try.
