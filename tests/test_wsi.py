@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fseg_jax.wsi import pipeline
-from fseg_jax.wsi.outputs import label_polygons, write_geojson, write_label_tiff
+from fseg_jax.wsi.outputs import label_polygons, write_geojson, write_label_tiff, write_weights
 from fseg_jax.wsi.reader import SlideError, open_slide
 from fseg_jax.wsi.sampling import array_sampler, token_sampler
 from fseg_jax.wsi.store import WorkDir
@@ -360,6 +360,24 @@ def test_label_tiff_streams_from_a_memory_map(tmp_path):
     assert peak < 375 * 6000  # under the 375 full rows the sample touches
 
 
+def test_weights_file_is_written_from_a_memory_map_in_slabs(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    weights = np.memmap(tmp_path / "weights.raw", dtype=np.float32, mode="w+", shape=(37, 23, 5))
+    weights[:] = rng.random(weights.shape, np.float32)
+    labels = rng.integers(0, 6, (37, 23)).astype(np.int32)
+    # 460 bytes a row of weights: two rows per write
+    write_weights(tmp_path / "w.safetensors", {"weights": weights, "labels": labels}, {"mpp": "1.0"}, chunk_bytes=1000)
+    back = load_file(tmp_path / "w.safetensors")
+    assert back.keys() == {"weights", "labels"}
+    np.testing.assert_array_equal(back["weights"], weights)
+    np.testing.assert_array_equal(back["labels"], labels)
+    with safe_open(tmp_path / "w.safetensors", "numpy") as f:
+        assert f.metadata() == {"mpp": "1.0"}
+
+
 # --- the pipeline -------------------------------------------------------------------------------------
 
 
@@ -486,17 +504,15 @@ def test_blank_and_tiny_slides(segmenter, slides, tmp_path):
     assert labels.shape == (45, 35) and labels.max() > 0
 
 
-def test_resume_after_a_kill(segmenter, slides, tmp_path, monkeypatch):
-    reference = segmenter.run(slides["tissue"], tmp_path / "reference")
-    assert reference.tiles > 2 * segmenter.step.batch
-
-    out = tmp_path / "killed"
+def _killed_at_the_third_batch(segmenter, slide, out: Path, monkeypatch) -> None:
+    """Run `slide` into `out` and kill the run while its third batch file is being written (a one-process run
+    has already painted that batch into the label map)."""
     real_put = WorkDir.put
     calls = {"n": 0}
 
     def dying_put(self, index, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # killed while the third batch is being written
+        if calls["n"] == 3:
             path = self.batch_path(index, args[0])
             with open(path.with_name(f".{path.name}.tmp"), "wb") as f:
                 f.write(b"half")
@@ -505,16 +521,111 @@ def test_resume_after_a_kill(segmenter, slides, tmp_path, monkeypatch):
 
     monkeypatch.setattr(WorkDir, "put", dying_put)
     with pytest.raises(KeyboardInterrupt):
-        segmenter.run(slides["tissue"], out)
+        segmenter.run(slide, out)
     monkeypatch.setattr(WorkDir, "put", real_put)
-    assert not any((out / name).exists() for name in pipeline.OUTPUT_FILES)
     assert WorkDir(out).done(WorkDir(out).read_plan()["fingerprint"]) == {0, 1}
+
+
+def _batch_contents(out: Path) -> list[set[str]]:
+    """The arrays each batch file of a slide's work folder holds."""
+    contents = []
+    for path in sorted(WorkDir(out).path.glob("batch-*.npz")):
+        with np.load(path) as z:
+            contents.append(set(z.files))
+    return contents
+
+
+def _assert_same_outputs(out: Path, reference: Path) -> None:
+    from safetensors.numpy import load_file
+
+    np.testing.assert_array_equal(_read_labels(out), _read_labels(reference))
+    weights, expected = load_file(out / "weights.safetensors"), load_file(reference / "weights.safetensors")
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(weights[name], expected[name])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_resume_after_a_kill(segmenter, slides, tmp_path, monkeypatch):
+    reference = segmenter.run(slides["tissue"], tmp_path / "reference")
+    assert reference.tiles > 2 * segmenter.step.batch
+
+    out = tmp_path / "killed"
+    _killed_at_the_third_batch(segmenter, slides["tissue"], out, monkeypatch)
+    assert not any((out / name).exists() for name in pipeline.OUTPUT_FILES)
     (out / ".labels.ome.tif.4242.tmp").write_bytes(b"half")  # as a kill while writing outputs leaves it
 
     resumed = segmenter.run(slides["tissue"], out)
-    assert resumed.tiles_computed == reference.tiles - 2 * segmenter.step.batch
-    np.testing.assert_array_equal(_read_labels(out), _read_labels(tmp_path / "reference"))
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "reference").iterdir())
+    assert resumed.tiles_computed == reference.tiles - 2 * segmenter.step.batch and resumed.replaced is None
+    _assert_same_outputs(out, tmp_path / "reference")
+
+
+def test_a_one_process_run_paints_its_batches_as_the_split_merge_does(segmenter, slides, tmp_path, monkeypatch):
+    """One process paints each batch into the work folder's maps as it finishes, its batch files carrying
+    no labels; the processes of a split slide save theirs for the merge to paint. The outputs are the same."""
+    seen = {}
+    real_merge = pipeline.merge_slide
+
+    def merge(out_dir):
+        seen["batches"] = _batch_contents(out_dir)
+        seen["maps"] = sorted(p.name for p in WorkDir(out_dir).path.glob("*.raw"))
+        return real_merge(out_dir)
+
+    monkeypatch.setattr(pipeline, "merge_slide", merge)
+    one = segmenter.run(slides["tissue"], tmp_path / "one")
+    monkeypatch.setattr(pipeline, "merge_slide", real_merge)
+    assert len(seen["batches"]) == -(-one.tiles // segmenter.step.batch)
+    assert all(files == {"tiles", "seconds", "read_wait", "process", "host"} for files in seen["batches"])
+    assert seen["maps"] == ["labels.raw", "weights.raw"]
+
+    split = tmp_path / "split"
+    for i in range(2):
+        segmenter.run(slides["tissue"], split, part=(i, 2))
+    assert all({"labels", "weights"} <= files for files in _batch_contents(split))
+    pipeline.merge_slide(split)
+    _assert_same_outputs(split, tmp_path / "one")
+
+
+def test_a_lost_label_map_makes_its_batches_computed_again(segmenter, slides, tmp_path, monkeypatch):
+    """Batches whose labels were in a map that is gone, or of another size, are not done: a resumed run
+    computes them again and says so, a merge refuses to write them as background."""
+    reference = segmenter.run(slides["tissue"], tmp_path / "reference")
+    out = tmp_path / "removed"
+    _killed_at_the_third_batch(segmenter, slides["tissue"], out, monkeypatch)
+    (WorkDir(out).path / "labels.raw").unlink()
+    resumed = segmenter.run(slides["tissue"], out)
+    assert resumed.tiles_computed == reference.tiles
+    assert resumed.replaced.startswith("discarded 2 finished batches whose labels were in the maps of ")
+    _assert_same_outputs(out, tmp_path / "reference")
+
+    out = tmp_path / "shrunk"
+    _killed_at_the_third_batch(segmenter, slides["tissue"], out, monkeypatch)
+    with open(WorkDir(out).path / "weights.raw", "r+b") as f:
+        f.truncate(64)
+    n = len(WorkDir(out).read_plan()["batches"])
+    lost = rf"{n} of {n} batches not computed yet \(0, 1, 2.*; 2 of them .*\(labels.raw, weights.raw\), one missing"
+    with pytest.raises(ValueError, match=lost):
+        pipeline.merge_slide(out)  # never merged as background
+    assert segmenter.run(slides["tissue"], out).tiles_computed == reference.tiles
+    _assert_same_outputs(out, tmp_path / "reference")
+
+
+@pytest.mark.parametrize("first", ["one process", "split"])
+def test_a_slide_started_one_way_is_finished_the_other(segmenter, slides, tmp_path, monkeypatch, first):
+    """A one-process run killed and finished by the processes of a split slide, or a split run's share
+    finished by one process: the maps and the saved batches make the same outputs."""
+    reference = segmenter.run(slides["tissue"], tmp_path / "reference")
+    out = tmp_path / "mixed"
+    if first == "one process":
+        _killed_at_the_third_batch(segmenter, slides["tissue"], out, monkeypatch)
+        computed = [segmenter.run(slides["tissue"], out, part=(i, 2)).tiles_computed for i in range(2)]
+        pipeline.merge_slide(out)
+        assert sum(computed) == reference.tiles - 2 * segmenter.step.batch
+    else:
+        half = segmenter.run(slides["tissue"], out, part=(0, 2))
+        rest = segmenter.run(slides["tissue"], out)
+        assert half.tiles_computed + rest.tiles_computed == reference.tiles and rest.complete
+    _assert_same_outputs(out, tmp_path / "reference")
 
 
 def test_changed_settings_start_afresh(slides, tmp_path):

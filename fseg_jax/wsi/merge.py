@@ -1,10 +1,12 @@
 """Writing a slide run's outputs from its finished batches: the label map, its areas and summary.json.
 
-The label map is assembled at the working resolution in a memory map in the work folder, one tile core at a
-time (label 0 = background, i.e. pixels of tokens without tissue; label i+1 = concept i), then written as
-labels.ome.tif (band by band, with the labels' names), labels.geojson (traced from it), overlay.png,
-summary.json (the settings, the area of each concept, timings, versions and which process computed how many
-tiles) and, on request, weights.safetensors; then the work folder is removed.
+The label map (label 0 = background, i.e. pixels of tokens without tissue; label i+1 = concept i) and the token
+weights are memory maps in the work folder at the working resolution, painted one tile core at a time by one
+painter (`SlideCanvas`): a one-process run paints each batch as it finishes, the merge paints the batches that
+processes of a split slide saved with their labels. The map is then written as labels.ome.tif (band by band,
+with the labels' names), labels.geojson (traced from it), overlay.png, summary.json (the settings, the area of
+each concept, timings, versions and which process computed how many tiles) and, on request,
+weights.safetensors; then the work folder is removed.
 
 A run with classes (a bank that names its concepts, see `ConceptBank.classes`) writes classes where a run
 without writes concepts: label j+1 = class j in labels.ome.tif, labels.geojson and overlay.png, each named
@@ -36,7 +38,7 @@ from fseg_jax.wsi.lock import hold_folder
 from fseg_jax.wsi.overlay import write_overlay
 from fseg_jax.wsi.plan import plan_grid
 from fseg_jax.wsi.sampling import array_sampler, expand_tokens, mapped_sampler
-from fseg_jax.wsi.store import WorkDir, work_fingerprint
+from fseg_jax.wsi.store import WorkDir, map_layout, work_fingerprint
 
 OUTPUT_FILES = ("labels.ome.tif", "labels.geojson", "overlay.png", "summary.json")
 WEIGHTS_FILE = "weights.safetensors"
@@ -68,11 +70,53 @@ def _written_labels(k: int, classes: dict | None) -> tuple[list[str], np.ndarray
     return names, np.asarray([BACKGROUND, *classes["colors"]], np.uint8), lut
 
 
+class SlideCanvas:
+    """The label map and token weights of a slide run (`WorkDir.maps`), painted one batch of tiles at a time:
+    by a one-process run as each batch finishes, and by the merge for the batches whose files carry labels.
+
+    labels: (height, width) memory map, 0 = background (pixels of tokens without tissue), i + 1 = concept i;
+    weights: (h_tok, w_tok, k) float32 memory map, 0 on tokens without tissue, or None without save_weights;
+    tissue_tokens: (h_tok, w_tok) bool.
+    """
+
+    def __init__(self, work: WorkDir, plan: dict):
+        self.grid = plan_grid(plan)
+        self.pixel = plan["resolution"] == "pixel"
+        self.width, self.height = plan["size"]
+        _, self.tissue_tokens = work.tissue(work_fingerprint(plan))
+        self.labels, self.weights = work.maps(plan)
+
+    def paint(self, tiles, labels: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Paint the cores of a batch of tiles: labels (n, c p, c p) or (n, c, c) concept indices (pixel or
+        token resolution), weights (n, c, c, k) when the run keeps them (c: core tokens a side)."""
+        p = self.grid.patch
+        for j, t in enumerate(np.asarray(tiles).tolist()):
+            rs, cs = self.grid.core_slices(t)
+            y0, x0 = rs.start * p, cs.start * p
+            y1, x1 = min(rs.stop * p, self.height), min(cs.stop * p, self.width)
+            shape = (y1 - y0, x1 - x0)
+            tile = labels[j]
+            tile_labels = tile[: shape[0], : shape[1]] if self.pixel else expand_tokens(tile, p, shape)
+            tissue_tokens = self.tissue_tokens[rs, cs]
+            tissue = expand_tokens(tissue_tokens, p, shape)
+            self.labels[y0:y1, x0:x1] = np.where(tissue, tile_labels + 1, 0)
+            if self.weights is not None:
+                hh, ww = rs.stop - rs.start, cs.stop - cs.start
+                self.weights[rs, cs] = np.where(tissue_tokens[..., None], weights[j, :hh, :ww], 0.0)
+
+    def flush(self) -> None:
+        """Write what was painted to disk."""
+        self.labels.flush()
+        if self.weights is not None:
+            self.weights.flush()
+
+
 def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26, wait: bool = False) -> dict:
     """Write a slide's outputs from its finished work folder; return the summary (see the module docstring).
 
-    The label map is assembled at the working resolution in a memory map in the work folder and read back
-    one band at a time, so memory stays bounded by a band of rows and one batch, whatever the slide's size.
+    The batches whose files carry their labels are painted into the work folder's maps (`SlideCanvas`; the
+    others are there already), which are read back one band at a time, so memory stays bounded by a band of
+    rows, one batch and the token grid's labels, whatever the slide's size.
     labels.geojson is traced from the label map sampled every `step` pixels (the top-left pixel of each
     step x step cell; the cells are the pixels of pyramid level log2(step) of labels.ome.tif): at token
     resolution step is the patch size and the polygons are the token edges exactly; at pixel resolution
@@ -83,7 +127,8 @@ def merge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26, wait: boo
 
     The folder is held while it is written (`fseg_jax.wsi.lock.hold_folder`): another run there is a
     FolderBusy error, or with `wait` is waited for. Raises ValueError naming the missing batches when some
-    process has not finished its share.
+    process has not finished its share, or when the maps that held finished batches are missing or not of
+    the slide's size (those batches are then no longer done: the next run computes them).
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -104,20 +149,18 @@ def _merge_held(out_dir: Path, max_trace_pixels: int) -> dict:
         raise ValueError(f"{out_dir}: no slide run to merge (no {work.plan_path.relative_to(out_dir)})")
     work_key = work_fingerprint(plan)
     batches = plan["batches"]
+    lost = work.check_maps(plan)
     missing = sorted(set(range(len(batches))) - work.done(work_key))
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(f"{out_dir}: {len(missing)} of {len(batches)} batches not computed yet ({shown})")
+        lost_why = (
+            f"; {lost} of them had their labels in the maps of {work.path} ({', '.join(map_layout(plan))}), one "
+            "missing or not of the slide's size: run the slide again to compute them anew"
+        ) if lost else ""
+        raise ValueError(f"{out_dir}: {len(missing)} of {len(batches)} batches not computed yet ({shown}{lost_why})")
 
-    grid = plan_grid(plan)
-    p = grid.patch
-    k = plan["k"]
-    pixel = plan["resolution"] == "pixel"
-    width, height = plan["size"]
-    dtype = label_dtype(k + 1)
-    thumb, tissue_tokens = work.tissue(work_key)
-    labels = work.label_map((height, width), dtype)
-    weights = np.zeros((*grid.tokens_hw, k), np.float32) if plan["save_weights"] else None
+    thumb, _ = work.tissue(work_key)
+    canvas = SlideCanvas(work, plan)
     compute_s = read_wait_s = 0.0
     computed_by: dict[tuple, int] = {}
     for b in range(len(batches)):
@@ -127,31 +170,19 @@ def _merge_held(out_dir: Path, max_trace_pixels: int) -> dict:
         if "process" in chunk:  # batches of older versions do not say
             who = (str(chunk["host"]), *map(int, chunk["process"]))
             computed_by[who] = computed_by.get(who, 0) + len(chunk["tiles"])
-        for j, t in enumerate(chunk["tiles"].tolist()):
-            rs, cs = grid.core_slices(t)
-            y0, x0 = rs.start * p, cs.start * p
-            y1, x1 = min(rs.stop * p, height), min(cs.stop * p, width)
-            shape = (y1 - y0, x1 - x0)
-            tile = chunk["labels"][j]
-            tile_labels = tile[: shape[0], : shape[1]] if pixel else expand_tokens(tile, p, shape)
-            tissue = expand_tokens(tissue_tokens[rs, cs], p, shape)
-            labels[y0:y1, x0:x1] = np.where(tissue, tile_labels + 1, 0)
-            if weights is not None:
-                hh, ww = rs.stop - rs.start, cs.stop - cs.start
-                weights[rs, cs] = chunk["weights"][j, :hh, :ww]
-    labels.flush()
-    if weights is not None:
-        weights[~tissue_tokens] = 0.0
+        if "labels" in chunk:  # else its labels are in the maps already
+            canvas.paint(chunk["tiles"], chunk["labels"], chunk.get("weights"))
+    canvas.flush()
     timing = {"tissue": plan["tissue_seconds"], "read_wait": read_wait_s, "compute": compute_s}
     summary = _write_outputs(
-        out_dir, plan, labels, thumb=thumb, tissue_tokens=tissue_tokens, weights=weights, timing=timing, t0=t0,
-        max_trace_pixels=max_trace_pixels,
+        out_dir, plan, canvas.labels, thumb=thumb, tissue_tokens=canvas.tissue_tokens, weights=canvas.weights,
+        timing=timing, t0=t0, max_trace_pixels=max_trace_pixels,
         computed_by=[
             {"host": host, "process": index, "processes": count, "tiles": tiles}
             for (host, index, count), tiles in sorted(computed_by.items())
         ],
     )
-    del labels  # the memory map's file goes with the work folder
+    del canvas  # the memory maps' files go with the work folder
     work.clear()
     return summary
 
@@ -167,6 +198,8 @@ def remerge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict
     Its weights file, when there is one, stays: the weights do not depend on the classes. None, with every
     file left as it was, when there is no such finished run or its labels.ome.tif is missing or is not its
     concept map (another size or dtype, other label names, a label beyond k): the tiles must be computed.
+    The concept map is read into a new label map (`WorkDir.label_map`), so finished batches whose labels were
+    in the one it replaces are computed again.
     """
     import tifffile
 
@@ -185,11 +218,11 @@ def remerge_slide(out_dir: str | Path, *, max_trace_pixels: int = 2**26) -> dict
     try:
         if not labels_path.is_file() or label_names(labels_path) != names:
             return None
-        labels = work.label_map((height, width), label_dtype(k + 1))
         with tifffile.TiffFile(labels_path) as tif:
             page = tif.pages[0]
-            if page.shape != (height, width) or page.dtype != labels.dtype:
+            if page.shape != (height, width) or page.dtype != label_dtype(k + 1):
                 return None
+            labels = work.label_map((height, width), page.dtype)
             for segment, (_, _, y, x, _), _ in page.segments():
                 if segment is not None:
                     tile = segment[0, :, :, 0][: height - y, : width - x]

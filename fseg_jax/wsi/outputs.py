@@ -229,9 +229,26 @@ def _valid_polygons(geom):
     return shapely.orient_polygons(shapely.MultiPolygon(list(polys)))
 
 
-def write_weights(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    from safetensors.numpy import save
+_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
 
-    data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+
+def write_weights(
+    path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str], *, chunk_bytes: int = 2**26
+) -> None:
+    """A safetensors file of `tensors` (float32 or int32 arrays of one or more dimensions, memory maps included)
+    with string `metadata`, written about `chunk_bytes` at a time: a memory-mapped tensor is never read whole."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, a in tensors.items():
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]
+        }
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for a in tensors.values():
+            rows = max(1, chunk_bytes // max(1, a[:1].nbytes))
+            for i in range(0, len(a), rows):
+                f.write(np.ascontiguousarray(a[i : i + rows], dtype=a.dtype.newbyteorder("<")).tobytes())

@@ -8,13 +8,16 @@ For each slide, at a working resolution of `mpp` microns per pixel:
    through one compiled step (the model, the concept weights per token, then F-Seg's rule: the weights
    upsampled bilinearly by the patch size and argmaxed per pixel, with one context token beyond each core
    so that the interpolation runs on across tile seams; or, with resolution="token", the argmax per
-   token), the batch sharded over every local device; each finished batch is saved in the work folder;
-3. once every batch is there, the label map (label 0 = background, i.e. pixels of tokens without tissue;
-   label i+1 = concept i) is assembled on disk at the working resolution, one tile core at a time, and
-   written: labels.ome.tif (its full-resolution level is that map, written band by band), labels.geojson
-   (traced from it, see `merge_slide`), overlay.png, summary.json and, on request, weights.safetensors;
-   then the work folder is removed. When the bank names the concepts of its k, the outputs show classes
-   instead: label j+1 = class j (the concepts that share a name, see `ConceptBank.classes`).
+   token), the batch sharded over every local device; each finished batch is painted, one tile core at a
+   time, into the label map on disk at the working resolution (label 0 = background, i.e. pixels of tokens
+   without tissue; label i+1 = concept i) and the token weights, then marked done in the work folder (a
+   process computing a share of a split slide saves the batch's labels there instead, for the merge to
+   paint);
+3. once every batch is there, the outputs are written from the label map: labels.ome.tif (its
+   full-resolution level is that map, written band by band), labels.geojson (traced from it, see
+   `merge_slide`), overlay.png, summary.json and, on request, weights.safetensors; then the work folder is
+   removed. When the bank names the concepts of its k, the outputs show classes instead: label j+1 = class
+   j (the concepts that share a name, see `ConceptBank.classes`).
 
 A killed run picks up from its finished batches. A run holds the slide's output folder while it works there
 (`fseg_jax.wsi.lock`): a second run on the same folder is refused, or waits. Several processes (one per host,
@@ -54,7 +57,7 @@ from fseg_jax.options import (
 from fseg_jax.wsi.compute import DeviceMemoryError, TileStep, TokenFn, explain_out_of_memory, prefetch_batches
 from fseg_jax.wsi.discovery import find_slides, slide_folder_name, slide_out_dirs
 from fseg_jax.wsi.lock import FolderBusy, hold_folder, process_role
-from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, merge_slide, remerge_slide, slide_classes
+from fseg_jax.wsi.merge import OUTPUT_FILES, WEIGHTS_FILE, SlideCanvas, merge_slide, remerge_slide, slide_classes
 from fseg_jax.wsi.outputs import label_dtype
 from fseg_jax.wsi.plan import (
     SlideRunMismatch,
@@ -296,10 +299,11 @@ class SlideSegmenter:
         naming it, or with `wait` is waited for. Work that another run left there with other settings is
         replaced, and the result's `replaced` says so.
         part: (index, count) of a slide split over several processes: this process computes batches index,
-        index+count, ... and, when count > 1, leaves the outputs to `merge_slide`; the caller then holds the
-        folder for all of them (see `fseg_jax.wsi.cohort`). Default (0, 1): every batch, then the outputs. A
-        work folder holding a run with other settings is then an error (`SlideRunMismatch`), not replaced:
-        the processes must agree, and a batch computed under other settings never counts as done.
+        index+count, ... and, when count > 1, saves each batch's labels in the work folder and leaves the
+        outputs to `merge_slide`; the caller then holds the folder for all of them (see `fseg_jax.wsi.cohort`).
+        Default (0, 1): every batch, each painted into the work folder's label map as it finishes, then the
+        outputs. A work folder holding a run with other settings is then an error (`SlideRunMismatch`), not
+        replaced: the processes must agree, and a batch computed under other settings never counts as done.
         process: (index, count) of this process in its run, recorded with each batch it computes
         (summary.json's computed_by); default `part`. A device without the memory for a batch raises
         `DeviceMemoryError`, which says which smaller batch or tile to try.
@@ -427,6 +431,9 @@ class SlideSegmenter:
         grid = plan_grid(plan)
         rp = reader.plan(self.mpp)
         batches = plan["batches"]
+        # one process: each batch is painted into the maps as it finishes (its file then carries no labels);
+        # the maps are opened first, as that makes any batch whose labels they lost not done
+        canvas = SlideCanvas(work, plan) if part[1] == 1 else None
         mine, todo = batches_to_do(plan, work, part)
         total = sum(len(batches[b]) for b in mine)
         bar = tqdm(
@@ -449,6 +456,10 @@ class SlideSegmenter:
             b, ids, handle, t0, waited = entry
             labels, weights = self.step.collect(handle)
             now = time.perf_counter()
+            if canvas is not None:
+                canvas.paint(ids, labels, weights)
+                canvas.flush()  # on disk before the batch file says the batch is done
+                labels = weights = None
             work.put(
                 b, work_fingerprint(plan), ids, labels, weights, seconds=now - max(t0, last), read_wait=waited,
                 process=process,

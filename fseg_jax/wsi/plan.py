@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fseg_jax.wsi.reader import Slide
-from fseg_jax.wsi.store import WorkDir, work_fingerprint
+from fseg_jax.wsi.store import WorkDir, map_layout, work_fingerprint
 from fseg_jax.wsi.tiling import TileGrid
 from fseg_jax.wsi.tissue import detect_tissue
 
@@ -122,15 +122,16 @@ def start_or_resume(work: WorkDir, reader: Slide, plan: dict, *, batch: int, sha
     whatever run the folder held, unless it is `shared` by the processes of a multi-process run: a folder
     holding other settings is then a `SlideRunMismatch`. What it replaced is said in one sentence (the
     settings that differ and the batches discarded), None when it replaced nothing: a run never discards
-    another's work without saying so.
+    another's work without saying so. A resumed run whose finished batches have their labels in a label map
+    that is missing or of another size counts them as not done (`WorkDir.check_maps`), and says so too.
     """
     old = work.read_plan()
     if old is not None and old["fingerprint"] == plan["fingerprint"]:
-        return old, None
+        return old, _lost_batches(work, old)
     if old is not None and not shared and work_fingerprint(old) == plan["work_fingerprint"]:
         plan = {**plan, "batches": old["batches"], "tissue_seconds": old["tissue_seconds"]}
         work.replace_plan(plan)
-        return plan, None
+        return plan, _lost_batches(work, plan)
     if old is not None and shared:
         raise SlideRunMismatch(mismatch_message(work, old, plan))
     replaced = None
@@ -150,6 +151,17 @@ def start_or_resume(work: WorkDir, reader: Slide, plan: dict, *, batch: int, sha
     }
     work.start(plan, thumb, tissue_tokens)
     return plan, replaced
+
+
+def _lost_batches(work: WorkDir, plan: dict) -> str | None:
+    """Check the maps of a resumed run (`WorkDir.check_maps`); say what that discarded, or None."""
+    lost = work.check_maps(plan)
+    if not lost:
+        return None
+    return (
+        f"discarded {lost} finished batches whose labels were in the maps of {work.path} "
+        f"({', '.join(map_layout(plan))}), one missing or not of the slide's size (they are computed again)"
+    )
 
 
 def check_unchanged(work: WorkDir, plan: dict) -> None:
