@@ -76,14 +76,14 @@ class SlideCanvas:
 
     labels: (height, width) memory map, 0 = background (pixels of tokens without tissue), i + 1 = concept i;
     weights: (h_tok, w_tok, k) float32 memory map, 0 on tokens without tissue, or None without save_weights;
-    tissue_tokens: (h_tok, w_tok) bool.
+    tissue_tokens: (h_tok, w_tok) bool; thumbnail: the slide's (h, w, 3) uint8 thumbnail the tissue was found on.
     """
 
     def __init__(self, work: WorkDir, plan: dict):
         self.grid = plan_grid(plan)
         self.pixel = plan["resolution"] == "pixel"
         self.width, self.height = plan["size"]
-        _, self.tissue_tokens = work.tissue(work_fingerprint(plan))
+        self.thumbnail, self.tissue_tokens = work.tissue(work_fingerprint(plan))
         self.labels, self.weights = work.maps(plan)
 
     def paint(self, tiles, labels: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -159,7 +159,6 @@ def _merge_held(out_dir: Path, max_trace_pixels: int) -> dict:
         ) if lost else ""
         raise ValueError(f"{out_dir}: {len(missing)} of {len(batches)} batches not computed yet ({shown}{lost_why})")
 
-    thumb, _ = work.tissue(work_key)
     canvas = SlideCanvas(work, plan)
     compute_s = read_wait_s = 0.0
     computed_by: dict[tuple, int] = {}
@@ -175,8 +174,8 @@ def _merge_held(out_dir: Path, max_trace_pixels: int) -> dict:
     canvas.flush()
     timing = {"tissue": plan["tissue_seconds"], "read_wait": read_wait_s, "compute": compute_s}
     summary = _write_outputs(
-        out_dir, plan, canvas.labels, thumb=thumb, tissue_tokens=canvas.tissue_tokens, weights=canvas.weights,
-        timing=timing, t0=t0, max_trace_pixels=max_trace_pixels,
+        out_dir, plan, canvas.labels, thumb=canvas.thumbnail, tissue_tokens=canvas.tissue_tokens,
+        weights=canvas.weights, timing=timing, t0=t0, max_trace_pixels=max_trace_pixels,
         computed_by=[
             {"host": host, "process": index, "processes": count, "tiles": tiles}
             for (host, index, count), tiles in sorted(computed_by.items())
